@@ -1,0 +1,12 @@
+"""``kdcache build``: placeholder until the command is implemented (raises a clear error)."""
+
+from __future__ import annotations
+
+from kdcache.cli._errors import handle_errors
+from kdcache.cache.errors import KdcacheError
+
+
+@handle_errors
+def build() -> None:
+    """Not implemented yet."""
+    raise KdcacheError("'kdcache build' is not implemented yet")

@@ -1,0 +1,12 @@
+"""``kdcache evaluate``: placeholder until the command is implemented (raises a clear error)."""
+
+from __future__ import annotations
+
+from kdcache.cli._errors import handle_errors
+from kdcache.cache.errors import KdcacheError
+
+
+@handle_errors
+def evaluate() -> None:
+    """Not implemented yet."""
+    raise KdcacheError("'kdcache evaluate' is not implemented yet")

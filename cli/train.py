@@ -1,0 +1,12 @@
+"""``kdcache train``: placeholder until the command is implemented (raises a clear error)."""
+
+from __future__ import annotations
+
+from kdcache.cli._errors import handle_errors
+from kdcache.cache.errors import KdcacheError
+
+
+@handle_errors
+def train() -> None:
+    """Not implemented yet."""
+    raise KdcacheError("'kdcache train' is not implemented yet")
