@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kdcache.cli._errors import handle_errors
 from kdcache.cache.errors import KdcacheError
+from kdcache.cli._errors import handle_errors
 
 
 @handle_errors
