@@ -1,0 +1,232 @@
+"""The teacher: load a Hugging Face causal LM and turn batches of sequences into sparse top-k rows.
+
+Batches are right-padded with an explicit ``attention_mask`` and ``position_ids = arange(T)``.
+With right padding and causal attention a real token never attends to padding, and its position
+ids are the same as in the unbatched forward, so the batched result equals the unbatched one for
+every sequence (tested on Llama- and GPT-2-style models with mixed lengths).
+
+The body runs once per batch; the output head + log-softmax + top-k then run chunk by chunk over
+the selected positions only (``kdcache.cache.topk``), so the full (B, T, V) logits never exist.
+Models whose logits cannot be split from the body (unknown post-processing) use the full forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.heads import OutputHead, body_of, resolve_head
+from kdcache.cache.topk import DEFAULT_CHUNK_ELEMENTS, topk_from_hidden, topk_from_logit_rows
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DTYPE_NAMES = ("auto", *_DTYPES)
+
+
+@dataclass
+class TopKRows:
+    """The teacher's sparse distributions at the selected positions of one sequence."""
+
+    topk_ids: np.ndarray  # (M, k) int32, most probable first
+    topk_logprobs: np.ndarray  # (M, k) float32
+    tail_mass: np.ndarray  # (M,) float32
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device} requested but CUDA is not available; use --device cpu"
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; else one of ``DTYPE_NAMES``."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown --dtype '{dtype}': use one of {', '.join(DTYPE_NAMES)}")
+    return _DTYPES[dtype]
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names that can only be local paths (absolute, ./, ../, ~, or more than one '/')."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name
+
+
+def _load_error(what: str, name: str, error: Exception) -> ConfigError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return ConfigError(
+        f"cannot load the {what} from '{name}' ({first_line}); pass a local model directory "
+        "or a Hugging Face model id"
+    )
+
+
+def load_tokenizer(teacher: str):
+    """The teacher's tokenizer (``AutoTokenizer``); ConfigError when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    _check_teacher_path(teacher)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(Path(teacher).expanduser()) if looks_like_path(teacher) else teacher
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _load_error("tokenizer", teacher, error) from error
+
+
+def _check_teacher_path(teacher: str) -> None:
+    path = Path(teacher).expanduser()
+    if looks_like_path(teacher) and not path.exists():
+        raise ConfigError(
+            f"teacher path '{teacher}' does not exist; pass a model directory or hub id"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"teacher '{teacher}' is a file; pass the model's directory")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ConfigError(
+            f"teacher directory '{teacher}' has no config.json; pass a save_pretrained directory"
+        )
+
+
+def load_model(teacher: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ConfigError on failure."""
+    from transformers import AutoModelForCausalLM
+
+    _check_teacher_path(teacher)
+    name = str(Path(teacher).expanduser()) if looks_like_path(teacher) else teacher
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _load_error("teacher", teacher, error) from error
+    return model.to(device).eval()
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    """Size of the model's logits' last dimension."""
+    embeddings = model.get_output_embeddings()
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return int(embeddings.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+class TeacherRunner:
+    """Runs a causal LM over batches of token sequences and returns top-k rows per sequence."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        top_k: int,
+        temperature: float = 1.0,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        use_head: bool = True,
+    ) -> None:
+        self.model = model
+        self.top_k = top_k
+        self.temperature = temperature
+        self.chunk_elements = chunk_elements
+        self.device = next(model.parameters()).device
+        self.head: OutputHead | None = None
+        if use_head:
+            probe = torch.arange(1, 9, device=self.device)[None] % output_vocab_size(model)
+            self.head = resolve_head(model, probe)
+
+    @torch.inference_mode()
+    def run(
+        self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None
+    ) -> list[TopKRows]:
+        """Top-k rows for each sequence of one batch.
+
+        Args:
+            sequences: B arrays of token ids, each (T_b,), T_b >= 1.
+            positions: B arrays (M_b,) of positions to keep (strictly increasing, < T_b);
+                None keeps every position.
+
+        Returns:
+            B ``TopKRows`` with M_b rows each; row i is the distribution after position i.
+        """
+        if positions is None:
+            positions = [np.arange(len(seq)) for seq in sequences]
+        lengths = [len(seq) for seq in sequences]
+        width = max(lengths)
+        input_ids = torch.zeros(len(sequences), width, dtype=torch.long)  # (B, L), right padded
+        attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)  # (B, L)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+            attention_mask[row, : len(seq)] = 1
+        position_ids = torch.arange(width).expand(len(sequences), width)  # (B, L)
+        rows = np.concatenate([np.full(len(p), b) for b, p in enumerate(positions)])  # (N,)
+        cols = np.concatenate([np.asarray(p, dtype=np.int64) for p in positions])  # (N,)
+        inputs = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+        }
+        row_index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        col_index = torch.as_tensor(cols, dtype=torch.long, device=self.device)
+        if self.head is not None:
+            hidden = body_of(self.model)(**inputs).last_hidden_state  # (B, L, H)
+            selected = hidden[row_index, col_index]  # (N, H)
+            ids, logprobs, tail = topk_from_hidden(
+                selected, self.head, self.top_k, self.temperature, self.chunk_elements
+            )
+        else:
+            logits = self.model(**inputs).logits  # (B, L, V)
+            selected = logits[row_index, col_index]  # (N, V)
+            del logits
+            ids, logprobs, tail = topk_from_logit_rows(
+                selected, self.top_k, self.temperature, self.chunk_elements
+            )
+        ids_host = ids.to(torch.int32).cpu().numpy()  # only (N, k) values cross to the host
+        logprobs_host = logprobs.cpu().numpy()
+        tail_host = tail.cpu().numpy()
+        out, start = [], 0
+        for p in positions:
+            end = start + len(p)
+            out.append(
+                TopKRows(ids_host[start:end], logprobs_host[start:end], tail_host[start:end])
+            )
+            start = end
+        return out
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches of at most ``batch_tokens`` padded tokens.
+
+    Sequences are sorted by length (longest first, ties by index) so each batch holds similar
+    lengths; a sequence longer than the budget gets a batch of its own. Deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for index in order:
+        new_width = max(width, lengths[index])
+        if current and new_width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, new_width = [], lengths[index]
+        current.append(index)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches

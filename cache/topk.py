@@ -1,0 +1,100 @@
+"""Top-k log-probabilities and tail mass of the teacher, computed on the device.
+
+For each position we keep the ``k`` most probable token ids, their log-probabilities at the cache
+temperature, and the probability mass of every other token (the tail). All of it is computed in
+float32 from the full distribution; only ``(positions, k)`` values leave the device.
+
+The tail mass is computed as ``exp(logsumexp(logits outside the top-k) - logsumexp(all logits))``
+rather than ``1 - sum(exp(topk_logprobs))``: the subtraction loses every significant digit when the
+top-k mass is close to 1, while the direct form keeps full relative precision and is never negative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcache.cache.heads import OutputHead
+
+# Elements of one (chunk, V) float32 logits tensor; a chunk also needs one masked copy.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def topk_from_logits(
+    logits: torch.Tensor, top_k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of ``log_softmax(logits / temperature)`` over the last dimension.
+
+    Args:
+        logits: (N, V) logits in any float dtype (upcast to float32).
+        top_k: number of entries to keep, 1 <= top_k <= V.
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        ``(ids, logprobs, tail_mass)``: ids (N, k) int64 most probable first, logprobs (N, k) float32
+        descending, tail_mass (N,) float32 in [0, 1], the mass outside the top-k.
+    """
+    scaled = logits.float() / temperature  # (N, V)
+    log_normalizer = torch.logsumexp(scaled, dim=-1)  # (N,)
+    values, ids = torch.topk(scaled, top_k, dim=-1, largest=True, sorted=True)  # (N, k)
+    logprobs = values - log_normalizer[:, None]  # (N, k)
+    outside = scaled.scatter(-1, ids, float("-inf"))  # (N, V), top-k removed
+    tail_mass = torch.exp(torch.logsumexp(outside, dim=-1) - log_normalizer)  # (N,)
+    tail_mass = torch.nan_to_num(tail_mass, nan=0.0).clamp_(0.0, 1.0)  # k == V: exp(-inf) = 0
+    return ids, logprobs, tail_mass
+
+
+def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """How many positions fit in one logits chunk of at most ``chunk_elements`` values."""
+    return max(1, chunk_elements // max(1, vocab_size))
+
+
+def topk_from_hidden(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_from_logits(head.logits(hidden))`` computed chunk by chunk of positions.
+
+    The full (N, V) logits never exist at once: at most ``chunk_elements`` logits per chunk.
+
+    Args:
+        hidden: (N, H) final hidden states (after the body's final norm).
+        head: the model's output head (``resolve_head``).
+
+    Returns:
+        ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, on ``hidden``'s device.
+    """
+    rows = chunk_rows(head.vocab_size, chunk_elements)
+    parts = [
+        topk_from_logits(head.logits(hidden[start : start + rows]), top_k, temperature)
+        for start in range(0, hidden.shape[0], rows)
+    ]
+    if not parts:
+        device = hidden.device
+        return (
+            torch.zeros(0, top_k, dtype=torch.int64, device=device),
+            torch.zeros(0, top_k, dtype=torch.float32, device=device),
+            torch.zeros(0, dtype=torch.float32, device=device),
+        )
+    ids, logprobs, tail_mass = zip(*parts, strict=True)
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(tail_mass)
+
+
+def topk_from_logit_rows(
+    logits: torch.Tensor,
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_from_logits`` over (N, V) ``logits`` in chunks of rows (bounds the fp32 copies)."""
+    rows = chunk_rows(logits.shape[-1], chunk_elements)
+    parts = [
+        topk_from_logits(logits[start : start + rows], top_k, temperature)
+        for start in range(0, logits.shape[0], rows)
+    ]
+    if not parts:  # no rows: empty outputs of the right shapes
+        return topk_from_logits(logits, top_k, temperature)
+    ids, logprobs, tail_mass = zip(*parts, strict=True)
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(tail_mass)
