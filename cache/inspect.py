@@ -104,7 +104,7 @@ class CacheReport:
     sample: dict[str, Any]  # how the positions were chosen: full, seed, requested, shards_read
     stats: PositionStats | None  # all sampled positions; None when the cache stores none
     split_stats: dict[str, PositionStats] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)  # the raw manifest
+    manifest: dict[str, Any] = field(default_factory=dict)  # the raw manifest, less its shard list
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (percentile keys become strings in JSON)."""
@@ -190,7 +190,7 @@ def inspect_cache(
         },
         stats=stats,
         split_stats=split_stats,
-        manifest=manifest,
+        manifest={k: v for k, v in manifest.items() if k != "shards"},  # shards: see `splits`
     )
 
 
@@ -241,6 +241,7 @@ def manifest_summary(manifest: dict[str, Any], splits: list[SplitInfo]) -> dict[
         "vocab_size": _first(manifest, "vocab_size"),
         "data": _describe(_first(manifest, "data", "dataset", "data_source")),
         "top_k": _first(manifest, "top_k"),
+        "mode": _first(manifest, "mode"),
         "temperature": _first(manifest, "temperature"),
         "settings": _describe(_first(manifest, "settings", "build_settings")),
         "splits": ", ".join(s.name for s in splits) or None,

@@ -305,3 +305,61 @@ def test_cli_not_a_cache_exits_2(tmp_path):
         result = _invoke([str(path)])
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error:") and "Traceback" not in result.output
+
+
+# --- the real storage layer ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stored_cache(tmp_path_factory, teacher_cache) -> Path:
+    """The teacher records written through ``ShardWriter`` + ``write_manifest`` (several shards)."""
+    shards = pytest.importorskip("kdcache.cache.shards")
+    manifest_module = pytest.importorskip("kdcache.cache.manifest")
+    out = tmp_path_factory.mktemp("stored-cache")
+    manifest = teacher_cache.manifest
+    written = []
+    for split in ("train", "holdout"):
+        with shards.ShardWriter(
+            out, split, top_k=TOP_K, vocab_size=manifest["vocab_size"], max_shard_tokens=100
+        ) as writer:
+            for record in teacher_cache.sequences(split):
+                writer.write(record)
+        written += writer.close()
+    keep = ("teacher", "vocab_size", "top_k", "temperature", "tokenizer_fingerprint")
+    summary = manifest_module.shard_summary(written)
+    manifest_module.write_manifest(out, {**{k: manifest[k] for k in keep}, **summary})
+    return out
+
+
+def test_stored_cache_report_equals_direct_computation(stored_cache):
+    from kdcache.cache.reader import open_cache
+
+    cache = open_cache(stored_cache)
+    report = inspect_cache(stored_cache, full=True)
+    direct = _direct_rows(cache)
+    assert report.stats.num_positions == len(direct["mass"])
+    _assert_matches(report.stats.topk_mass, direct["mass"])
+    _assert_matches(report.stats.entropy, direct["entropy"])
+    for k, distribution in report.stats.kept_mass.items():
+        _assert_matches(distribution, direct[f"kept{k}"])
+    total_bytes = sum(info.bytes for s in ("train", "holdout") for info in cache.shards(s))
+    assert report.summary["bytes"] == total_bytes
+    assert report.summary["tokens"] == cache.manifest["num_tokens"]
+    assert len(cache.shards("train")) > 1 and "shards" not in report.manifest
+
+
+def test_stored_cache_sample_reads_fewer_shards(stored_cache):
+    report = inspect_cache(stored_cache, sample_positions=30, seed=3)
+    assert report.stats.num_positions == 30
+    assert report.sample["shards_read"] < report.sample["shards_total"]
+
+
+def test_cli_incomplete_cache_exits_2(stored_cache, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-manifest"
+    shutil.copytree(stored_cache, broken)
+    (broken / "manifest.json").unlink()
+    result = _invoke([str(broken)])
+    assert result.exit_code == 2 and result.output.startswith("error:")
+    assert "manifest" in result.output
