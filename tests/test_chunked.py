@@ -1,0 +1,188 @@
+"""chunked_distill_loss equals the plain full-logits loss in values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.heads import OutputHead
+from kdcache.trainer.chunked import chunked_dense_distill_loss, chunked_distill_loss
+from kdcache.trainer.losses import LOSS_KINDS, dense_kd_loss, sparse_kd_loss
+
+N, H, V, K = 23, 8, 40, 5
+
+
+def make_problem(seed=0, bias=True, scale=1.0, softcap=None, ce=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).requires_grad_()
+    bias_t = (0.1 * torch.randn(V, generator=gen)).requires_grad_() if bias else None
+    head = OutputHead(weight, bias_t, scale=scale, softcap=softcap)
+    teacher = 2 * torch.randn(N, V, generator=gen)
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(K, -1)
+    tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[::4] = -100  # positions without a CE target
+    kd_weight = torch.rand(N, generator=gen)
+    kd_weight[1::5] = 0.0  # masked positions
+    ce_weight = torch.rand(N, generator=gen) if ce else None
+    return hidden, head, teacher, ids, logprobs, tail, labels, kd_weight, ce_weight
+
+
+def reference(hidden, head, ids, logprobs, tail, labels, kd_weight, ce_weight, kind, **kw):
+    """Plain path written out: full logits, then the per-row losses."""
+    logits = F.linear(hidden, head.weight, head.bias) * head.scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    loss = (kd_weight * sparse_kd_loss(logits, ids, logprobs, tail, kind=kind, **kw)).sum()
+    if ce_weight is not None:
+        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        loss = loss + (ce_weight * ce).sum()
+    return loss
+
+
+def params(hidden, head):
+    return [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+
+
+def assert_same(got, want, inputs, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    for g, w in zip(
+        torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_chunked_equals_plain_all_kinds(kind, method):
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=1)
+    got = chunked_distill_loss(
+        hidden, head, ids, lp, tail, labels, kd_w, ce_w, kind=kind, chunk_size=7, method=method
+    )
+    want = reference(hidden, head, ids, lp, tail, labels, kd_w, ce_w, kind)
+    assert_same(got, want, params(hidden, head))
+
+
+@pytest.mark.parametrize(
+    ("scale", "softcap", "bias"), [(1.0, None, False), (0.5, None, True), (1.7, 3.0, True)]
+)
+def test_chunked_head_postprocessing(scale, softcap, bias):
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(
+        seed=2, bias=bias, scale=scale, softcap=softcap
+    )
+    got = chunked_distill_loss(
+        hidden, head, ids, lp, tail, labels, kd_w, ce_w, kind="akl", temperature=2.0, chunk_size=5
+    )
+    want = reference(hidden, head, ids, lp, tail, labels, kd_w, ce_w, "akl", temperature=2.0)
+    assert_same(got, want, params(hidden, head))
+    torch.testing.assert_close(head.logits(hidden), _plain_logits(hidden, head))
+
+
+def _plain_logits(hidden, head):
+    logits = F.linear(hidden, head.weight, head.bias) * head.scale
+    return logits if head.softcap is None else torch.tanh(logits / head.softcap) * head.softcap
+
+
+def test_chunked_ce_only_and_kd_only():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=3)
+    ce_only = chunked_distill_loss(hidden, head, None, None, None, labels, None, ce_w, chunk_size=4)
+    want = (ce_w * F.cross_entropy(_plain_logits(hidden, head), labels, reduction="none")).sum()
+    assert_same(ce_only, want, params(hidden, head))
+    kd_only = chunked_distill_loss(hidden, head, ids, lp, tail, None, kd_w, None, kind="fkl")
+    want = reference(hidden, head, ids, lp, tail, labels, kd_w, None, "fkl")
+    assert_same(kd_only, want, params(hidden, head))
+
+
+def test_chunk_size_does_not_change_the_result():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=4)
+    values = [
+        chunked_distill_loss(hidden, head, ids, lp, tail, labels, kd_w, ce_w, chunk_size=c)
+        for c in (1, 6, N, 1000)
+    ]
+    for value in values[1:]:
+        torch.testing.assert_close(value, values[0])
+
+
+def test_frozen_head_and_scaled_backward():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=5)
+    frozen = OutputHead(head.weight.detach(), head.bias.detach())
+    got = 3.0 * chunked_distill_loss(hidden, frozen, ids, lp, tail, labels, kd_w, ce_w)
+    want = 3.0 * reference(hidden, frozen, ids, lp, tail, labels, kd_w, ce_w, "akl")
+    assert_same(got, want, [hidden])
+
+
+def test_bf16_hidden_and_weight():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=6)
+    low_hidden = hidden.detach().bfloat16().requires_grad_()
+    got = chunked_distill_loss(low_hidden, head, ids, lp, tail, labels, kd_w, ce_w, chunk_size=8)
+    want = reference(hidden, head, ids, lp, tail, labels, kd_w, ce_w, "akl")
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    grads = torch.autograd.grad(got, [low_hidden, head.weight, head.bias])
+    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    ref_grads = torch.autograd.grad(want, [hidden, head.weight, head.bias])
+    for g, w in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+    low_head = OutputHead(head.weight.detach().bfloat16().requires_grad_(), None)
+    loss = chunked_distill_loss(low_hidden, low_head, ids, lp, tail, labels, kd_w, ce_w)
+    loss.backward()
+    assert low_head.weight.grad.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "akl"])
+def test_chunked_dense_equals_plain(kind, method):
+    hidden, head, _, _, _, _, labels, kd_w, ce_w = make_problem(seed=7)
+    gen = torch.Generator().manual_seed(70)
+    teacher_hidden = torch.randn(N, 6, generator=gen)
+    teacher_head = OutputHead(torch.randn(V - 3, 6, generator=gen), None, softcap=4.0)
+    got = chunked_dense_distill_loss(
+        hidden,
+        head,
+        labels,
+        kd_w,
+        ce_w,
+        teacher_hidden=teacher_hidden,
+        teacher_head=teacher_head,
+        kind=kind,
+        chunk_size=6,
+        method=method,
+    )
+    logits = _plain_logits(hidden, head)
+    kd = dense_kd_loss(logits, teacher_head.logits(teacher_hidden), kind=kind)
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    want = (kd_w * kd + ce_w * ce).sum()
+    assert_same(got, want, params(hidden, head))
+    full_teacher = teacher_head.logits(teacher_hidden)
+    via_fn = chunked_dense_distill_loss(
+        hidden,
+        head,
+        labels,
+        kd_w,
+        ce_w,
+        teacher_logits_fn=lambda s, e: full_teacher[s:e],
+        kind=kind,
+    )
+    torch.testing.assert_close(via_fn, want)
+
+
+def test_bad_arguments_are_refused():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=8)
+    args = (hidden, head, ids, lp, tail, labels, kd_w, ce_w)
+    with pytest.raises(ConfigError, match="chunk_size must be >= 1"):
+        chunked_distill_loss(*args, chunk_size=0)
+    with pytest.raises(ConfigError, match="unknown chunked-loss method"):
+        chunked_distill_loss(*args, method="fast")
+    with pytest.raises(ConfigError, match="unknown loss kind"):
+        chunked_distill_loss(*args, kind="kl")
+    with pytest.raises(ConfigError, match="labels has 3 rows"):
+        chunked_distill_loss(hidden, head, ids, lp, tail, labels[:3], kd_w, ce_w)
+    with pytest.raises(ConfigError, match="hidden must be"):
+        chunked_distill_loss(hidden[:, :3], head, ids, lp, tail, labels, kd_w, ce_w)
+    with pytest.raises(ConfigError, match="without topk_logprobs"):
+        chunked_distill_loss(hidden, head, ids, None, tail, labels, kd_w, ce_w)
+    with pytest.raises(ConfigError, match="teacher_hidden with teacher_head"):
+        chunked_dense_distill_loss(hidden, head, labels, kd_w, ce_w)

@@ -1,0 +1,272 @@
+"""The distillation loss computed head-chunk by head-chunk: never the whole (N, V) logits.
+
+``loss = sum_i kd_weight_i * KD_i + ce_weight_i * CE_i`` over N positions, where the student's
+logits ``head.logits(hidden)`` exist only for ``chunk_size`` rows at a time. Two ways to get the
+gradient (``method``):
+
+- ``"fused"`` (default): a custom autograd Function that, in the forward pass, computes each
+  chunk's logits, its loss and the gradient of the loss w.r.t. those logits, and immediately
+  folds that into the gradients of ``hidden``, the head weight and bias (the way Liger's fused
+  linear cross-entropy does). Backward only scales the stored gradients: one head matmul forward
+  and two backward, no recomputation. Peak extra memory: one chunk's logits and their
+  intermediates, plus a float32 gradient buffer the size of the head weight.
+- ``"checkpoint"``: ``torch.utils.checkpoint`` per chunk; the chunk's logits are recomputed in
+  backward (one extra head matmul per chunk).
+
+``method="plain"`` builds the full logits (reference and benchmark baseline only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.heads import OutputHead
+from kdcache.trainer.losses import check_loss_options, dense_kd_loss, sparse_kd_loss
+
+__all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss"]
+
+METHODS: tuple[str, ...] = ("fused", "checkpoint", "plain")
+
+# row_loss(logits (C, V) float32, start, end) -> (C,) weighted per-row loss of rows start:end
+RowLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _postprocess(pre_logits: torch.Tensor, head: OutputHead) -> torch.Tensor:
+    """(C, V) ``hidden @ W.T + b`` -> the model's logits in float32 (as ``OutputHead.logits``)."""
+    logits = pre_logits.float()
+    if head.scale != 1.0:
+        logits = logits * head.scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """sum over chunks of row_loss(head(hidden[chunk])), gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, row_loss, chunk_size):
+        compute_dtype = hidden.dtype  # autocast-like: the activations' dtype runs the matmuls
+        weight_c = weight.detach().to(compute_dtype)  # (V, H)
+        bias_c = None if bias is None else bias.detach().to(compute_dtype)  # (V,)
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        need_bias = bias is not None and bias.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = (
+            None
+            if bias is None
+            else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            hidden_chunk = hidden[start:end].detach()  # (C, H)
+            pre_logits = F.linear(hidden_chunk, weight_c, bias_c).detach()  # (C, V)
+            with torch.enable_grad():
+                pre_logits.requires_grad_(True)
+                loss = row_loss(_postprocess(pre_logits, head), start, end).sum()
+                (grad_pre,) = torch.autograd.grad(loss, pre_logits)  # (C, V)
+            total += loss.detach().float()
+            grad_pre = grad_pre.to(compute_dtype)
+            del pre_logits
+            if need_hidden:
+                grad_hidden[start:end] = grad_pre @ weight_c
+            if need_weight:
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad_pre.t(), hidden_chunk)
+                else:
+                    grad_weight += (grad_pre.t() @ hidden_chunk).float()
+            if need_bias:
+                grad_bias += grad_pre.float().sum(0)
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output  # the loss is a sum: each stored gradient scales by d(out)/d(loss)
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _run_chunks(
+    hidden: torch.Tensor, head: OutputHead, row_loss: RowLoss, chunk_size: int, method: str
+) -> torch.Tensor:
+    if method not in METHODS:
+        raise ConfigError(f"unknown chunked-loss method {method!r}; choose one of {METHODS}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() != 2 or hidden.shape[1] != head.weight.shape[1]:
+        raise ConfigError(
+            f"hidden must be (N, H) with H = {head.weight.shape[1]} (the head's input size), "
+            f"got {tuple(hidden.shape)}"
+        )
+    if method == "fused":
+        return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, row_loss, chunk_size)
+    if method == "plain":
+        return row_loss(head.logits(hidden), 0, hidden.shape[0]).sum()
+
+    def chunk_loss(hidden_chunk: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return row_loss(head.logits(hidden_chunk), start, end).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        total = total + checkpoint(chunk_loss, hidden[start:end], start, end, use_reentrant=False)
+    return total
+
+
+def _check_rows(n: int, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape[0] != n:
+            raise ConfigError(
+                f"{name} has {tensor.shape[0]} rows but hidden has {n}; pass one row per position"
+            )
+
+
+def _weighted_rows(
+    labels: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    kd_rows: Callable[[torch.Tensor, int, int], torch.Tensor] | None,
+) -> RowLoss:
+    """row_loss = kd_weight * KD + ce_weight * CE (CE at temperature 1, label -100 = none)."""
+
+    def row_loss(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        loss = logits.new_zeros(logits.shape[0])  # (C,)
+        if kd_rows is not None and kd_weight is not None:
+            loss = loss + kd_weight[start:end].float() * kd_rows(logits, start, end)
+        if labels is not None and ce_weight is not None:
+            ce = F.cross_entropy(logits, labels[start:end], ignore_index=-100, reduction="none")
+            loss = loss + ce_weight[start:end].float() * ce
+        return loss
+
+    return row_loss
+
+
+def chunked_distill_loss(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_mass: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    *,
+    kind: str = "akl",
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    skew: float = 0.1,
+    method: str = "fused",
+) -> torch.Tensor:
+    """Sparse-teacher KD + CE over N positions without materializing the (N, V) logits.
+
+    Args:
+        hidden: (N, H) the student body's last hidden states (any float dtype).
+        head: the student's ``OutputHead`` (weight (V, H), bias, scale, softcap).
+        topk_ids, topk_logprobs: (N, k) the cached teacher top-k (see ``sparse_kd_loss``);
+            None for a CE-only loss.
+        tail_mass: (N,) the cached tail mass, or None (-> 1 - sum of top-k mass).
+        labels: (N,) next-token ids for CE, -100 where there is none; None for no CE.
+        kd_weight, ce_weight: (N,) per-position weights (the caller normalizes, e.g.
+            (1 - alpha) / n_distilled; 0 for padding). None drops that term.
+        kind, mu, temperature, skew: as in ``sparse_kd_loss`` (temperature applies to KD only).
+        chunk_size: rows of logits alive at once.
+        method: "fused" (default), "checkpoint" or "plain" (see the module docstring).
+
+    Returns:
+        scalar float32: sum_i kd_weight_i * KD_i + ce_weight_i * CE_i.
+    """
+    check_loss_options(kind, mu, "none", temperature, skew)
+    _check_rows(
+        hidden.shape[0],
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        tail_mass=tail_mass,
+        labels=labels,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+    )
+    kd_rows = None
+    if topk_ids is not None:
+        if topk_logprobs is None:
+            raise ConfigError("topk_ids were given without topk_logprobs; pass both or neither")
+
+        def kd_rows(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            return sparse_kd_loss(
+                logits,
+                topk_ids[start:end],
+                topk_logprobs[start:end],
+                None if tail_mass is None else tail_mass[start:end],
+                kind=kind,
+                mu=mu,
+                temperature=temperature,
+                skew=skew,
+            )
+
+    row_loss = _weighted_rows(labels, kd_weight, ce_weight, kd_rows)
+    return _run_chunks(hidden, head, row_loss, chunk_size, method)
+
+
+def chunked_dense_distill_loss(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    labels: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: OutputHead | None = None,
+    teacher_logits_fn: Callable[[int, int], torch.Tensor] | None = None,
+    kind: str = "akl",
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    skew: float = 0.1,
+    method: str = "fused",
+) -> torch.Tensor:
+    """Full-vocabulary KD (online teacher) + CE, both heads run chunk by chunk.
+
+    The teacher's logits of rows ``start:end`` come from ``teacher_head.logits(
+    teacher_hidden[start:end])`` or from ``teacher_logits_fn(start, end)`` -> (C, V_teacher)
+    (e.g. slices of logits the teacher's own forward produced). They never receive gradients.
+    Other arguments as in ``chunked_distill_loss``; KD is ``dense_kd_loss``.
+    """
+    check_loss_options(kind, mu, "none", temperature, skew)
+    if teacher_logits_fn is None:
+        if teacher_hidden is None or teacher_head is None:
+            raise ConfigError("pass teacher_hidden with teacher_head, or teacher_logits_fn")
+        _check_rows(hidden.shape[0], teacher_hidden=teacher_hidden)
+
+        def teacher_logits_fn(start: int, end: int) -> torch.Tensor:
+            return teacher_head.logits(teacher_hidden[start:end])
+
+    _check_rows(hidden.shape[0], labels=labels, kd_weight=kd_weight, ce_weight=ce_weight)
+
+    def kd_rows(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher_logits_fn(start, end).float()  # (C, V_teacher)
+        return dense_kd_loss(
+            logits, teacher_logits, kind=kind, mu=mu, temperature=temperature, skew=skew
+        )
+
+    row_loss = _weighted_rows(labels, kd_weight, ce_weight, kd_rows)
+    return _run_chunks(hidden, head, row_loss, chunk_size, method)
