@@ -1,12 +1,28 @@
-"""``kdcache verify``: placeholder until the command is implemented (raises a clear error)."""
+"""``kdcache verify CACHE``: recompute every shard checksum; exit 1 when any shard is bad."""
 
 from __future__ import annotations
 
-from kdcache.cache.errors import KdcacheError
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from kdcache.cli._errors import handle_errors
 
 
 @handle_errors
-def verify() -> None:
-    """Not implemented yet."""
-    raise KdcacheError("'kdcache verify' is not implemented yet")
+def verify(
+    cache: Annotated[Path, typer.Argument(help="Cache directory (holds manifest.json).")],
+) -> None:
+    """Check every shard of CACHE against the manifest (size + sha256); exit 1 if any is bad."""
+    from kdcache.cache.verify import verify_cache
+
+    def report(name: str, problem: str | None) -> None:
+        if problem is not None:
+            typer.echo(f"BAD {name}: {problem}")
+
+    bad = verify_cache(cache, report=report)
+    if bad:
+        typer.echo(f"{len(bad)} bad shard(s) in {cache}: rebuild the cache", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"OK {cache}: every shard matches the manifest")
