@@ -31,7 +31,6 @@ def plot_report(report: CacheReport, out_path: str | Path) -> Path:
         raise ConfigError(f"--plot must name a .png file, got '{out_path}'")
     if out_path.is_dir():
         raise ConfigError(f"--plot '{out_path}' is a directory; give a file name ending in .png")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     figure = Figure(figsize=(12, 8.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -56,7 +55,13 @@ def plot_report(report: CacheReport, out_path: str | Path) -> Path:
         _kept_mass(axes[0, 1], stats)
         _entropy(axes[1, 0], stats)
     _summary_box(axes[1, 1], report)
-    figure.savefig(out_path, dpi=110)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out_path, dpi=110)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the plot to '{out_path}': {error.strerror or error}"
+        ) from None
     return out_path
 
 

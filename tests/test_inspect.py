@@ -293,7 +293,12 @@ def test_cli_plot_is_a_valid_png(cli_cache, tmp_path):
 
 
 def test_cli_bad_flags_exit_2(cli_cache, tmp_path):
-    for args in ([cli_cache, "--sample", "0"], [cli_cache, "--plot", str(tmp_path / "x.jpg")]):
+    (tmp_path / "a-file").write_text("not a directory")
+    for args in (
+        [cli_cache, "--sample", "0"],
+        [cli_cache, "--plot", str(tmp_path / "x.jpg")],
+        [cli_cache, "--plot", str(tmp_path / "a-file" / "x.png")],
+    ):
         result = _invoke(args)
         assert result.exit_code == 2, result.output
         assert "error:" in result.output and "Traceback" not in result.output
