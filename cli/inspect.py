@@ -100,6 +100,11 @@ def format_report(report: Any) -> str:
         for k, d in stats.kept_mass.items()
     ]
     lines += _table(header, rows)
+    for share in (0.95, 0.99):
+        enough = [k for k, d in stats.kept_mass.items() if d.mean >= share * full_mean]
+        lines.append(
+            f"  k' = {enough[0]} keeps {share:.0%} of the stored top-{top_k} mass on average"
+        )
 
     if len(report.split_stats) > 1:
         lines += ["", "per split"]

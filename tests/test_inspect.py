@@ -263,12 +263,15 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(app, ["inspect", *args])
 
 
-def test_cli_text_report(cli_cache):
+def test_cli_text_report(cli_cache, teacher_cache):
     result = _invoke([cli_cache, "--full"])
     assert result.exit_code == 0, result.output
     assert f"top-{TOP_K} mass" in result.output
     assert "mass kept by the top k' entries" in result.output
     assert "holdout" in result.output and "teacher" in result.output
+    stats = inspect_cache(teacher_cache, full=True).stats
+    enough = min(k for k, d in stats.kept_mass.items() if d.mean >= 0.99 * stats.topk_mass.mean)
+    assert f"k' = {enough} keeps 99% of the stored top-{TOP_K} mass" in result.output
 
 
 def test_cli_json_parses_and_matches_library(cli_cache, teacher_cache):
