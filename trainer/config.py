@@ -1,0 +1,181 @@
+"""Settings of ``kdcache train`` and ``kdcache eval``: typed, documented, validated at construction.
+
+Every problem found in ``__post_init__`` is reported in one ``ConfigError`` (one line each), so a
+user fixes all flags in one go. Checks that need the cache (the temperature, the tokenizer) run in
+``train`` / ``evaluate`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdcache.cache.errors import ConfigError
+
+CE_ONLY = "ce"  # next-token cross-entropy alone (no teacher): the baseline student
+DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+
+# Settings that may change between an interrupted run and its --resume (they do not change the
+# result); every other field must match the stored run.json.
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
+)
+
+
+def loss_kinds() -> tuple[str, ...]:
+    """The accepted ``--loss`` values: the losses module's divergences plus ``ce``."""
+    from kdcache.trainer.losses import LOSS_KINDS
+
+    return (*LOSS_KINDS, CE_ONLY)
+
+
+def _check_device(device: str) -> str | None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return None
+    return f"unknown device {device!r}; use {DEVICES_HINT}"
+
+
+def _check_common(problems: list[str], batch_size: int, chunk_size: int, device: str, dtype: str):
+    if batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {batch_size}")
+    if chunk_size < 1:
+        problems.append(f"--chunk-size must be >= 1, got {chunk_size}")
+    if (message := _check_device(device)) is not None:
+        problems.append(message)
+    if dtype not in DTYPES:
+        problems.append(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class TrainConfig:
+    """One student training run from a cache (``kdcache train``)."""
+
+    cache: str  # cache directory written by `kdcache build`
+    student: str  # save_pretrained dir, hub id, config .json file or config-only dir (random init)
+    out: str  # run directory: run.json, metrics.jsonl, step-N/ and final/ checkpoints
+    loss: str = "akl"  # divergence to the teacher (losses.LOSS_KINDS) or "ce" (tokens only)
+    mu: float = 0.5  # AKL head mass, in (0, 1)
+    ce_weight: float = 0.0  # alpha in (1 - alpha) * KD + alpha * CE, in [0, 1]
+    temperature: float | None = None  # None = the cache's; any other value is refused
+    steps: int | None = None  # optimizer steps; exclusive with epochs (neither = 1 epoch)
+    epochs: int | None = None  # full passes over the train split
+    batch_size: int = 8  # sequences per micro-batch per rank
+    max_tokens: int | None = None  # optional padded-token budget per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch x world x accum)
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # student init, data order and every RNG
+    num_workers: int = 0  # DataLoader workers decoding shards (resume needs the same number)
+    shuffle_buffer: int = 64  # records held in the loader's shuffle buffer per worker
+    chunk_size: int = 1024  # positions per chunk of the lm_head + loss (memory: chunk x vocab)
+    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
+    eval_every: int = 0  # held-out KL/CE every N steps into metrics.jsonl (0 = off)
+    eval_sequences: int = 32  # held-out sequences used by eval_every
+    log_every: int = 10  # training metrics line every N steps
+    resume: bool = False  # continue the run in `out` from its latest checkpoint
+    overwrite: bool = False  # delete a different run in `out` and start over
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
+    teacher: str | None = None  # online distillation (full teacher in the loop): not implemented
+    progress: bool = True  # tqdm progress bar
+    split: str = "train"  # cache split to train on
+    eval_split: str = "holdout"  # cache split used by eval_every
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        kinds = loss_kinds()
+        if self.loss not in kinds:
+            problems.append(f"unknown --loss {self.loss!r}; choose one of {', '.join(kinds)}")
+        if not 0.0 < self.mu < 1.0:
+            problems.append(f"--mu must be in (0, 1) (the AKL head mass), got {self.mu}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            problems.append(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
+        if self.temperature is not None and not (
+            self.temperature > 0 and math.isfinite(self.temperature)
+        ):
+            problems.append(f"--temperature must be a positive number, got {self.temperature}")
+        if self.steps is not None and self.epochs is not None:
+            problems.append("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            problems.append(f"--epochs must be >= 1, got {self.epochs}")
+        _check_common(problems, self.batch_size, self.chunk_size, self.device, self.dtype)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        for name in ("grad_accum", "log_every", "eval_sequences", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                problems.append(f"{flag} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                flag = "--" + name.replace("_", "-").replace("num-workers", "workers")
+                problems.append(f"{flag} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--weight-decay and --max-grad-norm must be >= 0")
+        if self.resume and self.overwrite:
+            problems.append("give --resume or --overwrite, not both")
+        if self.teacher is not None:
+            problems.append(
+                "--teacher (online distillation with the full teacher in the loop) is not "
+                "implemented yet; train from the cache without --teacher"
+            )
+        if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
+            problems.append("--loss ce trains on next-token CE alone; leave --ce-weight out")
+        _raise(problems)
+
+    @property
+    def alpha(self) -> float:
+        """The CE share of the per-position loss (1 for --loss ce)."""
+        return 1.0 if self.loss == CE_ONLY else self.ce_weight
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (stored as <out>/run.json)."""
+        return dataclasses.asdict(self)
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """Fields (other than RESUMABLE_CHANGES) whose value differs from a stored run.json."""
+        mine = self.to_dict()
+        return [
+            f"{name}: {stored.get(name)!r} -> {value!r}"
+            for name, value in mine.items()
+            if name not in RESUMABLE_CHANGES and stored.get(name) != value
+        ]
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of one or several students against a cache (``kdcache eval``)."""
+
+    cache: str  # cache directory
+    students: list[str] = field(default_factory=list)  # checkpoints / hub ids, side by side
+    split: str = "holdout"  # cache split to evaluate on
+    json_path: str | None = None  # write all results here (default: <student>/eval-<split>.json)
+    batch_size: int = 8  # sequences per batch
+    max_sequences: int | None = None  # evaluate only the first N sequences of the split
+    chunk_size: int = 1024  # positions per chunk of the lm_head (memory: chunk x vocab)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if isinstance(self.students, str):
+            self.students = [self.students]
+        if not self.students:
+            problems.append("give at least one --student to evaluate")
+        _check_common(problems, self.batch_size, self.chunk_size, self.device, self.dtype)
+        if self.max_sequences is not None and self.max_sequences < 1:
+            problems.append(f"--max-sequences must be >= 1, got {self.max_sequences}")
+        _raise(problems)

@@ -1,0 +1,88 @@
+"""torch.distributed plumbing for ``kdcache train`` under torchrun (DDP; nccl on CUDA, gloo on CPU).
+
+Rank and world size come from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
+when ``init_distributed`` is called, never at import. With ``WORLD_SIZE`` unset or 1 everything
+here is a no-op, so the single-process path has no distributed dependency.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kdcache.trainer.student import resolve_device
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # True when init_distributed created the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun job when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU), else one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(device=resolve_device(device))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    chosen = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return DistInfo(rank, world_size, local_rank, chosen, owns)
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leave the process group if ``init_distributed`` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce(value: float, info: DistInfo, op: str = "sum") -> float:
+    """``value`` summed (or min / max) over ranks; the value itself in a single process."""
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_comm_device(info))
+    reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    dist.all_reduce(tensor, op=reduce_op)
+    return float(tensor.item())
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
+    if not info.distributed:
+        return [value]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _comm_device(info: DistInfo) -> torch.device:
+    return info.device if dist.get_backend() == "nccl" else torch.device("cpu")

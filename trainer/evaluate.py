@@ -1,0 +1,208 @@
+"""``evaluate(config)``: held-out quality of one or several students against a cache.
+
+Metrics (on the ``holdout`` split by default):
+
+* ``ce`` / ``ppl``: next-token cross-entropy (temperature 1) on the real next tokens and its exp;
+* ``fkl`` / ``rkl``: sparse forward / reverse KL to the cached teacher (bucket tail, at the
+  cache's temperature), mean over distilled positions;
+* ``top1``: how often the student's most likely token is the teacher's most likely token.
+
+The lm_head runs chunk by chunk over positions, so memory stays O(chunk x vocab).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kdcache.cache.errors import CacheError
+from kdcache.cache.heads import body_of, resolve_head
+from kdcache.trainer.config import EvalConfig
+from kdcache.trainer.data import IGNORE_INDEX, collate_records
+from kdcache.trainer.objective import fold_out_of_vocab
+
+METRICS: tuple[str, ...] = ("ce", "ppl", "fkl", "rkl", "top1")
+
+
+def _batches(cache, split: str, batch_size: int, max_sequences: int | None):
+    group = []
+    for seen, record in enumerate(cache.sequences(split)):
+        if max_sequences is not None and seen >= max_sequences:
+            break
+        group.append(record)
+        if len(group) == batch_size:
+            yield collate_records(group)
+            group = []
+    if group:
+        yield collate_records(group)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    cache,
+    *,
+    split: str = "holdout",
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    max_sequences: int | None = None,
+    chunk_size: int = 1024,
+    device: torch.device | None = None,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``split`` (see the module docstring); leaves the model in eval mode."""
+    from kdcache.trainer.losses import sparse_kd_loss
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    head = resolve_head(model, torch.arange(min(8, vocab_size), device=device).unsqueeze(0))
+    sums = {"ce": 0.0, "fkl": 0.0, "rkl": 0.0, "top1": 0.0}
+    num_positions = num_labels = num_sequences = 0
+    for batch in _batches(cache, split, batch_size, max_sequences):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        amp = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+        with amp:
+            if head is not None:
+                states = body_of(model)(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).last_hidden_state  # (B, T, H)
+            else:
+                states = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits  # (B, T, V)
+        rows = batch["distill_mask"].reshape(-1).nonzero().squeeze(-1)  # (N,)
+        states = states.reshape(-1, states.shape[-1])[rows]
+        top_k = batch["topk_ids"].shape[-1]
+        ids, logprobs, tail = fold_out_of_vocab(
+            batch["topk_ids"].reshape(-1, top_k)[rows],
+            batch["topk_logprobs"].reshape(-1, top_k)[rows],
+            batch["tail_mass"].reshape(-1)[rows],
+            vocab_size,
+        )
+        labels = batch["labels"].reshape(-1)[rows]
+        for start in range(0, rows.numel(), chunk_size):
+            part = slice(start, start + chunk_size)
+            logits = head.logits(states[part]) if head is not None else states[part].float()
+            for kind in ("fkl", "rkl"):
+                sums[kind] += float(
+                    sparse_kd_loss(
+                        logits,
+                        ids[part],
+                        logprobs[part],
+                        tail[part],
+                        kind=kind,
+                        reduction="sum",
+                        temperature=temperature,
+                    )
+                )
+            sums["top1"] += float((logits.argmax(-1) == ids[part, 0]).sum())
+            has_label = labels[part] != IGNORE_INDEX
+            if bool(has_label.any()):
+                sums["ce"] += float(
+                    F.cross_entropy(logits[has_label], labels[part][has_label], reduction="sum")
+                )
+                num_labels += int(has_label.sum())
+        num_positions += int(rows.numel())
+        num_sequences += int(batch["input_ids"].shape[0])
+    if num_positions == 0:
+        raise CacheError(f"split {split!r} of the cache has no distilled positions to evaluate")
+    ce = sums["ce"] / max(num_labels, 1)
+    return {
+        "ce": ce,
+        "ppl": math.exp(min(ce, 700.0)),
+        "fkl": sums["fkl"] / num_positions,
+        "rkl": sums["rkl"] / num_positions,
+        "top1": sums["top1"] / num_positions,
+        "positions": num_positions,
+        "label_positions": num_labels,
+        "sequences": num_sequences,
+    }
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate every student of ``config`` and write the JSON report.
+
+    Returns ``{"cache", "split", "students": {student: metrics}, "json": [paths written]}``.
+    """
+    from kdcache.cache import open_cache
+    from kdcache.trainer.student import (
+        autocast_dtype,
+        check_tokenizer,
+        check_vocab_size,
+        load_student_model,
+        load_student_tokenizer,
+        resolve_device,
+    )
+
+    cache = open_cache(config.cache)
+    if config.split not in cache.manifest["splits"]:
+        raise CacheError(
+            f"cache {config.cache} has no {config.split!r} split (it has "
+            f"{', '.join(cache.manifest['splits'])}); pass --split"
+        )
+    device = resolve_device(config.device)
+    autocast = autocast_dtype(config.dtype, device)
+    temperature = float(cache.manifest["temperature"])
+    loaded = []
+    for student in config.students:  # load and check every student before any evaluation
+        model, _ = load_student_model(student)
+        tokenizer = load_student_tokenizer(student, config.cache)
+        check_tokenizer(tokenizer, config.cache, cache.manifest)
+        check_vocab_size(model, tokenizer)
+        loaded.append((student, model))
+    results: dict[str, dict[str, float]] = {}
+    for student, model in loaded:
+        results[student] = evaluate_model(
+            model.to(device),
+            cache,
+            split=config.split,
+            temperature=temperature,
+            batch_size=config.batch_size,
+            max_sequences=config.max_sequences,
+            chunk_size=config.chunk_size,
+            device=device,
+            autocast=autocast,
+        )
+        model.to("cpu")
+    report: dict[str, Any] = {
+        "cache": str(config.cache),
+        "split": config.split,
+        "students": results,
+        "json": [],
+    }
+    targets = [Path(config.json_path)] if config.json_path else []
+    if not targets:
+        targets = [Path(s) / f"eval-{config.split}.json" for s in results if Path(s).is_dir()]
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        payload = {key: report[key] for key in ("cache", "split", "students")}
+        target.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        report["json"].append(str(target))
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The students side by side: one row per metric, one column per student."""
+    names = list(report["students"])
+    labels = {
+        "ce": "CE (nats)",
+        "ppl": "perplexity",
+        "fkl": "FKL to teacher",
+        "rkl": "RKL to teacher",
+        "top1": "top-1 agreement",
+    }
+    width = max(14, *(len(name) for name in names))
+    lines = [f"{'split ' + report['split']:<16}" + "".join(f"  {n:>{width}}" for n in names)]
+    for metric in METRICS:
+        cells = "".join(f"  {report['students'][name][metric]:>{width}.4f}" for name in names)
+        lines.append(f"{labels[metric]:<16}{cells}")
+    positions = report["students"][names[0]]["positions"]
+    lines.append(f"({positions} distilled positions)")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The per-batch training objective: student body -> chunked lm_head -> weighted KD + CE.
+
+Per position the loss is ``(1 - alpha) * KD + alpha * CE(next token)``, averaged over the
+distilled positions of the whole optimizer step (all micro-batches, all ranks), so gradient
+accumulation and DDP give the same update as one big batch. Padding and masked prompt positions
+never count. The module wraps the model so DDP sees one ``forward`` per micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kdcache.cache.heads import body_of, split_head
+from kdcache.trainer.data import IGNORE_INDEX
+
+
+def fold_out_of_vocab(
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_mass: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move teacher entries whose id the student cannot emit into the tail.
+
+    A teacher padded to a larger vocab_size than the student (e.g. Qwen2.5-7B 152064 vs 0.5B
+    151936) can in principle rank a padding id in its top-k. Shapes: (N, k), (N, k), (N,).
+    """
+    outside = topk_ids >= vocab_size  # (N, k)
+    if not bool(outside.any()):
+        return topk_ids, topk_logprobs, tail_mass
+    moved = torch.where(outside, topk_logprobs.exp(), torch.zeros_like(topk_logprobs)).sum(-1)
+    tail_mass = tail_mass + moved
+    topk_logprobs = topk_logprobs.masked_fill(outside, float("-inf"))
+    topk_ids = topk_ids.masked_fill(outside, 0)
+    return topk_ids, topk_logprobs, tail_mass
+
+
+def position_weights(
+    distill_mask: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    num_distilled: float,
+    num_labels: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd_weight, ce_weight), both shaped like ``labels`` (B, T), float32.
+
+    kd_weight = (1 - alpha) / num_distilled at distilled positions; ce_weight = alpha /
+    num_labels at positions with a next-token label. The counts are over the whole step.
+    """
+    kd_weight = distill_mask.float() * ((1.0 - alpha) / max(num_distilled, 1.0))
+    ce_weight = (labels != IGNORE_INDEX).float() * (alpha / max(num_labels, 1.0))
+    return kd_weight, ce_weight
+
+
+class DistillObjective(nn.Module):
+    """``forward(batch tensors, counts) -> scalar loss`` for one micro-batch.
+
+    With ``chunked`` the body's hidden states go through ``chunked_distill_loss`` (the lm_head is
+    recomputed chunk by chunk, memory O(chunk x V)); otherwise the model's full forward gives the
+    logits (for architectures whose head cannot be split exactly).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: str,
+        mu: float,
+        temperature: float,
+        alpha: float,
+        chunk_size: int,
+        chunked: bool,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = "fkl" if alpha >= 1.0 else kind  # CE only: the KD term has weight 0
+        self.mu, self.temperature, self.alpha = mu, temperature, alpha
+        self.chunk_size, self.chunked = chunk_size, chunked
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        labels: torch.Tensor,  # (B, T)
+        topk_ids: torch.Tensor,  # (B, T, k)
+        topk_logprobs: torch.Tensor,  # (B, T, k)
+        tail_mass: torch.Tensor,  # (B, T)
+        distill_mask: torch.Tensor,  # (B, T)
+        num_distilled: float,
+        num_labels: float,
+    ) -> torch.Tensor:
+        kd_weight, ce_weight = position_weights(
+            distill_mask, labels, self.alpha, num_distilled, num_labels
+        )
+        rows = ((kd_weight > 0) | (ce_weight > 0)).reshape(-1).nonzero().squeeze(-1)  # (N,)
+        top_k = topk_ids.shape[-1]
+        ids, logprobs, tail = fold_out_of_vocab(
+            topk_ids.reshape(-1, top_k)[rows],
+            topk_logprobs.reshape(-1, top_k)[rows],
+            tail_mass.reshape(-1)[rows],
+            self.vocab_size,
+        )
+        row_labels = labels.reshape(-1)[rows]
+        kd_rows, ce_rows = kd_weight.reshape(-1)[rows], ce_weight.reshape(-1)[rows]
+        if self.chunked:
+            from kdcache.trainer.chunked import chunked_distill_loss
+
+            hidden = body_of(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state  # (B, T, H)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]  # (N, H)
+            with_kd, with_ce = self.alpha < 1.0, self.alpha > 0.0
+            return chunked_distill_loss(
+                hidden,
+                split_head(self.model),
+                ids if with_kd else None,
+                logprobs if with_kd else None,
+                tail if with_kd else None,
+                row_labels if with_ce else None,
+                kd_rows if with_kd else None,
+                ce_rows if with_ce else None,
+                kind=self.kind,
+                mu=self.mu,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+            )
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.reshape(-1, logits.shape[-1])[rows].float()  # (N, V)
+        return weighted_loss(logits, ids, logprobs, tail, row_labels, kd_rows, ce_rows, self)
+
+
+def weighted_loss(
+    logits: torch.Tensor,  # (N, V) float32
+    topk_ids: torch.Tensor,  # (N, k)
+    topk_logprobs: torch.Tensor,  # (N, k)
+    tail_mass: torch.Tensor,  # (N,)
+    labels: torch.Tensor,  # (N,)
+    kd_weight: torch.Tensor,  # (N,)
+    ce_weight: torch.Tensor,  # (N,)
+    objective: DistillObjective,
+) -> torch.Tensor:
+    """sum_i kd_weight_i * KD_i + ce_weight_i * CE_i over full logits (the unchunked path)."""
+    from kdcache.trainer.losses import sparse_kd_loss
+
+    loss = logits.new_zeros(())
+    if objective.alpha < 1.0:
+        kd = sparse_kd_loss(
+            logits,
+            topk_ids,
+            topk_logprobs,
+            tail_mass,
+            kind=objective.kind,
+            mu=objective.mu,
+            reduction="none",
+            temperature=objective.temperature,
+        )  # (N,)
+        loss = loss + (kd_weight * kd).sum()
+    if objective.alpha > 0.0:
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")  # (N,)
+        loss = loss + (ce_weight * ce).sum()
+    return loss
