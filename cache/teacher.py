@@ -12,17 +12,24 @@ Models whose logits cannot be split from the body (unknown post-processing) use 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdcache.cache.data import SequenceInput
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.heads import OutputHead, body_of, resolve_head
+from kdcache.cache.records import SequenceRecord
 from kdcache.cache.topk import DEFAULT_CHUNK_ELEMENTS, topk_from_hidden, topk_from_logit_rows
+
+T = TypeVar("T")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -230,3 +237,108 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def windows(
+    sequences: Iterable[SequenceInput], window_tokens: int
+) -> Iterator[list[SequenceInput]]:
+    """Consecutive groups of sequences holding at least ``window_tokens`` tokens (last: fewer).
+
+    Batches are planned inside a window, so the window boundaries depend only on the stream: a
+    resumed build recomputes exactly the batches of an uninterrupted one.
+    """
+    window: list[SequenceInput] = []
+    tokens = 0
+    for sequence in sequences:
+        window.append(sequence)
+        tokens += len(sequence.input_ids)
+        if tokens >= window_tokens:
+            yield window
+            window, tokens = [], 0
+    if window:
+        yield window
+
+
+def prefetch(iterable: Iterable[T], size: int = 2) -> Iterator[T]:
+    """Iterate ``iterable`` on a background thread (tokenization overlaps the teacher pass).
+
+    Errors of the producer are re-raised in the consumer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as error:  # handed to the consumer
+            items.put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def run_sequences(
+    runner: TeacherRunner,
+    sequences: Iterable[SequenceInput],
+    batch_tokens: int,
+    skip: int = 0,
+    window_tokens: int | None = None,
+) -> Iterator[SequenceRecord]:
+    """Teacher records for ``sequences`` in stream order, the first ``skip`` left out.
+
+    Sequences are grouped into windows (``window_tokens``, default 4 batches), sorted by length
+    and batched by ``batch_tokens`` inside each window. Windows wholly inside the skipped prefix
+    are not run at all; a window that straddles it is run whole (identical batches) and its
+    skipped records dropped.
+    """
+    window_tokens = window_tokens or 4 * batch_tokens
+    seen = 0
+    for window in prefetch(windows(sequences, window_tokens)):
+        if seen + len(window) <= skip:
+            seen += len(window)
+            continue
+        results: list[TopKRows | None] = [None] * len(window)
+        for batch in plan_batches([len(s.input_ids) for s in window], batch_tokens):
+            rows = runner.run(
+                [window[i].input_ids for i in batch], [window[i].positions for i in batch]
+            )
+            for index, row in zip(batch, rows, strict=True):
+                results[index] = row
+        for sequence, rows in zip(window, results, strict=True):
+            seen += 1
+            if seen <= skip:
+                continue
+            assert rows is not None
+            yield SequenceRecord(
+                sequence_id=sequence.sequence_id,
+                input_ids=sequence.input_ids,
+                topk_ids=rows.topk_ids,
+                topk_logprobs=rows.topk_logprobs,
+                tail_mass=rows.tail_mass,
+                positions=sequence.positions,
+            )

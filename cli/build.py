@@ -1,12 +1,118 @@
-"""``kdcache build``: placeholder until the command is implemented (raises a clear error)."""
+"""``kdcache build``: run the teacher once over a dataset and write a top-k + tail-mass cache.
+
+With neither ``--teacher`` nor ``--data`` it builds the embedded demo (shipped teacher, held-out
+standard-library text). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every rank builds its slice
+of the data and rank 0 writes the manifest.
+"""
 
 from __future__ import annotations
 
-from kdcache.cache.errors import KdcacheError
+import os
+from pathlib import Path
+
+import typer
+
+from kdcache.cache.errors import ConfigError
 from kdcache.cli._errors import handle_errors
 
 
+def _demo_defaults(out: Path | None) -> tuple[str, str, Path]:
+    """(teacher, data, out) of the embedded demo; writes the demo dataset next to the cache."""
+    from kdcache.demo import DEFAULT_CACHE_DIR, demo_teacher_dir, write_demo_dataset
+
+    out = out or DEFAULT_CACHE_DIR
+    data = write_demo_dataset(Path(out).parent / "data" / "demo.jsonl")
+    return str(demo_teacher_dir()), str(data), Path(out)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; initializes the process group if needed."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return rank, world_size
+
+
 @handle_errors
-def build() -> None:
-    """Not implemented yet."""
-    raise KdcacheError("'kdcache build' is not implemented yet")
+def build(
+    teacher: str | None = typer.Option(None, help="Teacher: model directory or hub id."),
+    data: str | None = typer.Option(None, help="Dataset: hub id, jsonl/json/parquet/csv/txt, dir."),
+    out: Path | None = typer.Option(None, help="Cache directory to write."),
+    split: str = typer.Option("train", help="Dataset split to read."),
+    data_config: str | None = typer.Option(None, help="Dataset configuration name (hub)."),
+    text_field: str = typer.Option("text", help="Column holding the text."),
+    messages_field: str | None = typer.Option(
+        None, help="Column of chat messages (rendered with the chat template; assistant only)."
+    ),
+    top_k: int = typer.Option(64, help="Top-k entries stored per position."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
+    max_length: int = typer.Option(1024, help="Tokens per sequence."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack documents into blocks."),
+    limit: int | None = typer.Option(None, help="Use only the first N rows."),
+    holdout: float = typer.Option(0.01, help="Fraction of rows in the 'holdout' split."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch."),
+    mode: str = typer.Option("exact", help="Storage mode: exact or compact."),
+    overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
+    estimate: bool = typer.Option(
+        False, help="Only estimate size, run time and top-k mass; write nothing."
+    ),
+    sample_sequences: int = typer.Option(64, help="Sequences the --estimate runs the teacher on."),
+) -> None:
+    """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
+    from kdcache.cache.build import BuildConfig, build_cache
+
+    if teacher is None and data is None:
+        teacher, data, out = _demo_defaults(out)
+        typer.echo(f"Using the demo defaults: teacher {teacher}, data {data}, out {out}")
+    elif teacher is None or data is None:
+        raise ConfigError("pass both --teacher and --data (or neither, for the demo defaults)")
+    elif out is None and not estimate:
+        raise ConfigError("pass --out DIR: the cache directory to write")
+    config = BuildConfig(
+        teacher=teacher,
+        data=data,
+        out=out if out is not None else Path("kdcache-estimate-unused"),
+        split=split,
+        data_config=data_config,
+        text_field=text_field,
+        messages_field=messages_field,
+        top_k=top_k,
+        temperature=temperature,
+        max_length=max_length,
+        pack=pack,
+        limit=limit,
+        holdout=holdout,
+        dtype=dtype,
+        device=device,
+        batch_tokens=batch_tokens,
+        mode=mode,
+        overwrite=overwrite,
+    )
+    if estimate:
+        from kdcache.cache.estimate import estimate_build
+
+        report = estimate_build(config, sample_sequences=sample_sequences)
+        typer.echo(report.text())
+        return
+    rank, world_size = _distributed()
+    try:
+        summary = build_cache(config, rank=rank, world_size=world_size)
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        if summary.status == "complete":
+            typer.echo(f"cache is complete, nothing to do: {summary.out}")
+        typer.echo(summary.line())

@@ -1,0 +1,442 @@
+"""``build_cache``: run the teacher once over a dataset and write a top-k + tail-mass cache.
+
+Order of work, chosen so that bad input never damages an existing directory: validate the config,
+load the tokenizer, the data and the teacher, compute the fingerprints; only then create the
+directory, take the lock and compare with what is already there (manifest or build state):
+
+* same fingerprints and a manifest: the cache is complete, nothing to do;
+* same fingerprints and a build state: resume (skip the records of complete shards);
+* different fingerprints: refuse, naming the differences, unless ``overwrite``.
+
+Each (split, rank) stream is written by one ``ShardWriter`` (background encoding thread); the
+manifest is written last by rank 0, after a barrier, from the complete shards of all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kdcache.cache.data import SPLITS, DataSpec, RecordStream
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.fingerprint import (
+    data_fingerprint,
+    differences,
+    stable_hash,
+    teacher_fingerprint,
+    tokenizer_details,
+)
+from kdcache.cache.lock import BuildLock
+from kdcache.cache.teacher import DTYPE_NAMES
+
+STATE_NAME = "build_state.json"
+TOKENIZER_DIR = "tokenizer"
+MODES = ("exact", "compact")
+
+
+@dataclass
+class BuildConfig:
+    """Settings of one ``kdcache build`` (validated on creation; all problems in one ConfigError)."""
+
+    teacher: str  # local save_pretrained directory or Hugging Face model id
+    data: str  # hub dataset id, local jsonl/json/parquet/csv/txt file, or a directory of them
+    out: str | Path  # cache directory
+    split: str = "train"  # dataset split to read
+    data_config: str | None = None  # dataset configuration name (hub datasets)
+    text_field: str = "text"  # column holding the documents
+    messages_field: str | None = None  # column of chat messages (then only assistant tokens)
+    top_k: int = 64  # entries kept per position
+    temperature: float = 1.0  # softmax temperature of the stored distributions
+    max_length: int = 1024  # tokens per sequence
+    pack: bool = True  # pack documents into max_length blocks (EOS between) vs one per row
+    limit: int | None = None  # use only the first rows
+    holdout: float = 0.01  # fraction of rows (by content hash) in the "holdout" split
+    dtype: str = "auto"  # teacher dtype: auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu
+    batch_tokens: int = 16384  # padded tokens per teacher batch
+    mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
+    overwrite: bool = False  # replace an existing different cache in ``out``
+    shard_tokens: int = 1 << 20  # tokens per shard file
+    progress: bool = True  # show a tqdm bar
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out).expanduser()
+        problems = []
+        if not self.teacher:
+            problems.append("--teacher is empty: pass a model directory or hub id")
+        if not self.data:
+            problems.append("--data is empty: pass a dataset id, file or directory")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            problems.append(f"--top-k must be >= 1 (got {self.top_k})")
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
+            problems.append(f"--temperature must be a finite number (got {self.temperature})")
+        elif self.temperature <= 0:
+            problems.append(f"--temperature must be > 0 (got {self.temperature})")
+        if self.max_length < 2:
+            problems.append(f"--max-length must be >= 2 (got {self.max_length})")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be >= 1 (got {self.limit})")
+        if not 0.0 <= self.holdout < 1.0:
+            problems.append(f"--holdout must be in [0, 1) (got {self.holdout})")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype})")
+        if self.batch_tokens < 1 or self.shard_tokens < 1:
+            problems.append("--batch-tokens and shard tokens must be >= 1")
+        if self.mode not in MODES:
+            problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
+        if not self.text_field and not self.messages_field:
+            problems.append("--text-field is empty: name the column holding the text")
+        if self.out.exists() and not self.out.is_dir():
+            problems.append(f"--out {self.out} is a file: pass a directory path")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            data=self.data,
+            split=self.split,
+            data_config=self.data_config,
+            text_field=self.text_field,
+            messages_field=self.messages_field,
+            max_length=self.max_length,
+            pack=self.pack,
+            limit=self.limit,
+            holdout=self.holdout,
+        )
+
+
+@dataclass
+class BuildSummary:
+    """What a build did (``status``: built, resumed or complete) and the cache's totals."""
+
+    out: Path
+    status: str
+    num_sequences: int
+    num_tokens: int
+    num_positions: int
+    bytes: int
+    seconds: float = 0.0  # teacher + writing time of this run
+    tokens_this_run: int = 0
+    splits: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.num_tokens if self.num_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """One-line summary: sequences, tokens, bytes, bytes/token, tokens/s."""
+        return (
+            f"{self.status}: {self.num_sequences} sequences, {self.num_tokens} tokens, "
+            f"{self.bytes} bytes ({self.bytes_per_token:.1f} B/token), "
+            f"{self.tokens_per_second:.0f} tokens/s -> {self.out}"
+        )
+
+
+def check_writable(out: Path) -> None:
+    """ConfigError when ``out`` (or its nearest existing parent) cannot be written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
+
+
+def fingerprints_for(config: BuildConfig, model, tokenizer, rows, dtype) -> dict[str, Any]:
+    """The four fingerprints of a build (teacher, tokenizer, data, settings)."""
+    settings = {
+        "top_k": config.top_k,
+        "temperature": float(config.temperature),
+        "mode": config.mode,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return {
+        "teacher": teacher_fingerprint(config.teacher, model),
+        "tokenizer": tokenizer_details(tokenizer),
+        "data": data_fingerprint(config.data_spec(), tokenizer, rows),
+        "settings": {**settings, "hash": stable_hash(settings)},
+    }
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> BuildSummary:
+    """Build (or resume, or confirm) the cache described by ``config``; see the module docstring.
+
+    ``rank`` / ``world_size``: this process's slice of the data under torchrun (sequences with
+    ``sequence_id % world_size == rank``); rank 0 writes the manifest after a barrier.
+    """
+    from kdcache.cache.shards import list_complete_shards
+    from kdcache.cache.teacher import (
+        TeacherRunner,
+        load_model,
+        load_tokenizer,
+        output_vocab_size,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    check_writable(config.out)
+    tokenizer = load_tokenizer(config.teacher)
+    stream = RecordStream(config.data_spec(), tokenizer)
+    model = load_model(config.teacher, dtype, device)
+    vocab_size = output_vocab_size(model)
+    if config.top_k > vocab_size:
+        raise ConfigError(f"--top-k {config.top_k} exceeds the teacher's vocabulary ({vocab_size})")
+    if next(iter(stream.sequences("train")), None) is None:
+        raise ConfigError(
+            f"dataset '{config.data}' gives no training sequences ({len(stream.rows)} rows, "
+            f"holdout {config.holdout}); use more data or a smaller --holdout"
+        )
+    fingerprints = fingerprints_for(config, model, tokenizer, stream.rows, dtype)
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    with BuildLock(out, rank):
+        status = _prepare(out, fingerprints, config.overwrite, world_size) if rank == 0 else ""
+        _barrier(world_size)  # rank 0 has cleaned up / written the build state
+        if rank != 0:
+            status = _prepare(out, fingerprints, False, world_size, write_state=False)
+        if status == "complete":
+            return _summary(out, "complete", read_manifest_quiet(out))
+        runner = TeacherRunner(model, top_k=config.top_k, temperature=config.temperature)
+        started = time.perf_counter()
+        tokens_this_run = 0
+        resumed = False
+        with _progress_bar(config.progress and rank == 0) as bar:
+            for split in SPLITS:
+                done = [s for s in list_complete_shards(out) if s.split == split and s.rank == rank]
+                resumed = resumed or bool(done)
+                tokens_this_run += _run_split(
+                    config, runner, stream, split, rank, world_size, vocab_size, done, bar
+                )
+        seconds = time.perf_counter() - started
+        _barrier(world_size)
+        if rank != 0:
+            return BuildSummary(out, "written", 0, 0, 0, 0, seconds, tokens_this_run)
+        tokenizer.save_pretrained(out / TOKENIZER_DIR)
+        manifest = _write_manifest(
+            out, config, fingerprints, vocab_size, world_size, seconds, tokens_this_run
+        )
+        return _summary(out, "resumed" if resumed else "built", manifest, seconds, tokens_this_run)
+
+
+def _progress_bar(enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        desc="teacher", unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True
+    )
+
+
+def _run_split(
+    config: BuildConfig,
+    runner,
+    stream: RecordStream,
+    split: str,
+    rank: int,
+    world_size: int,
+    vocab_size: int,
+    done: list,
+    bar,
+) -> int:
+    """Run the teacher over this rank's part of ``split`` after the records of ``done`` shards.
+
+    Returns the number of tokens run. ``done``: this (split, rank)'s complete shards, which hold
+    a prefix of the rank's record stream (shard indices 0..n-1).
+    """
+    from kdcache.cache.shards import ShardWriter
+    from kdcache.cache.teacher import run_sequences
+
+    indices = sorted(info.index for info in done)
+    if indices != list(range(len(indices))):
+        raise CacheError(
+            f"{config.out}: shards of split {split} rank {rank} are not contiguous ({indices}); "
+            "pass --overwrite to rebuild"
+        )
+    skip = sum(info.num_sequences for info in done)
+    tokens = positions = 0
+    sequences = stream.sequences(split, rank, world_size)
+    with ShardWriter(
+        config.out,
+        split,
+        rank=rank,
+        top_k=config.top_k,
+        vocab_size=vocab_size,
+        start_index=len(done),
+        max_shard_tokens=config.shard_tokens,
+        mode=config.mode,
+    ) as writer:
+        for record in run_sequences(runner, sequences, config.batch_tokens, skip=skip):
+            writer.write(record)
+            tokens += record.num_tokens
+            positions += record.num_positions
+            bar.update(record.num_tokens)
+            bar.set_postfix(split=split, positions=positions, refresh=False)
+    return tokens
+
+
+def _prepare(
+    out: Path,
+    fingerprints: dict[str, Any],
+    overwrite: bool,
+    world_size: int,
+    write_state: bool = True,
+) -> str:
+    """Compare with what ``out`` holds; returns "complete", "resume" or "fresh" (see module doc)."""
+    from kdcache.cache.manifest import manifest_path
+    from kdcache.cache.shards import SHARDS_DIR
+
+    state_path = out / STATE_NAME
+    existing, where = None, None
+    if manifest_path(out).is_file():
+        existing, where = read_manifest_quiet(out).get("fingerprints"), "the cache in"
+    elif state_path.is_file():
+        existing = json.loads(state_path.read_text(encoding="utf-8"))
+        where = "the unfinished build in"
+    elif (out / SHARDS_DIR).is_dir() and any((out / SHARDS_DIR).iterdir()):
+        existing, where = {"unknown": "shards without a build state"}, "the shards in"
+    if existing is not None:
+        previous = {k: v for k, v in existing.items() if k != "world_size"}
+        changed = differences(previous, fingerprints)
+        if changed and not overwrite:
+            raise ConfigError(
+                f"{where} {out} was built differently ({'; '.join(changed)}); use another --out "
+                "or pass --overwrite to replace it"
+            )
+        if not changed and manifest_path(out).is_file():
+            return "complete"
+        if not changed and existing.get("world_size", world_size) != world_size:
+            raise ConfigError(
+                f"the unfinished build in {out} ran with {existing['world_size']} processes; "
+                f"resume it with the same number (this run has {world_size}) or pass --overwrite"
+            )
+        if not changed:
+            return "resume"
+        remove_cache_files(out)
+    if write_state:
+        _write_json(state_path, {**fingerprints, "world_size": world_size})
+    return "fresh"
+
+
+def remove_cache_files(out: Path) -> None:
+    """Delete kdcache's own files in ``out`` (manifest, state, shards, tokenizer); nothing else."""
+    from kdcache.cache.manifest import manifest_path
+    from kdcache.cache.shards import SHARDS_DIR
+
+    manifest_path(out).unlink(missing_ok=True)  # the commit point goes first
+    shards = out / SHARDS_DIR
+    if shards.is_dir():
+        for path in shards.iterdir():
+            if (
+                path.is_file() and path.suffix in (".arrow", ".json", ".tmp")
+            ) or path.name.startswith(".tmp-"):
+                path.unlink()
+        if not any(shards.iterdir()):
+            shards.rmdir()
+    if (out / TOKENIZER_DIR).is_dir():
+        shutil.rmtree(out / TOKENIZER_DIR)
+    (out / STATE_NAME).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    from kdcache.cache.shards import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_manifest_quiet(out: Path) -> dict[str, Any]:
+    from kdcache.cache.manifest import read_manifest
+
+    return read_manifest(out)
+
+
+def _kdcache_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdcache")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_manifest(
+    out: Path,
+    config: BuildConfig,
+    fingerprints: dict[str, Any],
+    vocab_size: int,
+    world_size: int,
+    seconds: float,
+    tokens_this_run: int,
+) -> dict[str, Any]:
+    from kdcache.cache.manifest import shard_summary, write_manifest
+    from kdcache.cache.shards import list_complete_shards
+
+    summary = shard_summary(list_complete_shards(out))
+    if not summary["shards"]:
+        raise CacheError(f"the build of {out} wrote no complete shards; re-run it")
+    field_name = config.messages_field or config.text_field
+    manifest = {
+        **summary,
+        "teacher": config.teacher,
+        "vocab_size": vocab_size,
+        "top_k": config.top_k,
+        "temperature": float(config.temperature),
+        "mode": config.mode,
+        "tokenizer_fingerprint": fingerprints["tokenizer"]["hash"],
+        "data": f"{config.data} (split {config.split}, field {field_name})",
+        "fingerprints": fingerprints,
+        "settings": {
+            **{k: v for k, v in asdict(config).items() if k not in ("out", "progress")},
+            "dtype": fingerprints["settings"]["dtype"],
+        },
+        "world_size": world_size,
+        "build": {
+            "seconds": round(seconds, 3),
+            "tokens_this_run": tokens_this_run,
+            "tokens_per_second": round(tokens_this_run / seconds, 1) if seconds > 0 else None,
+            "bytes_per_token": round(summary["bytes"] / max(summary["num_tokens"], 1), 2),
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kdcache_version": _kdcache_version(),
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _summary(
+    out: Path, status: str, manifest: dict[str, Any], seconds: float = 0.0, tokens: int = 0
+) -> BuildSummary:
+    return BuildSummary(
+        out=out,
+        status=status,
+        num_sequences=int(manifest["num_sequences"]),
+        num_tokens=int(manifest["num_tokens"]),
+        num_positions=int(manifest.get("num_positions", 0)),
+        bytes=int(manifest.get("bytes", 0)),
+        seconds=seconds,
+        tokens_this_run=tokens,
+        splits=manifest["splits"],
+    )
