@@ -14,10 +14,8 @@ manifest is written last by rank 0, after a barrier, from the complete shards of
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,16 +26,14 @@ from kdcache.cache.data import SPLITS, DataSpec, RecordStream
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.fingerprint import (
     data_fingerprint,
-    differences,
     stable_hash,
     teacher_fingerprint,
     tokenizer_details,
 )
-from kdcache.cache.lock import BuildLock
+from kdcache.cache.lock import TOKENIZER_DIR, BuildLock, prepare_directory
+from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
 from kdcache.cache.teacher import DTYPE_NAMES
 
-STATE_NAME = "build_state.json"
-TOKENIZER_DIR = "tokenizer"
 MODES = ("exact", "compact")
 
 
@@ -215,12 +211,14 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     with BuildLock(out, rank):
-        status = _prepare(out, fingerprints, config.overwrite, world_size) if rank == 0 else ""
+        status = (
+            prepare_directory(out, fingerprints, config.overwrite, world_size) if rank == 0 else ""
+        )
         _barrier(world_size)  # rank 0 has cleaned up / written the build state
         if rank != 0:
-            status = _prepare(out, fingerprints, False, world_size, write_state=False)
+            status = prepare_directory(out, fingerprints, False, world_size, write_state=False)
         if status == "complete":
-            return _summary(out, "complete", read_manifest_quiet(out))
+            return _summary(out, "complete", read_manifest(out))
         runner = TeacherRunner(model, top_k=config.top_k, temperature=config.temperature)
         started = time.perf_counter()
         tokens_this_run = 0
@@ -298,81 +296,6 @@ def _run_split(
     return tokens
 
 
-def _prepare(
-    out: Path,
-    fingerprints: dict[str, Any],
-    overwrite: bool,
-    world_size: int,
-    write_state: bool = True,
-) -> str:
-    """Compare with what ``out`` holds; returns "complete", "resume" or "fresh" (see module doc)."""
-    from kdcache.cache.manifest import manifest_path
-    from kdcache.cache.shards import SHARDS_DIR
-
-    state_path = out / STATE_NAME
-    existing, where = None, None
-    if manifest_path(out).is_file():
-        existing, where = read_manifest_quiet(out).get("fingerprints"), "the cache in"
-    elif state_path.is_file():
-        existing = json.loads(state_path.read_text(encoding="utf-8"))
-        where = "the unfinished build in"
-    elif (out / SHARDS_DIR).is_dir() and any((out / SHARDS_DIR).iterdir()):
-        existing, where = {"unknown": "shards without a build state"}, "the shards in"
-    if existing is not None:
-        previous = {k: v for k, v in existing.items() if k != "world_size"}
-        changed = differences(previous, fingerprints)
-        if changed and not overwrite:
-            raise ConfigError(
-                f"{where} {out} was built differently ({'; '.join(changed)}); use another --out "
-                "or pass --overwrite to replace it"
-            )
-        if not changed and manifest_path(out).is_file():
-            return "complete"
-        if not changed and existing.get("world_size", world_size) != world_size:
-            raise ConfigError(
-                f"the unfinished build in {out} ran with {existing['world_size']} processes; "
-                f"resume it with the same number (this run has {world_size}) or pass --overwrite"
-            )
-        if not changed:
-            return "resume"
-        remove_cache_files(out)
-    if write_state:
-        _write_json(state_path, {**fingerprints, "world_size": world_size})
-    return "fresh"
-
-
-def remove_cache_files(out: Path) -> None:
-    """Delete kdcache's own files in ``out`` (manifest, state, shards, tokenizer); nothing else."""
-    from kdcache.cache.manifest import manifest_path
-    from kdcache.cache.shards import SHARDS_DIR
-
-    manifest_path(out).unlink(missing_ok=True)  # the commit point goes first
-    shards = out / SHARDS_DIR
-    if shards.is_dir():
-        for path in shards.iterdir():
-            if (
-                path.is_file() and path.suffix in (".arrow", ".json", ".tmp")
-            ) or path.name.startswith(".tmp-"):
-                path.unlink()
-        if not any(shards.iterdir()):
-            shards.rmdir()
-    if (out / TOKENIZER_DIR).is_dir():
-        shutil.rmtree(out / TOKENIZER_DIR)
-    (out / STATE_NAME).unlink(missing_ok=True)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    from kdcache.cache.shards import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_manifest_quiet(out: Path) -> dict[str, Any]:
-    from kdcache.cache.manifest import read_manifest
-
-    return read_manifest(out)
-
-
 def _kdcache_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -391,7 +314,6 @@ def _write_manifest(
     seconds: float,
     tokens_this_run: int,
 ) -> dict[str, Any]:
-    from kdcache.cache.manifest import shard_summary, write_manifest
     from kdcache.cache.shards import list_complete_shards
 
     summary = shard_summary(list_complete_shards(out))

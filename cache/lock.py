@@ -1,4 +1,6 @@
-"""An exclusive build lock on a cache directory: ``fcntl.flock`` on ``<cache>/.lock``.
+"""Who may write a cache directory, and what a build finds in it: the lock and the build state.
+
+The lock is an exclusive ``fcntl.flock`` on ``<cache>/.lock``.
 
 The lock is held for the whole build and released by the kernel when the process exits (even on
 SIGKILL), so a stale lock file never blocks a later build. The holder writes its PID into the file
@@ -10,11 +12,20 @@ each other while a second job on the same directory is refused.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from kdcache.cache.errors import CacheError
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.fingerprint import differences
+from kdcache.cache.manifest import manifest_path, read_manifest
+from kdcache.cache.shards import SHARDS_DIR, atomic_write_bytes
+
+STATE_NAME = "build_state.json"  # the fingerprints of an unfinished build, written before shards
+TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved with the cache
 
 
 def lock_path(cache_dir: str | os.PathLike, rank: int = 0) -> Path:
@@ -62,3 +73,77 @@ class BuildLock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def prepare_directory(
+    out: Path,
+    fingerprints: dict[str, Any],
+    overwrite: bool,
+    world_size: int,
+    write_state: bool = True,
+) -> str:
+    """Compare ``fingerprints`` with what ``out`` holds: "complete", "resume" or "fresh".
+
+    A manifest with the same fingerprints: complete. A build state with the same fingerprints (and
+    world size): resume. Anything different: ConfigError naming the differences, unless
+    ``overwrite`` (then kdcache's own files are removed). Fresh builds write the build state.
+    """
+    state_path = out / STATE_NAME
+    existing, where = None, None
+    if manifest_path(out).is_file():
+        existing, where = read_manifest(out).get("fingerprints"), "the cache in"
+    elif state_path.is_file():
+        existing = json.loads(state_path.read_text(encoding="utf-8"))
+        where = "the unfinished build in"
+    elif (out / SHARDS_DIR).is_dir() and any((out / SHARDS_DIR).iterdir()):
+        where = "the shards in"
+    if where is not None and not isinstance(existing, dict):
+        if not overwrite:
+            raise ConfigError(
+                f"{where} {out} carry no build fingerprints, so this build cannot resume them; "
+                "use another --out or pass --overwrite to replace them"
+            )
+        remove_cache_files(out)
+    elif existing is not None:
+        previous = {k: v for k, v in existing.items() if k != "world_size"}
+        changed = differences(previous, fingerprints)
+        if changed and not overwrite:
+            raise ConfigError(
+                f"{where} {out} was built differently ({'; '.join(changed)}); use another --out "
+                "or pass --overwrite to replace it"
+            )
+        if not changed and manifest_path(out).is_file():
+            return "complete"
+        if not changed and existing.get("world_size", world_size) != world_size:
+            raise ConfigError(
+                f"the unfinished build in {out} ran with {existing['world_size']} processes; "
+                f"resume it with the same number (this run has {world_size}) or pass --overwrite"
+            )
+        if not changed:
+            return "resume"
+        remove_cache_files(out)
+    if write_state:
+        write_json(state_path, {**fingerprints, "world_size": world_size})
+    return "fresh"
+
+
+def remove_cache_files(out: Path) -> None:
+    """Delete kdcache's own files in ``out`` (manifest, state, shards, tokenizer); nothing else."""
+    manifest_path(out).unlink(missing_ok=True)  # the commit point goes first
+    shards = out / SHARDS_DIR
+    if shards.is_dir():
+        for path in shards.iterdir():
+            if (
+                path.is_file() and path.suffix in (".arrow", ".json", ".tmp")
+            ) or path.name.startswith(".tmp-"):
+                path.unlink()
+        if not any(shards.iterdir()):
+            shards.rmdir()
+    if (out / TOKENIZER_DIR).is_dir():
+        shutil.rmtree(out / TOKENIZER_DIR)
+    (out / STATE_NAME).unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as JSON atomically (temp file, fsync, rename)."""
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
