@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -9,7 +11,12 @@ from torch.nn import functional as F
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.heads import OutputHead
 from kdcache.trainer.chunked import chunked_dense_distill_loss, chunked_distill_loss
-from kdcache.trainer.losses import LOSS_KINDS, dense_kd_loss, sparse_kd_loss
+from kdcache.trainer.losses import (
+    LOSS_KINDS,
+    dense_kd_loss,
+    sparse_kd_loss,
+    sparse_kd_loss_with_grad,
+)
 
 N, H, V, K = 23, 8, 40, 5
 
@@ -186,3 +193,39 @@ def test_bad_arguments_are_refused():
         chunked_distill_loss(hidden, head, ids, None, tail, labels, kd_w, ce_w)
     with pytest.raises(ConfigError, match="teacher_hidden with teacher_head"):
         chunked_dense_distill_loss(hidden, head, labels, kd_w, ce_w)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_closed_form_gradient_matches_autograd(kind, temperature):
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab, k = 9, 30, 5
+    logits = 3 * torch.randn(rows, vocab, generator=gen)
+    logits[3] *= 200  # so peaked that the student's tail is < 1e-30 of its top token
+    teacher = 2 * torch.randn(rows, vocab, generator=gen)
+    lp, ids = torch.log_softmax(teacher / temperature, -1).topk(k, -1)
+    tail = (1 - lp.exp().sum(-1)).clamp_min(0)
+    lp[1, 3:], ids[1, 3:] = -math.inf, 0  # padding at the end of a row
+    lp[2, :], ids[2, :], tail[2] = -math.inf, 0, 1.0  # all padding: everything in the bucket
+    tail[4] = 0.0  # teacher tail mass 0
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[0] = -100
+    kd_w, ce_w = torch.rand(rows, generator=gen), torch.rand(rows, generator=gen)
+    kw = {"kind": kind, "temperature": temperature}
+    loss, grad = sparse_kd_loss_with_grad(logits, ids, lp, tail, kd_w, labels, ce_w, **kw)
+    leaf = logits.clone().requires_grad_()
+    want = kd_w * sparse_kd_loss(leaf, ids, lp, tail, **kw)
+    want = want + ce_w * F.cross_entropy(leaf, labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), leaf)[0], rtol=1e-5, atol=1e-6)
+    full_lp, full_ids = torch.log_softmax(teacher / temperature, -1).topk(vocab, -1)  # k = V
+    loss, grad = sparse_kd_loss_with_grad(logits, full_ids, full_lp, None, kd_w, None, None, **kw)
+    want = kd_w * sparse_kd_loss(leaf, full_ids, full_lp, None, **kw)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), leaf)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_ids_are_refused():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=9)
+    with pytest.raises(ConfigError, match="outside the student's vocabulary"):
+        chunked_distill_loss(hidden, head, ids + V, lp, tail, labels, kd_w, ce_w)

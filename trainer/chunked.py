@@ -8,8 +8,10 @@ gradient (``method``):
   chunk's logits, its loss and the gradient of the loss w.r.t. those logits, and immediately
   folds that into the gradients of ``hidden``, the head weight and bias (the way Liger's fused
   linear cross-entropy does). Backward only scales the stored gradients: one head matmul forward
-  and two backward, no recomputation. Peak extra memory: one chunk's logits and their
-  intermediates, plus a float32 gradient buffer the size of the head weight.
+  and two backward, no recomputation. The sparse KD + CE gradient w.r.t. the logits comes from
+  the closed form in ``sparse_kd_loss_with_grad`` (a few passes over the chunk, no autograd
+  graph over (C, V) tensors). Peak extra memory: about two (C, V) float32 buffers, plus a
+  float32 gradient buffer the size of the head weight.
 - ``"checkpoint"``: ``torch.utils.checkpoint`` per chunk; the chunk's logits are recomputed in
   backward (one extra head matmul per chunk).
 
@@ -26,7 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.heads import OutputHead
-from kdcache.trainer.losses import check_loss_options, dense_kd_loss, sparse_kd_loss
+from kdcache.trainer.losses import (
+    check_loss_options,
+    dense_kd_loss,
+    sparse_kd_loss,
+    sparse_kd_loss_with_grad,
+)
 
 __all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss"]
 
@@ -34,6 +41,8 @@ METHODS: tuple[str, ...] = ("fused", "checkpoint", "plain")
 
 # row_loss(logits (C, V) float32, start, end) -> (C,) weighted per-row loss of rows start:end
 RowLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+# kernel(logits (C, V) float32, start, end) -> ((C,) row loss, (C, V) its gradient w.r.t. logits)
+RowKernel = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _postprocess(pre_logits: torch.Tensor, head: OutputHead) -> torch.Tensor:
@@ -46,11 +55,24 @@ def _postprocess(pre_logits: torch.Tensor, head: OutputHead) -> torch.Tensor:
     return logits
 
 
+def _autograd_kernel(row_loss: RowLoss) -> RowKernel:
+    """A row kernel from a differentiable row loss: autograd on one chunk's logits."""
+
+    def kernel(logits: torch.Tensor, start: int, end: int):
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_(True)
+            loss = row_loss(leaf, start, end)  # (C,)
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
+
+    return kernel
+
+
 class _FusedHeadLoss(torch.autograd.Function):
-    """sum over chunks of row_loss(head(hidden[chunk])), gradients computed in the forward pass."""
+    """sum over chunks of row losses of head(hidden[chunk]); gradients made in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, row_loss, chunk_size):
+    def forward(ctx, hidden, weight, bias, head, kernel, chunk_size):
         compute_dtype = hidden.dtype  # autocast-like: the activations' dtype runs the matmuls
         weight_c = weight.detach().to(compute_dtype)  # (V, H)
         bias_c = None if bias is None else bias.detach().to(compute_dtype)  # (V,)
@@ -58,32 +80,31 @@ class _FusedHeadLoss(torch.autograd.Function):
         need_bias = bias is not None and bias.requires_grad
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = (
-            None
-            if bias is None
-            else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        )
+        grad_bias = None
+        if bias is not None:
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             hidden_chunk = hidden[start:end].detach()  # (C, H)
-            pre_logits = F.linear(hidden_chunk, weight_c, bias_c).detach()  # (C, V)
-            with torch.enable_grad():
-                pre_logits.requires_grad_(True)
-                loss = row_loss(_postprocess(pre_logits, head), start, end).sum()
-                (grad_pre,) = torch.autograd.grad(loss, pre_logits)  # (C, V)
-            total += loss.detach().float()
-            grad_pre = grad_pre.to(compute_dtype)
-            del pre_logits
+            logits = _postprocess(F.linear(hidden_chunk, weight_c, bias_c), head)  # (C, V) fp32
+            loss, grad = kernel(logits, start, end)  # (C,), (C, V) d loss / d logits
+            total += loss.sum()
+            if head.softcap is not None:  # d/dx softcap * tanh(x / softcap) = 1 - tanh^2
+                grad.mul_(1.0 - (logits / head.softcap).square_())
+            if head.scale != 1.0:
+                grad.mul_(head.scale)
+            del logits
+            grad = grad.to(compute_dtype)  # (C, V) gradient w.r.t. hidden @ W.T + b
             if need_hidden:
-                grad_hidden[start:end] = grad_pre @ weight_c
+                grad_hidden[start:end] = grad @ weight_c
             if need_weight:
                 if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad_pre.t(), hidden_chunk)
+                    grad_weight.addmm_(grad.t(), hidden_chunk)
                 else:
-                    grad_weight += (grad_pre.t() @ hidden_chunk).float()
+                    grad_weight += (grad.t() @ hidden_chunk).float()
             if need_bias:
-                grad_bias += grad_pre.float().sum(0)
+                grad_bias += grad.float().sum(0)
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
@@ -106,7 +127,12 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def _run_chunks(
-    hidden: torch.Tensor, head: OutputHead, row_loss: RowLoss, chunk_size: int, method: str
+    hidden: torch.Tensor,
+    head: OutputHead,
+    row_loss: RowLoss,
+    chunk_size: int,
+    method: str,
+    kernel: RowKernel | None = None,
 ) -> torch.Tensor:
     if method not in METHODS:
         raise ConfigError(f"unknown chunked-loss method {method!r}; choose one of {METHODS}")
@@ -118,7 +144,8 @@ def _run_chunks(
             f"got {tuple(hidden.shape)}"
         )
     if method == "fused":
-        return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, row_loss, chunk_size)
+        kernel = kernel or _autograd_kernel(row_loss)
+        return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, chunk_size)
     if method == "plain":
         return row_loss(head.logits(hidden), 0, hidden.shape[0]).sum()
 
@@ -209,6 +236,16 @@ def chunked_distill_loss(
     if topk_ids is not None:
         if topk_logprobs is None:
             raise ConfigError("topk_ids were given without topk_logprobs; pass both or neither")
+        if topk_ids.dim() != 2 or topk_logprobs.shape != topk_ids.shape:
+            raise ConfigError(
+                f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
+                f"{tuple(topk_logprobs.shape)} must both be (N, k)"
+            )
+        if topk_ids.numel() and (int(topk_ids.max()) >= head.vocab_size or int(topk_ids.min()) < 0):
+            raise ConfigError(
+                f"topk_ids hold ids outside the student's vocabulary [0, {head.vocab_size}); "
+                "the cache was built with a larger vocabulary than this student's lm_head"
+            )
 
         def kd_rows(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
             return sparse_kd_loss(
@@ -222,8 +259,23 @@ def chunked_distill_loss(
                 skew=skew,
             )
 
+    def kernel(logits: torch.Tensor, start: int, end: int):
+        return sparse_kd_loss_with_grad(
+            logits,
+            None if topk_ids is None else topk_ids[start:end],
+            None if topk_logprobs is None else topk_logprobs[start:end],
+            None if tail_mass is None else tail_mass[start:end],
+            None if kd_weight is None else kd_weight[start:end],
+            None if labels is None else labels[start:end],
+            None if ce_weight is None else ce_weight[start:end],
+            kind=kind,
+            mu=mu,
+            temperature=temperature,
+            skew=skew,
+        )
+
     row_loss = _weighted_rows(labels, kd_weight, ce_weight, kd_rows)
-    return _run_chunks(hidden, head, row_loss, chunk_size, method)
+    return _run_chunks(hidden, head, row_loss, chunk_size, method, kernel)
 
 
 def chunked_dense_distill_loss(

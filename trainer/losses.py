@@ -198,8 +198,7 @@ def sparse_kd_loss(
     log_norm = torch.logsumexp(logits, dim=-1)  # (N,)
     log_q_topk = logits.gather(1, topk_ids) - log_norm[:, None]  # (N, k)
 
-    teacher_logprobs = topk_logprobs.detach().to(dtype)  # (N, k)
-    present = teacher_logprobs > -math.inf  # (N, k); -inf (and NaN) entries are padding
+    present = topk_logprobs.detach() > -math.inf  # (N, k); -inf (and NaN) entries are padding
     in_topk = torch.zeros(n, vocab, dtype=torch.uint8, device=logits.device)
     in_topk.scatter_reduce_(1, topk_ids, present.to(torch.uint8), reduce="amax")  # (N, V)
     in_topk = in_topk.bool()
@@ -209,23 +208,8 @@ def sparse_kd_loss(
     log_q_tail = torch.logsumexp(outside, dim=-1) - log_norm  # (N,) exact, even when tiny
 
     # Teacher: p_S and p_tail, renormalized so that they sum to 1.
-    p_topk = torch.where(present, teacher_logprobs, -math.inf).exp()  # (N, k)
-    if tail_mass is None:
-        p_tail = (1.0 - p_topk.sum(-1)).clamp(0.0, 1.0)  # (N,)
-    else:
-        p_tail = tail_mass.detach().to(dtype).clamp(0.0, 1.0)  # (N,)
-    p_tail = torch.where(has_tail, p_tail, 0.0)
-    log_total = torch.log((p_topk.sum(-1) + p_tail).clamp_min(torch.finfo(dtype).tiny))  # (N,)
-    log_p_topk = teacher_logprobs - log_total[:, None]  # (N, k)
-    log_p_tail = torch.log(p_tail) - log_total  # (N,) -inf when the tail is empty
-
-    log_p = torch.cat([log_p_topk, log_p_tail[:, None]], dim=1)  # (N, k + 1)
+    log_p, valid, head = _teacher_outcomes(topk_logprobs, tail_mass, has_tail, kind, mu, dtype)
     log_q = torch.cat([log_q_topk, log_q_tail[:, None]], dim=1)  # (N, k + 1)
-    valid = torch.cat([present, has_tail[:, None]], dim=1)  # (N, k + 1)
-    head = None
-    if kind == "akl":  # the bucket always belongs to the tail
-        head_topk = akl_head_mask(log_p_topk.exp(), present, mu)  # (N, k)
-        head = torch.cat([head_topk, torch.zeros_like(has_tail)[:, None]], dim=1)
     loss = _outcome_divergence(log_p, log_q, valid, head, kind, skew)  # (N,)
     return _reduce(loss, reduction)
 
@@ -268,3 +252,161 @@ def dense_kd_loss(
     valid = torch.ones_like(log_p, dtype=torch.bool)
     head = akl_head_mask(log_p.exp(), valid, mu) if kind == "akl" else None
     return _reduce(_outcome_divergence(log_p, log_q, valid, head, kind, skew), reduction)
+
+
+def _teacher_outcomes(
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    has_tail: torch.Tensor,
+    kind: str,
+    mu: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The teacher's renormalized (k + 1)-outcome log-probs (N, k + 1), valid mask, AKL head."""
+    teacher_logprobs = topk_logprobs.detach().to(dtype)  # (N, k)
+    present = teacher_logprobs > -math.inf  # (N, k)
+    p_topk = torch.where(present, teacher_logprobs, -math.inf).exp()  # (N, k)
+    if tail_mass is None:
+        p_tail = (1.0 - p_topk.sum(-1)).clamp(0.0, 1.0)  # (N,)
+    else:
+        p_tail = tail_mass.detach().to(dtype).clamp(0.0, 1.0)  # (N,)
+    p_tail = torch.where(has_tail, p_tail, 0.0)
+    log_total = torch.log((p_topk.sum(-1) + p_tail).clamp_min(torch.finfo(dtype).tiny))  # (N,)
+    log_p_topk = teacher_logprobs - log_total[:, None]  # (N, k)
+    log_p = torch.cat([log_p_topk, (torch.log(p_tail) - log_total)[:, None]], dim=1)
+    valid = torch.cat([present, has_tail[:, None]], dim=1)  # (N, k + 1)
+    head = None
+    if kind == "akl":
+        head_topk = akl_head_mask(log_p_topk.exp(), present, mu)  # (N, k)
+        head = torch.cat([head_topk, torch.zeros_like(has_tail)[:, None]], dim=1)
+    return log_p, valid, head
+
+
+@torch.no_grad()
+def sparse_kd_loss_with_grad(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_mass: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    *,
+    kind: str = "akl",
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kd_weight * sparse_kd_loss + ce_weight * CE`` per row and its gradient w.r.t. logits.
+
+    The fast kernel of the fused chunked loss: a handful of passes over the (C, V) logits instead
+    of autograd through the plain formulas. With Q the student's (k + 1)-outcome distribution and
+    r = dD/dlog Q (autograd on the small (C, k + 1) problem), the chain rule through the softmax
+    gives, at z = logits / T:  dD/dz_j = r_j [j in S] + r_tail softmax_outside_S(z)_j
+    - q_j sum(r). Assumes the present top-k ids of a row are distinct (as top-k ids are).
+
+    Args:
+        logits: (C, V) float32 student logits (not modified).
+        topk_ids, topk_logprobs, tail_mass: (C, k), (C, k), (C,) as in ``sparse_kd_loss``; ids
+            None for CE only. kd_weight: (C,) or None.
+        labels: (C,) CE targets (-100 = none) or None; ce_weight: (C,) or None. CE is at T = 1.
+
+    Returns:
+        ((C,) weighted per-row loss, (C, V) float32 gradient of its sum w.r.t. ``logits``).
+    """
+    rows, vocab = logits.shape
+    max_logit = logits.amax(-1)  # (C,)
+    exp_shifted = (logits - max_logit[:, None]).div_(temperature).exp_()  # (C, V) e_j
+    loss = logits.new_zeros(rows)
+    coef = logits.new_zeros(rows)  # gradient outside S = e_j * coef
+    ce_w = None
+    if labels is not None and ce_weight is not None:
+        ce_w = torch.where(labels != -100, ce_weight.float(), 0.0)  # (C,)
+        safe_labels = labels.clamp_min(0).long()[:, None]  # (C, 1)
+    fold_ce = ce_w is not None and temperature == 1.0
+    s_values = None
+    if topk_ids is not None and kd_weight is not None:
+        ids = topk_ids.long()
+        present = topk_logprobs > -math.inf  # (C, k)
+        k = ids.shape[1]
+        e_topk = exp_shifted.gather(1, ids)  # (C, k)
+        # Zero e at S; padding entries rewrite a present id of their row with the same value.
+        any_present = present.any(-1)  # (C,)
+        first = present.int().argmax(-1, keepdim=True)  # (C, 1)
+        columns = torch.arange(k, device=ids.device).expand(rows, k)
+        canon_cols = torch.where(present, columns, first)  # (C, k)
+        canon_ids = ids.gather(1, canon_cols)
+        no_op = e_topk.gather(1, canon_cols)  # rows without present entries: write e back
+        exp_shifted.scatter_(1, canon_ids, torch.where(any_present[:, None], 0.0, no_op))
+        sum_tail = exp_shifted.sum(-1)  # (C,) exact: a sum of the tail terms only
+        sum_all = sum_tail + (e_topk * present).sum(-1)  # (C,)
+        has_tail = present.sum(-1) < vocab
+        log_sum = torch.log(sum_all)
+        z_topk = (logits.gather(1, ids) - max_logit[:, None]) / temperature  # (C, k)
+        log_q_topk = z_topk - log_sum[:, None]
+        tiny_tail = has_tail & (sum_tail < 1e-30)  # recomputed exactly below
+        log_q_tail = torch.where(has_tail & ~tiny_tail, torch.log(sum_tail) - log_sum, 0.0)
+        log_q = torch.cat([log_q_topk, log_q_tail[:, None]], 1).requires_grad_()  # (C, k + 1)
+        log_p, valid, head = _teacher_outcomes(topk_logprobs, tail_mass, has_tail, kind, mu)
+        with torch.enable_grad():
+            kd = _outcome_divergence(log_p, log_q, valid, head, kind, skew)  # (C,)
+            (r,) = torch.autograd.grad((kd * kd_weight.float()).sum(), log_q)  # (C, k + 1)
+        loss += kd_weight.float() * kd.detach()
+        r = r * valid
+        r_tail, r_sum = r[:, k], r.sum(-1)  # (C,)
+        coef += torch.where(sum_tail > 0, r_tail / sum_tail.clamp_min(1e-30), 0.0) - r_sum / sum_all
+        q_topk = log_q_topk.exp()  # (C, k)
+        s_values = r[:, :k] - q_topk * r_sum[:, None]  # (C, k) gradient at S
+        if fold_ce:
+            s_values = s_values + q_topk * ce_w[:, None]
+    else:
+        sum_all = exp_shifted.sum(-1)
+        log_sum = torch.log(sum_all)
+    if fold_ce:
+        coef += ce_w / sum_all
+    grad = exp_shifted.mul_(coef[:, None])  # (C, V), 0 at S
+    if s_values is not None:
+        current = grad.gather(1, canon_ids)  # rows without present entries keep their values
+        values = torch.where(any_present[:, None], s_values.gather(1, canon_cols), current)
+        grad.scatter_(1, canon_ids, values)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    if ce_w is not None:
+        if temperature == 1.0:
+            log_norm = max_logit + log_sum
+        else:
+            log_norm = torch.logsumexp(logits, -1)
+            grad.add_((logits - log_norm[:, None]).exp_().mul_(ce_w[:, None]))
+        loss += ce_w * (log_norm - logits.gather(1, safe_labels)[:, 0])
+        grad.scatter_add_(1, safe_labels, -ce_w[:, None])
+    if s_values is not None and bool(tiny_tail.any()):  # the student's tail < 1e-30 of its max
+        index = tiny_tail.nonzero()[:, 0]
+        exact_loss, exact_grad = _autograd_rows(
+            logits[index],
+            topk_ids[index],
+            topk_logprobs[index],
+            None if tail_mass is None else tail_mass[index],
+            kd_weight[index],
+            None if ce_w is None else labels[index],
+            None if ce_w is None else ce_weight[index],
+            kind=kind,
+            mu=mu,
+            temperature=temperature,
+            skew=skew,
+        )
+        loss[index], grad[index] = exact_loss, exact_grad
+    return loss, grad
+
+
+def _autograd_rows(logits, topk_ids, topk_logprobs, tail_mass, kd_weight, labels, ce_weight, **kw):
+    """The reference path of ``sparse_kd_loss_with_grad`` (autograd through the plain formulas)."""
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_()
+        loss = kd_weight.float() * sparse_kd_loss(leaf, topk_ids, topk_logprobs, tail_mass, **kw)
+        if labels is not None:
+            ce = torch.nn.functional.cross_entropy(
+                leaf, labels, ignore_index=-100, reduction="none"
+            )
+            loss = loss + ce_weight.float() * ce
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad
