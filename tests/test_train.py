@@ -26,6 +26,15 @@ def load_helpers():
 helpers = load_helpers()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (7x faster)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory, tiny_llama_dir, text_jsonl) -> Path:
     torch.manual_seed(0)
