@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdcache.cache.build import STATE_NAME, BuildConfig, build_cache
+from kdcache.cache.build import BuildConfig, build_cache
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.fingerprint import tokenizer_fingerprint
-from kdcache.cache.lock import BuildLock
+from kdcache.cache.lock import STATE_NAME, BuildLock
 from kdcache.cache.reader import open_cache
 from kdcache.cache.shards import SHARDS_DIR, ShardWriter, list_complete_shards
 from tests.conftest import text_rows, write_jsonl
@@ -232,6 +232,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch: ~40 s on 2 busy cores
 def test_two_rank_build_equals_single_process(tiny_llama_dir, docs_jsonl, tmp_path):
     """Two gloo processes through the CLI (as torchrun starts them): union == one process."""
     single = tmp_path / "single"
