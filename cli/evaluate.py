@@ -1,12 +1,46 @@
-"""``kdcache evaluate``: placeholder until the command is implemented (raises a clear error)."""
+"""``kdcache eval``: held-out CE / perplexity, sparse FKL / RKL to the teacher, top-1 agreement."""
 
 from __future__ import annotations
 
-from kdcache.cache.errors import KdcacheError
+from pathlib import Path
+
+import typer
+
 from kdcache.cli._errors import handle_errors
 
 
 @handle_errors
-def evaluate() -> None:
-    """Not implemented yet."""
-    raise KdcacheError("'kdcache evaluate' is not implemented yet")
+def evaluate(
+    cache: Path = typer.Option(..., help="Cache directory written by `kdcache build`."),
+    student: list[str] = typer.Option(
+        ..., help="Student checkpoint dir or hub id; repeat to compare several side by side."
+    ),
+    split: str = typer.Option("holdout", help="Cache split to evaluate on."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Write the results here (default: <student>/eval-<split>.json)."
+    ),
+    batch_size: int = typer.Option(8, help="Sequences per batch."),
+    max_sequences: int | None = typer.Option(None, help="Evaluate the first N sequences only."),
+    chunk_size: int = typer.Option(1024, help="Positions per lm_head chunk."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+) -> None:
+    """Evaluate students on the cache's held-out split and print them side by side."""
+    from kdcache.trainer import EvalConfig, format_table
+    from kdcache.trainer import evaluate as run_evaluation
+
+    config = EvalConfig(
+        cache=str(cache),
+        students=list(student),
+        split=split,
+        json_path=None if json_path is None else str(json_path),
+        batch_size=batch_size,
+        max_sequences=max_sequences,
+        chunk_size=chunk_size,
+        device=device,
+        dtype=dtype,
+    )
+    report = run_evaluation(config)
+    typer.echo(format_table(report))
+    for path in report["json"]:
+        typer.echo(f"wrote {path}")

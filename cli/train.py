@@ -1,12 +1,112 @@
-"""``kdcache train``: placeholder until the command is implemented (raises a clear error)."""
+"""``kdcache train``: distill a student from a cache (``kdcache.trainer.train``).
+
+With neither ``--cache`` nor ``--student`` it trains the demo student from the demo cache that
+``kdcache build`` writes by default, into ``kdcache-demo/runs/<loss>``.
+"""
 
 from __future__ import annotations
 
-from kdcache.cache.errors import KdcacheError
+from pathlib import Path
+
+import typer
+
+from kdcache.cache.errors import ConfigError
 from kdcache.cli._errors import handle_errors
 
 
+def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
+    from kdcache.demo import DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR, demo_student_config_path
+
+    return str(DEFAULT_CACHE_DIR), str(demo_student_config_path()), out or DEFAULT_RUN_DIR / loss
+
+
 @handle_errors
-def train() -> None:
-    """Not implemented yet."""
-    raise KdcacheError("'kdcache train' is not implemented yet")
+def train(
+    cache: Path | None = typer.Option(None, help="Cache directory written by `kdcache build`."),
+    student: str | None = typer.Option(
+        None, help="Student: save_pretrained dir, hub id, or config .json / dir (random init)."
+    ),
+    out: Path | None = typer.Option(None, help="Run directory (checkpoints, metrics.jsonl)."),
+    loss: str = typer.Option("akl", help="fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce."),
+    mu: float = typer.Option(0.5, help="AKL head mass, in (0, 1)."),
+    ce_weight: float = typer.Option(0.0, help="Share of next-token CE in the loss, in [0, 1]."),
+    temperature: float | None = typer.Option(
+        None, help="Must equal the cache's temperature (default: the cache's)."
+    ),
+    steps: int | None = typer.Option(None, help="Optimizer steps (exclusive with --epochs)."),
+    epochs: int | None = typer.Option(None, help="Passes over the train split (default 1)."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch per rank."),
+    max_tokens: int | None = typer.Option(None, help="Optional padded-token budget per batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    warmup_steps: int = typer.Option(0, help="Linear warmup steps before the cosine decay."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
+    seed: int = typer.Option(0, help="Seed of the student init, data order and RNGs."),
+    workers: int = typer.Option(0, help="DataLoader workers decoding shards."),
+    chunk_size: int = typer.Option(1024, help="Positions per lm_head + loss chunk."),
+    save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = final only)."),
+    eval_every: int = typer.Option(0, help="Held-out KL/CE every N steps (0 = off)."),
+    log_every: int = typer.Option(10, help="Metrics line every N steps."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a different run in --out."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+    teacher: str | None = typer.Option(None, help="Online distillation (not implemented yet)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""
+    from kdcache.trainer import TrainConfig
+    from kdcache.trainer import train as run_training
+
+    if cache is None and student is None:
+        cache_dir, student, out = _demo_defaults(out, loss)
+        cache = Path(cache_dir)
+        typer.echo(f"Using the demo defaults: cache {cache}, student {student}, out {out}")
+    elif cache is None or student is None:
+        raise ConfigError("pass both --cache and --student (or neither, for the demo defaults)")
+    elif out is None:
+        raise ConfigError("pass --out DIR: the run directory to write")
+    config = TrainConfig(
+        cache=str(cache),
+        student=student,
+        out=str(out),
+        loss=loss,
+        mu=mu,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        num_workers=workers,
+        chunk_size=chunk_size,
+        save_every=save_every,
+        eval_every=eval_every,
+        log_every=log_every,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        teacher=teacher,
+        progress=progress,
+    )
+    result = run_training(config)
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+    loss_text = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    typer.echo(
+        f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.1f}s"
+        f"{resumed}; last loss {loss_text}"
+    )
+    if result.eval:
+        typer.echo(
+            "held-out: "
+            + ", ".join(f"{key} {result.eval[key]:.4f}" for key in ("ce", "fkl", "rkl", "top1"))
+        )
+    typer.echo(f"final checkpoint: {result.final}")
