@@ -243,7 +243,7 @@ def manifest_summary(manifest: dict[str, Any], splits: list[SplitInfo]) -> dict[
         "top_k": _first(manifest, "top_k"),
         "mode": _first(manifest, "mode"),
         "temperature": _first(manifest, "temperature"),
-        "settings": _describe(_first(manifest, "settings", "build_settings")),
+        "settings": _settings(_first(manifest, "settings", "build_settings")),
         "splits": ", ".join(s.name for s in splits) or None,
         "sequences": _first(manifest, "num_sequences") or sum(s.sequences for s in splits),
         "tokens": tokens,
@@ -251,6 +251,10 @@ def manifest_summary(manifest: dict[str, Any], splits: list[SplitInfo]) -> dict[
         "bytes": num_bytes,
         "bytes_per_token": round(num_bytes / tokens, 2) if num_bytes and tokens else None,
         "build_tokens_per_s": throughput,
+        "created": " ".join(
+            str(v) for v in (manifest.get("created_at"), manifest.get("kdcache_version")) if v
+        )
+        or None,
     }
 
 
@@ -320,6 +324,14 @@ def _describe(value: Any) -> Any:
             details = ", ".join(f"{k}={_short(v)}" for k, v in rest.items())
             return f"{value[key]} ({details})" if details else str(value[key])
     return ", ".join(f"{k}={_short(v)}" for k, v in value.items() if not isinstance(v, dict | list))
+
+
+def _settings(value: Any) -> Any:
+    """The build settings that shape the stored positions, when the manifest has them as a dict."""
+    if not isinstance(value, dict):
+        return _describe(value)
+    shown = ("max_length", "pack", "dtype", "holdout", "limit", "text_field", "messages_field")
+    return ", ".join(f"{k}={value[k]}" for k in shown if value.get(k) is not None) or None
 
 
 def _short(value: Any) -> Any:

@@ -371,3 +371,41 @@ def test_cli_incomplete_cache_exits_2(stored_cache, tmp_path):
     result = _invoke([str(broken)])
     assert result.exit_code == 2 and result.output.startswith("error:")
     assert "manifest" in result.output
+
+
+def test_built_cache_end_to_end(tiny_gpt2_dir, text_jsonl, tmp_path):
+    """``kdcache build`` output: the CLI's JSON equals a direct computation from open_cache."""
+    build = pytest.importorskip("kdcache.cache.build")
+    from kdcache.cache.reader import open_cache
+
+    out = tmp_path / "built"
+    build.build_cache(
+        build.BuildConfig(
+            teacher=str(tiny_gpt2_dir),
+            data=str(text_jsonl),
+            out=out,
+            top_k=8,
+            max_length=48,
+            holdout=0.25,
+            batch_tokens=400,
+            shard_tokens=300,
+            limit=10,
+            progress=False,
+        )
+    )
+    result = _invoke([str(out), "--json", "--full"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    cache = open_cache(out)
+    splits = tuple(cache.manifest["splits"])
+    logprobs = np.concatenate([s.topk_logprobs for sp in splits for s in cache.sequences(sp)])
+    mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+    assert data["stats"]["num_positions"] == len(mass)
+    assert data["stats"]["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-5)
+    expected = np.percentile(mass, PERCENTILES)
+    got = [data["stats"]["topk_mass"]["percentiles"][str(p)] for p in PERCENTILES]
+    assert got == pytest.approx(expected, rel=1e-5)
+    summary = data["summary"]
+    assert summary["teacher"] == str(tiny_gpt2_dir) and summary["top_k"] == 8
+    assert summary["bytes"] == cache.manifest["bytes"] and summary["build_tokens_per_s"] > 0
+    assert "max_length=48" in summary["settings"]
