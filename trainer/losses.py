@@ -158,6 +158,27 @@ def _check_shapes(
         )
 
 
+def _student_outcomes(
+    logits: torch.Tensor, topk_ids: torch.Tensor, present: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student log q at S (N, k), log q_tail (N,) exact in log space, has_tail (N,) bool.
+
+    logits: (N, V) already divided by the temperature. Absent entries (present False) do not
+    count in S, whatever their id.
+    """
+    n, vocab = logits.shape
+    log_norm = torch.logsumexp(logits, dim=-1)  # (N,)
+    log_q_topk = logits.gather(1, topk_ids) - log_norm[:, None]  # (N, k)
+    in_topk = torch.zeros(n, vocab, dtype=torch.uint8, device=logits.device)
+    in_topk.scatter_reduce_(1, topk_ids, present.to(torch.uint8), reduce="amax")  # (N, V)
+    in_topk = in_topk.bool()
+    has_tail = in_topk.sum(-1) < vocab  # (N,) False when S covers the whole vocabulary
+    # Rows without a tail keep their logits (finite, harmless) and get the bucket masked out.
+    outside = logits.masked_fill(in_topk & has_tail[:, None], -math.inf)  # (N, V)
+    log_q_tail = torch.logsumexp(outside, dim=-1) - log_norm  # (N,) exact, even when tiny
+    return log_q_topk, log_q_tail, has_tail
+
+
 def sparse_kd_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -190,22 +211,10 @@ def sparse_kd_loss(
     check_loss_options(kind, mu, reduction, temperature, skew)
     _check_shapes(student_logits, topk_ids, topk_logprobs, tail_mass)
     dtype = _compute_dtype(student_logits)
-    n, vocab = student_logits.shape
     topk_ids = topk_ids.long()
-
-    # Student: log q over the vocabulary, gathered at S, and the tail in log space.
     logits = student_logits.to(dtype) / temperature  # (N, V)
-    log_norm = torch.logsumexp(logits, dim=-1)  # (N,)
-    log_q_topk = logits.gather(1, topk_ids) - log_norm[:, None]  # (N, k)
-
     present = topk_logprobs.detach() > -math.inf  # (N, k); -inf (and NaN) entries are padding
-    in_topk = torch.zeros(n, vocab, dtype=torch.uint8, device=logits.device)
-    in_topk.scatter_reduce_(1, topk_ids, present.to(torch.uint8), reduce="amax")  # (N, V)
-    in_topk = in_topk.bool()
-    has_tail = in_topk.sum(-1) < vocab  # (N,) False when S covers the whole vocabulary
-    # Rows without a tail keep their logits (finite, harmless) and get the bucket masked out.
-    outside = logits.masked_fill(in_topk & has_tail[:, None], -math.inf)  # (N, V)
-    log_q_tail = torch.logsumexp(outside, dim=-1) - log_norm  # (N,) exact, even when tiny
+    log_q_topk, log_q_tail, has_tail = _student_outcomes(logits, topk_ids, present)
 
     # Teacher: p_S and p_tail, renormalized so that they sum to 1.
     log_p, valid, head = _teacher_outcomes(topk_logprobs, tail_mass, has_tail, kind, mu, dtype)
