@@ -161,13 +161,13 @@ class BlockCodec:
         sequence_ids = column("sequence_id")[row].values.to_numpy()
         num_tokens = column("num_tokens")[row].values.to_numpy().astype(np.int64)
         num_positions = column("num_positions")[row].values.to_numpy().astype(np.int64)
-        input_ids = np.frombuffer(unpack(column("input_ids")[row].as_py()), "<i4")
-        position_deltas = np.frombuffer(unpack(column("positions")[row].as_py()), "<i4")
-        counts = np.frombuffer(unpack(column("k")[row].as_py()), self.count_dtype)
+        input_ids = np.frombuffer(unpack(column("input_ids")[row].as_buffer()), "<i4")
+        position_deltas = np.frombuffer(unpack(column("positions")[row].as_buffer()), "<i4")
+        counts = np.frombuffer(unpack(column("k")[row].as_buffer()), self.count_dtype)
         num_rows, num_entries = counts.shape[0], int(counts.sum(dtype=np.int64))
-        deltas = _unplanes(unpack(column("topk_ids")[row].as_py()), self.id_planes, "<u4")
-        lp_raw = unpack(column("topk_logprobs")[row].as_py())
-        tail_raw = unpack(column("tail_mass")[row].as_py())
+        deltas = _unplanes(unpack(column("topk_ids")[row].as_buffer()), self.id_planes, "<u4")
+        lp_raw = unpack(column("topk_logprobs")[row].as_buffer())
+        tail_raw = unpack(column("tail_mass")[row].as_buffer())
         if deltas.shape[0] != num_entries or position_deltas.shape[0] != num_rows:
             raise ValueError("block column lengths disagree")
 
@@ -175,26 +175,38 @@ class BlockCodec:
         running = np.cumsum(deltas, dtype=np.int64)
         row_of = np.repeat(np.arange(num_rows), counts)
         starts = np.cumsum(counts, dtype=np.int64) - counts
-        before = (running[starts[counts > 0]] - deltas[starts[counts > 0]]).astype(np.int64)
+        nonempty = counts > 0
         base = np.zeros(num_rows, np.int64)
-        base[counts > 0] = before
-        flat_ids = running - base[row_of]
+        base[nonempty] = running[starts[nonempty]] - deltas[starts[nonempty]]
+        flat_ids = (running - base[row_of]).astype(np.int32)
         if self.mode == "exact":
-            flat_lp = _unplanes(lp_raw, 2, "<u2").view(np.float16).astype(np.float32)
+            bits = _unplanes(lp_raw, 2, "<u2")
+            flat_lp = bits.view(np.float16).astype(np.float32)
+            # order key: ascending key = descending fp16 value (+0 and -0 tie)
+            order_key = np.where(bits >= 0x8000, bits, 0x7FFF - bits.astype(np.int32))
+            order_key[bits == 0x8000] = 0x7FFF
             tail = _unplanes(tail_raw, 4, "<u4").view("<f4")
         else:
-            flat_lp = _decode_compact_logprobs(lp_raw, counts, num_entries)
+            flat_lp, order_key = _decode_compact_logprobs(lp_raw, counts, num_entries)
             tail = _unplanes(tail_raw, 2, "<u2").view(np.float16).astype(np.float32)
 
-        # scatter into dense (P, k) rows, then sort each row by log-prob, descending (stable)
+        # each row sorted by (key, column in id order): log-prob descending, ties by id ascending
         column_of = np.arange(num_entries, dtype=np.int64) - starts[row_of]
-        dense_ids = np.zeros((num_rows, self.top_k), np.int32)
-        dense_lp = np.full((num_rows, self.top_k), -np.inf, np.float32)
-        dense_ids[row_of, column_of] = flat_ids
-        dense_lp[row_of, column_of] = flat_lp
-        order = np.argsort(-dense_lp, axis=1, kind="stable")
-        dense_ids = np.take_along_axis(dense_ids, order, axis=1)
-        dense_lp = np.take_along_axis(dense_lp, order, axis=1)
+        entry_keys = (order_key.astype(np.uint32) << 16) | column_of.astype(np.uint32)
+        if num_entries == num_rows * self.top_k:  # no padding: rows are already dense
+            keys = entry_keys.reshape(num_rows, self.top_k)
+        else:
+            keys = np.full((num_rows, self.top_k), 0xFFFFFFFF, np.uint32)  # padding sorts last
+            keys[row_of, column_of] = entry_keys
+        keys.sort(axis=1)
+        valid = keys != 0xFFFFFFFF
+        source = np.where(valid, starts[:, None] + (keys & 0xFFFF), 0)
+        if num_entries:
+            dense_ids = np.where(valid, flat_ids[source], 0).astype(np.int32)
+            dense_lp = np.where(valid, flat_lp[source], -np.inf).astype(np.float32)
+        else:
+            dense_ids = np.zeros((num_rows, self.top_k), np.int32)
+            dense_lp = np.full((num_rows, self.top_k), -np.inf, np.float32)
 
         positions = _per_sequence_cumsum(position_deltas, num_positions)
         token_ends = np.cumsum(num_tokens)
@@ -289,12 +301,14 @@ def synthetic_records(
 def _to_id_order(ids: np.ndarray, logprobs: np.ndarray):
     """Valid entries of each row sorted by id: counts (P,), flat ids (E,), flat log-probs (E,)."""
     valid = logprobs.astype(np.float16) > -np.inf  # -inf (also after fp16 rounding) = absent
-    key = np.where(valid, ids.astype(np.int64), np.iinfo(np.int64).max)
-    order = np.argsort(key, axis=1, kind="stable")
-    valid = np.take_along_axis(valid, order, axis=1)
-    flat_ids = np.take_along_axis(ids, order, axis=1)[valid].astype(np.int64)
-    flat_lp = np.take_along_axis(logprobs, order, axis=1)[valid]
-    return valid.sum(axis=1), flat_ids, flat_lp
+    columns = np.arange(ids.shape[1], dtype=np.int64)
+    keys = np.where(valid, ids.astype(np.int64) << 16, np.int64(1) << 62) | columns  # (P, k)
+    keys.sort(axis=1)  # by id, then by original column (a stable order, duplicates included)
+    order = keys & 0xFFFF
+    kept = keys < (np.int64(1) << 62)
+    flat_ids = (keys[kept] >> 16).astype(np.int64)
+    flat_lp = np.take_along_axis(logprobs, order, axis=1)[kept]
+    return kept.sum(axis=1), flat_ids, flat_lp
 
 
 def _drop_small(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray):
@@ -325,7 +339,8 @@ def _compact_logprobs(counts: np.ndarray, flat_lp: np.ndarray) -> bytes:
     return _planes(top16.view("<u2"), 2) + steps.tobytes()
 
 
-def _decode_compact_logprobs(raw: bytes, counts: np.ndarray, num_entries: int) -> np.ndarray:
+def _decode_compact_logprobs(raw: bytes, counts: np.ndarray, num_entries: int):
+    """Flat float32 log-probs and their order key (the uint8 step: larger = less likely)."""
     nonempty = np.flatnonzero(counts > 0)
     split = 2 * nonempty.shape[0]
     top = _unplanes(raw[:split], 2, "<u2").view(np.float16).astype(np.float32)
@@ -334,10 +349,8 @@ def _decode_compact_logprobs(raw: bytes, counts: np.ndarray, num_entries: int) -
         raise ValueError("compact log-prob blob has the wrong length")
     top_of_row = np.zeros(counts.shape[0], np.float32)
     top_of_row[nonempty] = top
-    rows = np.repeat(np.arange(counts.shape[0]), counts)
-    return (top_of_row[rows] - steps.astype(np.float32) * np.float32(COMPACT_STEP)).astype(
-        np.float32
-    )
+    logprobs = np.repeat(top_of_row, counts) - steps.astype(np.float32) * np.float32(COMPACT_STEP)
+    return logprobs.astype(np.float32), steps
 
 
 def _planes(values: np.ndarray, num_planes: int) -> bytes:
@@ -347,14 +360,15 @@ def _planes(values: np.ndarray, num_planes: int) -> bytes:
 
 
 def _unplanes(raw: bytes, num_planes: int, dtype: str) -> np.ndarray:
-    width = np.dtype(dtype).itemsize
+    """Inverse of ``_planes``: little-endian integers of ``dtype`` from their byte planes."""
     planes = np.frombuffer(raw, np.uint8)
     if planes.shape[0] % num_planes:
         raise ValueError("byte-plane blob length is not a multiple of the plane count")
-    count = planes.shape[0] // num_planes
-    out = np.zeros((count, width), np.uint8)
-    out[:, :num_planes] = planes.reshape(num_planes, count).T
-    return out.view(dtype).reshape(count)
+    planes = planes.reshape(num_planes, -1)
+    out = planes[0].astype(dtype)
+    for index in range(1, num_planes):
+        out |= planes[index].astype(dtype) << (8 * index)
+    return out
 
 
 def _per_sequence_cumsum(deltas: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -261,6 +261,10 @@ class ShardWriter:
             raise ConfigError(
                 f"record {record.sequence_id}: top-k ids must lie in [0, {self.codec.vocab_size})"
             )
+        if np.isnan(record.topk_logprobs).any() or np.isnan(record.tail_mass).any():
+            raise ConfigError(
+                f"record {record.sequence_id}: log-probs and tail mass must not be NaN"
+            )
         if m and (
             record.positions[0] < 0
             or record.positions[-1] >= record.num_tokens
