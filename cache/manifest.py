@@ -35,20 +35,20 @@ def manifest_path(cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
 
-def shard_summary(shards: Iterable[ShardInfo]) -> dict[str, Any]:
+def shard_summary(shards: Iterable[ShardInfo], splits: Iterable[str] = ()) -> dict[str, Any]:
     """The manifest entries derived from complete shards.
+
+    ``splits`` names splits to list even when they have no shard (e.g. an empty holdout).
 
     Returns ``{"format_version", "mode", "splits": {split: {num_sequences, num_tokens,
     num_positions, num_shards, bytes}}, "shards": [ShardInfo dicts in (split, rank, index) order],
     "num_sequences", "num_tokens", "num_positions", "bytes"}`` (totals over all splits).
     """
     ordered = sorted(shards, key=lambda info: (info.split, info.rank, info.index))
-    splits: dict[str, dict[str, int]] = {}
+    empty = {"num_sequences": 0, "num_tokens": 0, "num_positions": 0, "num_shards": 0, "bytes": 0}
+    totals: dict[str, dict[str, int]] = {name: dict(empty) for name in splits}
     for info in ordered:
-        entry = splits.setdefault(
-            info.split,
-            {"num_sequences": 0, "num_tokens": 0, "num_positions": 0, "num_shards": 0, "bytes": 0},
-        )
+        entry = totals.setdefault(info.split, dict(empty))
         entry["num_sequences"] += info.num_sequences
         entry["num_tokens"] += info.num_tokens
         entry["num_positions"] += info.num_positions
@@ -60,12 +60,12 @@ def shard_summary(shards: Iterable[ShardInfo]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "mode": modes[0] if modes else "exact",
-        "splits": splits,
+        "splits": totals,
         "shards": [info.to_dict() for info in ordered],
-        "num_sequences": sum(e["num_sequences"] for e in splits.values()),
-        "num_tokens": sum(e["num_tokens"] for e in splits.values()),
-        "num_positions": sum(e["num_positions"] for e in splits.values()),
-        "bytes": sum(e["bytes"] for e in splits.values()),
+        "num_sequences": sum(e["num_sequences"] for e in totals.values()),
+        "num_tokens": sum(e["num_tokens"] for e in totals.values()),
+        "num_positions": sum(e["num_positions"] for e in totals.values()),
+        "bytes": sum(e["bytes"] for e in totals.values()),
     }
 
 

@@ -131,3 +131,20 @@ def test_unknown_shard_mode_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "SUPPORTED_FORMAT_VERSIONS", (2,))
     with pytest.raises(CacheError, match=f"shard {info.name} has format_version 1"):
         list(cache.read_shard(info))
+
+
+def test_empty_split_listed_by_the_summary_reads_as_empty(tmp_path):
+    records = synthetic_records(5, top_k=TOP_K, vocab_size=VOCAB, seed=9)
+    with ShardWriter(tmp_path, "train", top_k=TOP_K, vocab_size=VOCAB) as writer:
+        for record in records:
+            writer.write(record)
+    summary = shard_summary(writer.close(), splits=["train", "holdout"])
+    assert summary["splits"]["holdout"] == {
+        "num_sequences": 0, "num_tokens": 0, "num_positions": 0, "num_shards": 0, "bytes": 0
+    }  # fmt: skip
+    manifest = {"teacher": "t", "vocab_size": VOCAB, "top_k": TOP_K, "temperature": 2.0,
+                "tokenizer_fingerprint": "f", **summary}  # fmt: skip
+    write_manifest(tmp_path, manifest)
+    cache = open_cache(tmp_path)
+    assert cache.shards("holdout") == [] and list(cache.sequences("holdout")) == []
+    assert [r.sequence_id for r in cache.sequences("train")] == list(range(5))
