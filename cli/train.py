@@ -98,6 +98,8 @@ def train(
         progress=progress,
     )
     result = run_training(config)
+    if result.rank != 0:
+        return  # under torchrun only rank 0 reports
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
     loss_text = "n/a" if result.loss is None else f"{result.loss:.4f}"
     typer.echo(

@@ -187,3 +187,11 @@ def test_eval_refusals(tmp_path, small_cache, student_json, other_tokenizer_stud
     _assert_refused(result, "no 'validation' split")
     result = _run(["eval", "--cache", str(small_cache), "--student", str(other_tokenizer_student)])
     _assert_refused(result, "tokenizer does not match")
+
+
+def test_demo_defaults_are_announced_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no demo cache here yet
+    result = _run(["train", "--steps", "1", "--no-progress"])
+    assert result.stdout.splitlines()[0].startswith("Using the demo defaults: cache ")
+    _assert_refused(result, "does not exist", "kdcache build")
+    assert not (tmp_path / "kdcache-demo" / "runs").exists()

@@ -58,6 +58,7 @@ class TrainResult:
     resumed_from: int | None  # step of the checkpoint resumed from
     student_source: str  # "pretrained", "random-init" or "checkpoint"
     eval: dict[str, float] | None = None  # last held-out metrics (eval_every)
+    rank: int = 0  # this process's rank (only rank 0 reports)
 
 
 def _check_out_dir(config: TrainConfig) -> Path | None:
@@ -380,6 +381,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
         resumed_from=resumed,
         student_source=source,
         eval=last_eval,
+        rank=info.rank,
     )
 
 

@@ -93,6 +93,8 @@ class DistillObjective(nn.Module):
             distill_mask, labels, self.alpha, num_distilled, num_labels
         )
         rows = ((kd_weight > 0) | (ce_weight > 0)).reshape(-1).nonzero().squeeze(-1)  # (N,)
+        if rows.numel() == 0:  # nothing to learn here (e.g. a chat record without assistant)
+            return sum(p.sum() for p in self.model.parameters()) * 0.0  # keeps DDP in step
         top_k = topk_ids.shape[-1]
         ids, logprobs, tail = fold_out_of_vocab(
             topk_ids.reshape(-1, top_k)[rows],
