@@ -147,3 +147,86 @@ def test_epochs_and_eval_every(teacher_cache, student_json, tmp_path):
     assert [m["step"] for m in evals] == [2, 4, 6, 8]
     assert {"ce", "ppl", "fkl", "rkl", "top1"} <= set(evals[0])
     assert evals[-1]["fkl"] < evals[0]["fkl"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_crash_mid_run_then_resume(num_workers, teacher_cache, student_json, tmp_path, monkeypatch):
+    from kdcache.trainer.objective import DistillObjective
+
+    common = dict(steps=6, grad_accum=2, num_workers=num_workers, save_every=2)
+    whole = train(_config(teacher_cache, student_json, tmp_path / "whole", **common))
+    original, calls = DistillObjective.forward, {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # second micro-batch of step 5
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillObjective, "forward", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_config(teacher_cache, student_json, tmp_path / "run", **common))
+    monkeypatch.setattr(DistillObjective, "forward", original)
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = train(_config(teacher_cache, student_json, tmp_path / "run", resume=True, **common))
+    assert resumed.resumed_from == 4
+    expected, actual = _weights(whole.final), _weights(resumed.final)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_grad_accumulation_equals_one_big_batch(teacher_cache, student_json, tmp_path):
+    big = train(_config(teacher_cache, student_json, tmp_path / "big", steps=1, batch_size=4))
+    accum = train(
+        _config(teacher_cache, student_json, tmp_path / "acc", steps=1, batch_size=2, grad_accum=2)
+    )
+    expected, actual = _weights(big.final), _weights(accum.final)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_objective_is_the_mean_over_distilled_positions(teacher_cache, chunked, alpha):
+    """(1 - alpha) * mean KD over distilled positions + alpha * mean CE over labels, by hand."""
+    import numpy as np
+
+    from kdcache.cache.records import SequenceRecord
+    from kdcache.trainer.data import collate_records
+    from kdcache.trainer.losses import sparse_kd_loss
+    from kdcache.trainer.objective import DistillObjective
+
+    records = list(open_cache(teacher_cache).sequences("holdout"))[:3]
+    chat = records[1]  # keep only some positions, as a chat record would
+    keep = np.arange(2, chat.num_tokens, 3)
+    records[1] = SequenceRecord(
+        chat.sequence_id, chat.input_ids, chat.topk_ids[keep], chat.topk_logprobs[keep],
+        chat.tail_mass[keep], keep.astype(np.int32),
+    )  # fmt: skip
+    batch = collate_records(records)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
+    distilled = batch["distill_mask"]
+    labelled = batch["labels"] != -100
+    objective = DistillObjective(
+        model, kind="akl", mu=0.5, temperature=1.0, alpha=alpha, chunk_size=5, chunked=chunked
+    )
+    loss = objective(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
+        batch["topk_logprobs"], batch["tail_mass"], distilled,
+        float(distilled.sum()), float(labelled.sum()),
+    )  # fmt: skip
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kd = sparse_kd_loss(
+        logits[distilled], batch["topk_ids"][distilled], batch["topk_logprobs"][distilled],
+        batch["tail_mass"][distilled], kind="akl", mu=0.5,
+    )  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(logits[labelled], batch["labels"][labelled])
+    expected = (1 - alpha) * kd.mean() + alpha * ce
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert int(distilled.sum()) < int(batch["attention_mask"].sum())  # padding + masked prompt
