@@ -193,7 +193,11 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ caller side
     def write(self, record: SequenceRecord) -> None:
-        """Queue one record (blocks only while the queue is full)."""
+        """Queue one record (blocks only while the queue is full).
+
+        The writer keeps a reference to the record's arrays until it is encoded: do not modify
+        them after ``write``. Records must come in the stream's deterministic order.
+        """
         if self._closed:
             raise CacheError("ShardWriter.write after close(): open a new writer")
         if self._error is not None:
