@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,7 @@ class Cache:
         path = shard_path(self.path, info.name)
         data = _read_checked(path, info, verify)
         try:
-            reader = pa.ipc.open_file(pa.BufferReader(data))
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(data)))
             codec = BlockCodec.from_schema_metadata(reader.schema.metadata, info.name)
         except CacheError:
             raise
@@ -102,21 +103,23 @@ def check_shard(cache_dir: str | os.PathLike, info: ShardInfo) -> str | None:
     return None
 
 
-def _read_checked(path: Path, info: ShardInfo, verify: bool) -> bytes:
+def _read_checked(path: Path, info: ShardInfo, verify: bool) -> mmap.mmap:
+    """The shard's bytes, memory-mapped (page cache, shared between DataLoader workers)."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            size = os.fstat(handle.fileno()).st_size
+            if size != info.bytes:
+                raise CacheError(
+                    f"shard {info.name} is {size} bytes, the manifest says {info.bytes} (truncated "
+                    "or replaced): run `kdcache verify` and rebuild the cache"
+                )
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise CacheError(
             f"shard {info.name} is missing from {path.parent}: rebuild the cache"
         ) from None
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise CacheError(f"shard {info.name} cannot be read: {error}") from None
-    if len(data) != info.bytes:
-        raise CacheError(
-            f"shard {info.name} is {len(data)} bytes, the manifest says {info.bytes} (truncated "
-            "or replaced): run `kdcache verify` and rebuild the cache"
-        )
     if verify:
         algorithm, _, expected = info.checksum.partition(":")
         if algorithm != "sha256":

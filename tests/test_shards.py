@@ -202,3 +202,51 @@ def test_bad_settings_and_records_are_refused(tmp_path):
             writer.write(record)
     with pytest.raises(CacheError, match="after close"):
         writer.write(record)
+
+
+def test_write_hands_records_to_the_thread_without_waiting_for_encoding(tmp_path, monkeypatch):
+    import threading
+
+    from kdcache.cache.format import BlockCodec
+
+    release = threading.Event()
+    encoder_threads = set()
+    real_encode = BlockCodec.encode
+
+    def slow_encode(self, block):
+        encoder_threads.add(threading.current_thread().name)
+        release.wait(timeout=30)  # the "compression" is stuck until the producer is done
+        return real_encode(self, block)
+
+    monkeypatch.setattr(BlockCodec, "encode", slow_encode)
+    records = synthetic_records(6, top_k=TOP_K, vocab_size=VOCAB, seed=6)
+    writer = ShardWriter(
+        tmp_path, "train", top_k=TOP_K, vocab_size=VOCAB, block_positions=1, queue_size=8
+    )
+    for record in records:  # returns although no block could be encoded yet
+        writer.write(record)
+    assert not release.is_set()
+    release.set()
+    (info,) = writer.close()
+    assert info.num_sequences == 6
+    assert encoder_threads == {"kdcache-shards-train"}
+
+
+def test_ranks_write_side_by_side_and_read_in_rank_order(tmp_path):
+    records = synthetic_records(40, top_k=TOP_K, vocab_size=VOCAB, seed=8)
+    writers = [
+        ShardWriter(
+            tmp_path, "train", rank=rank, top_k=TOP_K, vocab_size=VOCAB, max_shard_tokens=300
+        )
+        for rank in (1, 0)
+    ]
+    for record in records:  # sequence_id % 2 == rank, interleaved like two processes
+        writers[1 - record.sequence_id % 2].write(record)
+    shards = writers[0].close() + writers[1].close()
+    assert {s.name.split("-")[1] for s in shards} == {"r00000", "r00001"}
+    cache = commit(tmp_path, list_complete_shards(tmp_path))
+    assert [(s.rank, s.index) for s in cache.shards("train")] == sorted(
+        (s.rank, s.index) for s in shards
+    )
+    ids = [r.sequence_id for r in cache.sequences("train")]
+    assert ids == list(range(0, 40, 2)) + list(range(1, 40, 2))
