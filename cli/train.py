@@ -52,7 +52,9 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace a different run in --out."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
-    teacher: str | None = typer.Option(None, help="Online distillation (not implemented yet)."),
+    teacher: str | None = typer.Option(
+        None, help="Online: run this teacher in the loop (full-vocabulary KD, no top-k)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""

@@ -230,3 +230,48 @@ def test_objective_is_the_mean_over_distilled_positions(teacher_cache, chunked, 
     expected = (1 - alpha) * kd.mean() + alpha * ce
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert int(distilled.sum()) < int(batch["attention_mask"].sum())  # padding + masked prompt
+
+
+def test_online_teacher_in_the_loop(teacher_cache, student_json, tiny_llama_dir, tmp_path):
+    from kdcache.trainer.student import load_student_model
+
+    before = _holdout_kl(load_student_model(str(student_json), seed=0)[0], teacher_cache)
+    result = train(
+        _config(teacher_cache, student_json, tmp_path / "online", loss="fkl", steps=40,
+                teacher=str(tiny_llama_dir))
+    )  # fmt: skip
+    after = _holdout_kl(AutoModelForCausalLM.from_pretrained(result.final), teacher_cache)
+    assert after["fkl"] < 0.7 * before["fkl"], (before, after)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_online_objective_is_the_dense_mean(teacher_cache, tiny_llama_dir, chunked):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcache.trainer.data import collate_records
+    from kdcache.trainer.losses import dense_kd_loss
+    from kdcache.trainer.objective import DistillObjective
+
+    batch = collate_records(list(open_cache(teacher_cache).sequences("holdout"))[:3])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
+    mask, labelled = batch["distill_mask"], batch["labels"] != -100
+    objective = DistillObjective(
+        model, kind="akl", mu=0.5, temperature=2.0, alpha=0.25, chunk_size=5, chunked=chunked,
+        teacher=teacher, teacher_chunked=chunked,
+    )  # fmt: skip
+    loss = objective(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
+        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), float(labelled.sum()),
+    )  # fmt: skip
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs).logits
+    kd = dense_kd_loss(logits[mask], teacher_logits[mask], kind="akl", mu=0.5, temperature=2.0)
+    ce = torch.nn.functional.cross_entropy(logits[labelled], batch["labels"][labelled])
+    torch.testing.assert_close(loss, 0.75 * kd.mean() + 0.25 * ce, atol=1e-5, rtol=1e-5)

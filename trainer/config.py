@@ -86,7 +86,7 @@ class TrainConfig:
     overwrite: bool = False  # delete a different run in `out` and start over
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
-    teacher: str | None = None  # online distillation (full teacher in the loop): not implemented
+    teacher: str | None = None  # online: run this teacher in the loop, full-vocabulary KD
     progress: bool = True  # tqdm progress bar
     split: str = "train"  # cache split to train on
     eval_split: str = "holdout"  # cache split used by eval_every
@@ -127,11 +127,8 @@ class TrainConfig:
             problems.append("--weight-decay and --max-grad-norm must be >= 0")
         if self.resume and self.overwrite:
             problems.append("give --resume or --overwrite, not both")
-        if self.teacher is not None:
-            problems.append(
-                "--teacher (online distillation with the full teacher in the loop) is not "
-                "implemented yet; train from the cache without --teacher"
-            )
+        if self.teacher is not None and self.loss == CE_ONLY:
+            problems.append("--loss ce trains on the tokens alone; drop --teacher")
         if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
             problems.append("--loss ce trains on next-token CE alone; leave --ce-weight out")
         _raise(problems)

@@ -90,6 +90,8 @@ def _check_out_dir(config: TrainConfig) -> Path | None:
 
 def _cache_temperature(config: TrainConfig, manifest: dict[str, Any]) -> float:
     cached = float(manifest["temperature"])
+    if config.teacher is not None and config.temperature is not None:
+        return config.temperature  # online: the full teacher can be tempered at will
     if config.temperature is not None and not math.isclose(config.temperature, cached):
         raise ConfigError(
             f"--temperature {config.temperature} differs from the cache's {cached}: top-k + tail "
@@ -180,6 +182,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
         tokenizer = load_student_tokenizer(config.student, config.cache)
     check_tokenizer(tokenizer, config.cache, cache.manifest)
     check_vocab_size(model, tokenizer)
+    teacher = None if config.teacher is None else _load_teacher(config, cache.manifest)
     dataset = CacheDataset(
         cache,
         config.split,
@@ -218,6 +221,8 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
         alpha=config.alpha,
         chunk_size=config.chunk_size,
         chunked=chunked,
+        teacher=None if teacher is None else teacher.to(device),
+        teacher_chunked=teacher is not None and resolve_head(teacher, probe) is not None,
     )
     if info.distributed:
         ids = [info.device.index] if device.type == "cuda" else None
@@ -383,6 +388,34 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
         eval=last_eval,
         rank=info.rank,
     )
+
+
+def _load_teacher(config: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
+    """The online teacher, frozen, with the cache's tokenizer (same sequences, same ids)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher_tokenizer = load_student_tokenizer(config.teacher, config.cache)
+    try:
+        check_tokenizer(teacher_tokenizer, config.cache, manifest)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("student", "--teacher")) from None
+    bf16 = autocast_dtype(config.dtype, torch.device(resolve_device_name(config)))
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=bf16 or torch.float32)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ConfigError(
+            f"--teacher {config.teacher!r} could not be loaded ({first_line}); pass a "
+            "save_pretrained directory or a hub id"
+        ) from None
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def resolve_device_name(config: TrainConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _chunked_available() -> bool:

@@ -69,6 +69,8 @@ class DistillObjective(nn.Module):
         alpha: float,
         chunk_size: int,
         chunked: bool,
+        teacher: nn.Module | None = None,
+        teacher_chunked: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -76,6 +78,9 @@ class DistillObjective(nn.Module):
         self.mu, self.temperature, self.alpha = mu, temperature, alpha
         self.chunk_size, self.chunked = chunk_size, chunked
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # Online distillation: a frozen teacher kept out of the module tree (DDP must not sync it).
+        self._teacher = (teacher,) if teacher is not None else ()
+        self.teacher_chunked = teacher_chunked
 
     def forward(
         self,
@@ -104,6 +109,8 @@ class DistillObjective(nn.Module):
         )
         row_labels = labels.reshape(-1)[rows]
         kd_rows, ce_rows = kd_weight.reshape(-1)[rows], ce_weight.reshape(-1)[rows]
+        if self._teacher and self.alpha < 1.0:
+            return self._online_loss(input_ids, attention_mask, rows, row_labels, kd_rows, ce_rows)
         if self.chunked:
             from kdcache.trainer.chunked import chunked_distill_loss
 
@@ -129,6 +136,57 @@ class DistillObjective(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         logits = logits.reshape(-1, logits.shape[-1])[rows].float()  # (N, V)
         return weighted_loss(logits, ids, logprobs, tail, row_labels, kd_rows, ce_rows, self)
+
+    def _online_loss(self, input_ids, attention_mask, rows, labels, kd_weight, ce_weight):
+        """Full-vocabulary KD against the teacher's forward on the same batch (+ CE)."""
+        from kdcache.trainer.chunked import chunked_dense_distill_loss
+        from kdcache.trainer.losses import dense_kd_loss
+
+        teacher = self._teacher[0]
+        with torch.no_grad():
+            if self.teacher_chunked:
+                states = body_of(teacher)(input_ids=input_ids, attention_mask=attention_mask)
+                states = states.last_hidden_state
+            else:
+                states = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            states = states.reshape(-1, states.shape[-1])[rows]  # (N, H) or (N, V_teacher)
+        head = split_head(teacher) if self.teacher_chunked else None
+
+        def teacher_logits(start: int, end: int) -> torch.Tensor:
+            logits = head.logits(states[start:end]) if head is not None else states[start:end]
+            return logits[:, : self.vocab_size].float()  # a teacher's padding ids beyond V: dropped
+
+        with_ce = self.alpha > 0.0
+        if self.chunked:
+            hidden = body_of(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            return chunked_dense_distill_loss(
+                hidden.reshape(-1, hidden.shape[-1])[rows],
+                split_head(self.model),
+                labels if with_ce else None,
+                kd_weight,
+                ce_weight if with_ce else None,
+                teacher_logits_fn=teacher_logits,
+                kind=self.kind,
+                mu=self.mu,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+            )
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.reshape(-1, logits.shape[-1])[rows].float()  # (N, V)
+        kd = dense_kd_loss(
+            logits,
+            teacher_logits(0, logits.shape[0]),
+            kind=self.kind,
+            mu=self.mu,
+            temperature=self.temperature,
+        )
+        loss = (kd_weight * kd).sum()
+        if with_ce:
+            ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            loss = loss + (ce_weight * ce).sum()
+        return loss
 
 
 def weighted_loss(
