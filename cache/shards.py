@@ -269,6 +269,11 @@ class ShardWriter:
             raise ConfigError(
                 f"record {record.sequence_id}: log-probs and tail mass must not be NaN"
             )
+        if k > 1 and m and np.any(record.topk_logprobs[:, 1:] > record.topk_logprobs[:, :-1]):
+            raise ConfigError(
+                f"record {record.sequence_id}: top-k rows must be sorted by log-prob, descending "
+                "(absent entries last as id 0, log-prob -inf)"
+            )
         if m and (
             record.positions[0] < 0
             or record.positions[-1] >= record.num_tokens

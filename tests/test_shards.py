@@ -200,6 +200,14 @@ def test_bad_settings_and_records_are_refused(tmp_path):
         record.topk_ids[0, 0] = 16
         with pytest.raises(ConfigError, match=r"ids must lie in \[0, 16\)"):
             writer.write(record)
+    with ShardWriter(tmp_path, "train", top_k=4, vocab_size=16) as writer:
+        record.topk_ids[0, 0] = 1
+        record.topk_logprobs[0] = record.topk_logprobs[0, ::-1].copy()
+        with pytest.raises(ConfigError, match="sorted by log-prob, descending"):
+            writer.write(record)
+        record.topk_logprobs[0, 0] = np.nan
+        with pytest.raises(ConfigError, match="must not be NaN"):
+            writer.write(record)
     with pytest.raises(CacheError, match="after close"):
         writer.write(record)
 
