@@ -229,3 +229,43 @@ def test_out_of_range_ids_are_refused():
     hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=9)
     with pytest.raises(ConfigError, match="outside the student's vocabulary"):
         chunked_distill_loss(hidden, head, ids + V, lp, tail, labels, kd_w, ce_w)
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+def test_no_full_logits_are_kept_for_backward(method):
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=10)
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = chunked_distill_loss(
+            hidden, head, ids, lp, tail, labels, kd_w, ce_w, chunk_size=4, method=method
+        )
+    loss.backward()
+    assert saved and max(saved) < N * V // 2  # chunk x V and (V, H) buffers only
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunked_distill_loss(hidden, head, ids, lp, tail, labels, kd_w, ce_w, method="plain")
+    assert max(saved) >= N * V  # the plain path does keep (N, V) tensors
+
+
+def test_chunked_row_loss_with_a_sampled_loss():
+    from kdcache.trainer.chunked import chunked_row_loss
+    from kdcache.trainer.sampled import draw_tail_samples, topk_tail_kd_loss
+
+    hidden, head, teacher, ids, lp, tail, _, kd_w, _ = make_problem(seed=12)
+    tail_ids, tail_lp = draw_tail_samples(torch.log_softmax(teacher, -1), ids, 3)
+
+    def row_loss(logits, start, end):
+        rows = slice(start, end)
+        kd = topk_tail_kd_loss(
+            logits, ids[rows], lp[rows], tail[rows], tail_ids[rows], tail_lp[rows], kind="akl"
+        )
+        return kd_w[rows] * kd
+
+    got = chunked_row_loss(hidden, head, row_loss, chunk_size=5)
+    want = row_loss(_plain_logits(hidden, head), 0, N).sum()
+    assert_same(got, want, params(hidden, head))

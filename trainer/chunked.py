@@ -35,7 +35,7 @@ from kdcache.trainer.losses import (
     sparse_kd_loss_with_grad,
 )
 
-__all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss"]
+__all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss", "chunked_row_loss"]
 
 METHODS: tuple[str, ...] = ("fused", "checkpoint", "plain")
 
@@ -157,6 +157,23 @@ def _run_chunks(
         end = min(start + chunk_size, hidden.shape[0])
         total = total + checkpoint(chunk_loss, hidden[start:end], start, end, use_reentrant=False)
     return total
+
+
+def chunked_row_loss(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    row_loss: RowLoss,
+    *,
+    chunk_size: int = 1024,
+    method: str = "fused",
+) -> torch.Tensor:
+    """sum over rows of ``row_loss(head.logits(hidden[start:end]), start, end)``, chunked.
+
+    For losses this module does not know (e.g. ``kdcache.trainer.sampled``): ``row_loss`` maps a
+    chunk's float32 logits (C, V) and its row range to a differentiable (C,) weighted loss; the
+    gradient per chunk comes from autograd. Returns a scalar.
+    """
+    return _run_chunks(hidden, head, row_loss, chunk_size, method)
 
 
 def _check_rows(n: int, **tensors: torch.Tensor | None) -> None:
