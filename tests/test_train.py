@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,32 @@ def test_online_objective_is_the_dense_mean(teacher_cache, tiny_llama_dir, chunk
     kd = dense_kd_loss(logits[mask], teacher_logits[mask], kind="akl", mu=0.5, temperature=2.0)
     ce = torch.nn.functional.cross_entropy(logits[labelled], batch["labels"][labelled])
     torch.testing.assert_close(loss, 0.75 * kd.mean() + 0.25 * ce, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_cache_from_build_cache_trains(
+    chat, tiny_llama_dir, text_jsonl, chat_jsonl, student_json, tmp_path
+):
+    """Stage one's real build (text, and chat with assistant-only positions) feeds stage two."""
+    from kdcache.cache.build import BuildConfig, build_cache
+
+    build_cache(
+        BuildConfig(
+            teacher=str(tiny_llama_dir),
+            data=str(chat_jsonl if chat else text_jsonl),
+            out=tmp_path / "cache",
+            messages_field="messages" if chat else None,
+            top_k=8,
+            max_length=64,
+            holdout=0.25,
+            progress=False,
+        )
+    )
+    result = train(
+        _config(tmp_path / "cache", student_json, tmp_path / "run", steps=3, ce_weight=0.5,
+                eval_every=3, eval_split="train" if chat else "holdout")
+    )  # fmt: skip
+    assert result.steps == 3 and math.isfinite(result.loss)
+    assert result.eval is not None and math.isfinite(result.eval["fkl"])
+    if chat:  # only assistant tokens are distilled
+        assert result.eval["positions"] < result.eval["sequences"] * 64
