@@ -148,7 +148,8 @@ class ShardWriter:
     into blocks, encodes them (numpy + zstd, which releases the GIL), appends them to the open
     shard, and rolls to a new shard once it holds ``max_shard_tokens`` tokens. ``close`` flushes
     and returns the shards written by this writer; it re-raises any error of the thread. Leaving
-    the ``with`` block by an exception drops the unfinished shard (its temp file is removed);
+    the ``with`` block by an exception still writes the records already handed over (shards
+    they fill are completed) and drops the last, unfinished shard (its temp file is removed);
     complete shards and their journal entries stay, so a resumed build can skip them.
     """
 
@@ -220,7 +221,8 @@ class ShardWriter:
         return list(self._written)
 
     def abort(self) -> None:
-        """Drop queued records and the unfinished shard; keep complete shards."""
+        """Stop after an error of the producer: the records already handed over are still
+        written and complete their shards; the last, unfinished shard is dropped."""
         self._abort.set()
         self._stop()
         self._error = None
@@ -291,7 +293,7 @@ class ShardWriter:
         try:
             while True:
                 record = self._queue.get()
-                if record is None or self._abort.is_set():
+                if record is None:
                     break
                 if shard is None:
                     shard = _OpenShard(self, self._next_index, record.sequence_id)

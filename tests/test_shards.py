@@ -124,6 +124,13 @@ def test_exception_inside_with_keeps_complete_shards_only(tmp_path):
             writer.write(record)
         raise RuntimeError("teacher crashed")
     complete = list_complete_shards(tmp_path)
+    # every record handed over before the crash is written; only the last shard is unfinished
+    tokens = np.cumsum([r.num_tokens for r in records])
+    full_shards = 0
+    while tokens.size and tokens[-1] >= 400:
+        end = int(np.argmax(tokens >= 400))
+        full_shards, tokens = full_shards + 1, tokens[end + 1 :] - tokens[end]
+    assert len(complete) == full_shards > 0
     names = file_names(tmp_path)
     assert not [n for n in names if n.startswith(TEMP_PREFIX)]
     assert sorted(n for n in names if n.endswith(".arrow")) == [s.name for s in complete]
