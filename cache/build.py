@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.data import SPLITS, DataSpec, RecordStream
-from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 from kdcache.cache.fingerprint import (
     data_fingerprint,
     stable_hash,
@@ -166,12 +166,31 @@ def fingerprints_for(config: BuildConfig, model, tokenizer, rows, dtype) -> dict
     }
 
 
-def _barrier(world_size: int) -> None:
+def _together(world_size: int, value: Any = None) -> list[Any]:
+    """Every rank's ``value`` (a barrier); re-raise the first rank's KdcacheError on all ranks.
+
+    Pass a KdcacheError as ``value`` to refuse on every rank at once: a rank that just exited
+    would leave the others waiting at their next collective.
+    """
+    values = [value]
     if world_size > 1:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            values = [None] * world_size
+            dist.all_gather_object(values, value)
+    for item in values:
+        if isinstance(item, KdcacheError):
+            raise value if isinstance(value, KdcacheError) else type(item)(str(item))
+    return values
+
+
+def _attempt(action, *args, **kwargs) -> Any:
+    """``action(...)``, or the KdcacheError it raised (to be shared with ``_together``)."""
+    try:
+        return action(*args, **kwargs)
+    except KdcacheError as error:
+        return error
 
 
 def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> BuildSummary:
@@ -212,11 +231,14 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
     out.mkdir(parents=True, exist_ok=True)
     with BuildLock(out, rank):
         status = (
-            prepare_directory(out, fingerprints, config.overwrite, world_size) if rank == 0 else ""
+            _attempt(prepare_directory, out, fingerprints, config.overwrite, world_size)
+            if rank == 0
+            else ""
         )
-        _barrier(world_size)  # rank 0 has cleaned up / written the build state
+        _together(world_size, status)  # rank 0 has cleaned up / written the build state
         if rank != 0:
-            status = prepare_directory(out, fingerprints, False, world_size, write_state=False)
+            status = _attempt(prepare_directory, out, fingerprints, False, world_size, False)
+        _together(world_size, status)
         if status == "complete":
             return _summary(out, "complete", read_manifest(out))
         runner = TeacherRunner(model, top_k=config.top_k, temperature=config.temperature)
@@ -231,9 +253,16 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
                     config, runner, stream, split, rank, world_size, vocab_size, done, bar
                 )
         seconds = time.perf_counter() - started
-        _barrier(world_size)
+        mine = [s.name for s in list_complete_shards(out) if s.rank == rank]
+        written = _together(world_size, mine)
         if rank != 0:
             return BuildSummary(out, "written", 0, 0, 0, 0, seconds, tokens_this_run)
+        unseen = sorted(set().union(*written) - {s.name for s in list_complete_shards(out)})
+        if unseen:
+            raise CacheError(
+                f"rank 0 cannot see {len(unseen)} shards the other ranks wrote ({unseen[0]} ...): "
+                f"--out {out} must be one directory on a filesystem shared by every rank"
+            )
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
         manifest = _write_manifest(
             out, config, fingerprints, vocab_size, world_size, seconds, tokens_this_run

@@ -1,0 +1,275 @@
+"""``build_cache`` under torch.distributed: 2 gloo processes on CPU, as torchrun would run them.
+
+The ranks are forked from the test process (torch and transformers already imported, so a rank
+starts in well under a second) and each calls ``build_cache(config, rank=r, world_size=2)`` after
+``init_process_group("gloo")`` -- exactly what ``python -m kdcache.cli build`` does under torchrun.
+The torchrun command itself is exercised by the ``slow`` test at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.reader import open_cache
+from kdcache.cache.shards import SHARDS_DIR, list_complete_shards, shard_name
+from kdcache.cache.verify import verify_cache
+from tests.conftest import text_rows, write_jsonl
+
+RANK_TIMEOUT_S = 180  # a hung rank fails the test instead of hanging the suite
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids OpenMP stalls on a busy 2-core machine (and after fork)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(fn, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
+    """Body of one forked rank: torchrun's environment, a gloo group, ``fn``, the result back."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException as error:  # reported to the test process, which re-raises
+        queue.put((rank, type(error).__name__, f"{error}\n{traceback.format_exc()}"))
+
+
+def run_ranks(fn, world_size: int, *args) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes; results by rank.
+
+    A rank that raises is reported as ``(error type name, message)`` in place of its result. A
+    rank still running after ``RANK_TIMEOUT_S`` is killed and fails the test.
+    """
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_rank_main, args=(fn, rank, world_size, port, queue, args))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, object] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=RANK_TIMEOUT_S)
+            results[rank] = value if status == "ok" else (status, value)
+    except Exception:
+        pytest.fail(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish")
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return [results[rank] for rank in range(world_size)]
+
+
+def _build_rank(rank: int, world_size: int, config: BuildConfig):
+    """What ``kdcache build`` does on one torchrun rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        summary = build_cache(config, rank=rank, world_size=world_size)
+    finally:
+        dist.destroy_process_group()
+    return summary.status, summary.tokens_this_run
+
+
+@pytest.fixture(scope="module")
+def docs_jsonl(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl", text_rows(16, seed=1))
+
+
+def _config(teacher, data, out, **overrides) -> BuildConfig:
+    settings = dict(top_k=8, max_length=48, holdout=0.25, batch_tokens=200, shard_tokens=120)
+    settings.update(overrides)
+    return BuildConfig(teacher=str(teacher), data=str(data), out=out, progress=False, **settings)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_llama_dir, docs_jsonl) -> Path:
+    """The reference: the same build in one process."""
+    out = tmp_path_factory.mktemp("single") / "cache"
+    torch.set_num_threads(1)
+    build_cache(_config(tiny_llama_dir, docs_jsonl, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_llama_dir, docs_jsonl) -> Path:
+    """The same build by 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("ranks") / "cache"
+    results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, out))
+    assert results[0][0] == "built", results
+    assert results[1][0] == "written", results
+    return out
+
+
+def _records(path: Path) -> dict[str, dict[int, object]]:
+    cache = open_cache(path)
+    return {
+        split: {record.sequence_id: record for record in cache.sequences(split)}
+        for split in cache.manifest["splits"]
+    }
+
+
+def assert_same_record_sets(path: Path, reference: Path) -> None:
+    """Same splits, same sequence ids and tokens, same top-k values (to fp16 rounding)."""
+    got, expected = _records(path), _records(reference)
+    assert got.keys() == expected.keys()
+    for split, records in expected.items():
+        assert sorted(got[split]) == sorted(records), split
+        for sequence_id, record in records.items():
+            other = got[split][sequence_id]
+            np.testing.assert_array_equal(other.input_ids, record.input_ids)
+            np.testing.assert_array_equal(other.positions, record.positions)
+            np.testing.assert_array_equal(other.topk_ids, record.topk_ids)
+            np.testing.assert_allclose(other.topk_logprobs, record.topk_logprobs, atol=2e-3)
+            np.testing.assert_allclose(other.tail_mass, record.tail_mass, atol=1e-3)
+
+
+def test_two_rank_build_equals_one_rank_build(two_ranks, single):
+    assert_same_record_sets(two_ranks, single)
+    manifest, reference = open_cache(two_ranks).manifest, open_cache(single).manifest
+    assert manifest["world_size"] == 2 and reference["world_size"] == 1
+    for key in ("num_sequences", "num_tokens", "num_positions"):
+        assert manifest[key] == reference[key], key
+    for split, counts in reference["splits"].items():
+        got = manifest["splits"][split]
+        assert (got["num_sequences"], got["num_tokens"]) == (
+            counts["num_sequences"],
+            counts["num_tokens"],
+        )
+    assert manifest["fingerprints"] == reference["fingerprints"]
+    shards = list_complete_shards(two_ranks)
+    assert {info.rank for info in shards} == {0, 1}
+    assert len(manifest["shards"]) == len(shards)
+    cache = open_cache(two_ranks)
+    for info in shards:  # each rank wrote its own deterministic slice: ids = rank (mod 2)
+        ids = [record.sequence_id for record in cache.read_shard(info)]
+        assert ids and all(sequence_id % 2 == info.rank for sequence_id in ids), (info.name, ids)
+    assert verify_cache(two_ranks) == []
+
+
+def _drop_shards(cache: Path, split: str, rank: int, first_index: int) -> list[str]:
+    """Delete the shards (and journal entries) of (split, rank) from ``first_index`` on."""
+    dropped = []
+    for info in list_complete_shards(cache):
+        if info.split == split and info.rank == rank and info.index >= first_index:
+            stem = shard_name(split, rank, info.index)
+            for path in (cache / SHARDS_DIR).glob(f"{Path(stem).stem}.*"):
+                path.unlink()
+            dropped.append(info.name)
+    return dropped
+
+
+def _crashed_copy(source: Path, target: Path, rank: int) -> Path:
+    """``source`` as a crash of ``rank`` left it: no manifest, that rank's stream cut short.
+
+    The other ranks finished, so only ``rank`` has work left; a torn temp file is left behind too.
+    """
+    shutil.copytree(source, target)
+    (target / "manifest.json").unlink()
+    assert _drop_shards(target, "train", rank, 1), "the rank had a single train shard"
+    _drop_shards(target, "holdout", rank, 0)
+    (target / SHARDS_DIR / ".tmp-crash").write_bytes(b"half a shard")
+    return target
+
+
+def test_resume_after_one_rank_crashed(two_ranks, single, tiny_llama_dir, docs_jsonl, tmp_path):
+    out = _crashed_copy(two_ranks, tmp_path / "crashed", rank=1)
+    kept = {info.name for info in list_complete_shards(out)}
+    results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, out))
+    assert results[0] == ("resumed", 0), results  # rank 0 had finished: it runs no teacher
+    assert results[1][0] == "written" and results[1][1] > 0, results
+    assert kept <= {info.name for info in list_complete_shards(out)}
+    assert_same_record_sets(out, single)
+    assert verify_cache(out) == []
+
+
+def test_other_world_size_on_a_partial_cache_is_refused(
+    two_ranks, single, tiny_llama_dir, docs_jsonl, tmp_path
+):
+    """2 ranks -> 1 process and 1 process -> 2 ranks: a clear refusal on every rank, no damage."""
+    partial = _crashed_copy(two_ranks, tmp_path / "from-two", rank=1)
+    before = sorted(info.name for info in list_complete_shards(partial))
+    with pytest.raises(ConfigError, match="ran with 2 processes; resume it with the same number"):
+        build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
+    assert sorted(info.name for info in list_complete_shards(partial)) == before
+
+    partial = _crashed_copy(single, tmp_path / "from-one", rank=0)
+    before = sorted(info.name for info in list_complete_shards(partial))
+    results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, partial))
+    for status, message in results:  # every rank refuses (none waits forever at a barrier)
+        assert status == "ConfigError", message
+        assert "ran with 1 processes" in message.splitlines()[0], message
+    assert sorted(info.name for info in list_complete_shards(partial)) == before
+    build_cache(_config(tiny_llama_dir, docs_jsonl, partial))  # the same world size resumes
+    assert_same_record_sets(partial, single)
+
+
+def test_cli_refusal_of_other_world_size_is_one_line(
+    two_ranks, tiny_llama_dir, docs_jsonl, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from kdcache.cli.app import app
+
+    partial = _crashed_copy(two_ranks, tmp_path / "partial", rank=1)
+    args = ["build", "--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out"]
+    args += [str(partial), "--top-k", "8", "--max-length", "48", "--holdout", "0.25"]
+    args += ["--batch-tokens", "200"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ran with 2 processes" in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow  # torchrun starts fresh interpreters: ~30-60 s on 2 busy cores
+def test_torchrun_build_command(single, tiny_llama_dir, docs_jsonl, tmp_path):
+    """The documented command: ``python -m torch.distributed.run --nproc-per-node 2 -m kdcache.cli``."""
+    out = tmp_path / "torchrun"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}"]
+    args += ["-m", "kdcache.cli", "build", "--teacher", str(tiny_llama_dir), "--data"]
+    args += [str(docs_jsonl), "--out", str(out), "--top-k", "8", "--max-length", "48"]
+    args += ["--holdout", "0.25", "--batch-tokens", "200"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "built:" in result.stdout
+    assert open_cache(out).manifest["world_size"] == 2
+    assert_same_record_sets(out, single)
