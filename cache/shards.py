@@ -102,6 +102,27 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
+def remove_incomplete(cache_dir: str | os.PathLike, split: str, rank: int) -> list[str]:
+    """Delete one (split, rank)'s leftovers of a killed build: its temp files and its shard files
+    without a valid journal entry. Other ranks' files are never touched. Returns the names."""
+    directory = Path(cache_dir) / SHARDS_DIR
+    if not directory.is_dir():
+        return []
+    complete = {info.name for info in list_complete_shards(cache_dir)}
+    stem = f"{split}-r{rank:05d}-"
+    removed = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        leftover = name.startswith(f"{TEMP_PREFIX}{stem}") or (
+            name.startswith(stem) and name.endswith(".arrow") and name not in complete
+        )
+        if leftover:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(name)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
     path = Path(path)
@@ -340,7 +361,11 @@ class _OpenShard:
         self.name = shard_name(writer.split, writer.rank, index)
         self.first_sequence_id = int(first_sequence_id)
         self.num_sequences = self.num_tokens = self.num_positions = 0
-        fd, self.temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".arrow", dir=writer.directory)
+        fd, self.temp = tempfile.mkstemp(
+            prefix=f"{TEMP_PREFIX}{self.name.removesuffix('.arrow')}-",
+            suffix=".arrow",
+            dir=writer.directory,
+        )
         self.handle = os.fdopen(fd, "wb")
         schema = SCHEMA.with_metadata(writer.codec.schema_metadata())
         self.ipc = pa.ipc.new_file(self.handle, schema)

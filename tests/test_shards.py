@@ -19,7 +19,7 @@ from kdcache.cache import (
     write_manifest,
 )
 from kdcache.cache.format import synthetic_records
-from kdcache.cache.shards import TEMP_PREFIX
+from kdcache.cache.shards import TEMP_PREFIX, remove_incomplete
 
 TOP_K, VOCAB = 8, 3000
 
@@ -165,6 +165,14 @@ def test_orphans_and_bad_journals_are_ignored(tmp_path):
     (shards / "train-r00000-00001.arrow").write_bytes(b"renamed but no journal")
     (shards / "train-r00000-00002.json").write_text("{not json")
     assert list_complete_shards(tmp_path) == [info]
+    (shards / f"{TEMP_PREFIX}train-r00000-00001-xyz.arrow").write_bytes(b"killed mid-write")
+    (shards / f"{TEMP_PREFIX}train-r00001-00000-xyz.arrow").write_bytes(b"another rank's")
+    assert remove_incomplete(tmp_path, "train", 0) == [
+        f"{TEMP_PREFIX}train-r00000-00001-xyz.arrow",
+        "train-r00000-00001.arrow",
+    ]
+    assert (shards / f"{TEMP_PREFIX}train-r00001-00000-xyz.arrow").exists()
+    assert (shards / info.name).exists()
     # a journal whose shard has another size is not complete
     journal = json.loads((shards / "train-r00000-00000.json").read_text())
     assert journal["bytes"] == info.bytes and journal["checksum"].startswith("sha256:")
