@@ -1,22 +1,29 @@
 """The manifest: ``manifest.json``, written last and atomically, is a cache's commit point.
 
 The builder fills in fingerprints and settings; this module writes and reads the file, checks the
-keys every reader relies on, and summarizes shards into the ``splits`` / ``shards`` entries.
+keys every reader relies on, and summarizes shards into the ``splits`` / ``shards`` entries. It
+also holds what shards and manifest share: ``ShardInfo`` (a journal / manifest shard entry) and the
+atomic-write helpers (temp file + fsync + rename + directory fsync).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kdcache.cache.errors import CacheError
 from kdcache.cache.format import FORMAT_VERSION, MODES, SUPPORTED_FORMAT_VERSIONS
-from kdcache.cache.shards import ShardInfo, atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
+TEMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 22
 REQUIRED_KEYS = (
     "format_version",
     "teacher",
@@ -29,6 +36,69 @@ REQUIRED_KEYS = (
     "splits",
     "shards",
 )
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard, as its journal entry and the manifest describe it."""
+
+    name: str  # file name inside shards/, e.g. "train-r00000-00012.arrow"
+    split: str
+    rank: int
+    index: int
+    num_sequences: int
+    num_tokens: int
+    num_positions: int
+    first_sequence_id: int
+    bytes: int
+    checksum: str  # "sha256:<hex>" of the whole file
+    mode: str = "exact"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> ShardInfo:
+        try:
+            return cls(**{name: entry[name] for name in cls.__dataclass_fields__})
+        except (KeyError, TypeError) as error:
+            raise CacheError(f"malformed shard entry {entry!r}: {error}") from None
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file, read in chunks (about 1 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Persist a rename: fsync the directory entry (no-op where the OS does not allow it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(path.parent)
 
 
 def manifest_path(cache_dir: str | os.PathLike) -> Path:

@@ -15,59 +15,35 @@ resumed build).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import queue
 import re
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.format import SCHEMA, BlockCodec
+from kdcache.cache.manifest import (
+    TEMP_PREFIX,
+    ShardInfo,
+    atomic_write_bytes,
+    file_checksum,
+    fsync_dir,
+)
 from kdcache.cache.records import SequenceRecord
 
 SHARDS_DIR = "shards"
-TEMP_PREFIX = ".tmp-"
 DEFAULT_MAX_SHARD_TOKENS = 1 << 20
 DEFAULT_BLOCK_POSITIONS = 8192
 DEFAULT_QUEUE_SIZE = 64
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_.]+)-r(?P<rank>\d{5})-(?P<index>\d{5})\.arrow$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _CHUNK = 1 << 22
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One complete shard, as its journal entry and the manifest describe it."""
-
-    name: str  # file name inside shards/, e.g. "train-r00000-00012.arrow"
-    split: str
-    rank: int
-    index: int
-    num_sequences: int
-    num_tokens: int
-    num_positions: int
-    first_sequence_id: int
-    bytes: int
-    checksum: str  # "sha256:<hex>" of the whole file
-    mode: str = "exact"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> ShardInfo:
-        try:
-            return cls(**{name: entry[name] for name in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as error:
-            raise CacheError(f"malformed shard entry {entry!r}: {error}") from None
 
 
 def shard_name(split: str, rank: int, index: int) -> str:
@@ -77,29 +53,6 @@ def shard_name(split: str, rank: int, index: int) -> str:
 
 def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
     return Path(cache_dir) / SHARDS_DIR / name
-
-
-def file_checksum(path: str | os.PathLike) -> str:
-    """``sha256:<hex>`` of a file, read in chunks (about 1 GB/s on one core)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def bytes_checksum(data: bytes | memoryview) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Persist a rename: fsync the directory entry (no-op where the OS does not allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def remove_incomplete(cache_dir: str | os.PathLike, split: str, rank: int) -> list[str]:
@@ -121,23 +74,6 @@ def remove_incomplete(cache_dir: str | os.PathLike, split: str, rank: int) -> li
                 path.unlink()
             removed.append(name)
     return removed
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_dir(path.parent)
 
 
 def list_complete_shards(cache_dir: str | os.PathLike) -> list[ShardInfo]:
