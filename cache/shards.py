@@ -41,9 +41,7 @@ SHARDS_DIR = "shards"
 DEFAULT_MAX_SHARD_TOKENS = 1 << 20
 DEFAULT_BLOCK_POSITIONS = 8192
 DEFAULT_QUEUE_SIZE = 64
-_SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_.]+)-r(?P<rank>\d{5})-(?P<index>\d{5})\.arrow$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-_CHUNK = 1 << 22
 
 
 def shard_name(split: str, rank: int, index: int) -> str:
