@@ -166,6 +166,8 @@ def test_out_dir_with_other_files_and_out_file(tmp_path, small_cache, student_js
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     result = _run(_train_args(small_cache, student_json, tmp_path / "busy"))
     _assert_refused(result, "already holds other files")
+    result = _run(_train_args(small_cache, student_json, tmp_path / "busy", "--overwrite"))
+    _assert_refused(result, "already holds other files")  # --overwrite deletes only runs
     assert _snapshot(tmp_path / "busy") == {str(tmp_path / "busy" / "notes.txt"): b"mine"}
     (tmp_path / "file").write_text("x")
     _assert_refused(_run(_train_args(small_cache, student_json, tmp_path / "file")), "is a file")

@@ -150,15 +150,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     autocast = autocast_dtype(config.dtype, device)
     temperature = float(cache.manifest["temperature"])
-    loaded = []
-    for student in config.students:  # load and check every student before any evaluation
-        model, _ = load_student_model(student)
+    for student in config.students:  # cheap checks of every student before any evaluation
         tokenizer = load_student_tokenizer(student, config.cache)
         check_tokenizer(tokenizer, config.cache, cache.manifest)
-        check_vocab_size(model, tokenizer)
-        loaded.append((student, model))
     results: dict[str, dict[str, float]] = {}
-    for student, model in loaded:
+    for student in config.students:  # one model in memory at a time
+        model, _ = load_student_model(student)
+        check_vocab_size(model, load_student_tokenizer(student, config.cache))
         results[student] = evaluate_model(
             model.to(device),
             cache,
@@ -170,7 +168,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             device=device,
             autocast=autocast,
         )
-        model.to("cpu")
+        del model
     report: dict[str, Any] = {
         "cache": str(config.cache),
         "split": config.split,

@@ -79,11 +79,14 @@ def _check_out_dir(config: TrainConfig) -> Path | None:
                 "resume with the same settings or use --overwrite"
             )
         return latest_checkpoint(out)
-    if holds_files and not config.overwrite:
-        what = "a training run" if run_file.is_file() else "other files"
+    if holds_files and not run_file.is_file():  # never delete what is not a kdcache run
         raise ConfigError(
-            f"{out} already holds {what}; pass --resume to continue it, --overwrite to replace "
-            "it, or choose another --out"
+            f"{out} already holds other files (no {RUN_FILE}); choose an empty or new --out"
+        )
+    if holds_files and not config.overwrite:
+        raise ConfigError(
+            f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
         )
     return None
 
@@ -200,7 +203,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
     out = Path(config.out)
     dist_utils.barrier(info)  # every rank checked the out dir before rank 0 writes into it
     if info.is_main:
-        if config.overwrite and out.exists():
+        if config.overwrite and (out / RUN_FILE).is_file():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         run_json = json.dumps(config.to_dict(), indent=2)
@@ -254,8 +257,8 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
         dataset.load_state_dict(state["data"][info.rank])
         set_rng_state(state["rng"][info.rank])
         step, tokens, last_loss = int(state["step"]), int(state["tokens"]), state.get("loss")
-        if info.is_main:
-            _truncate_metrics(out, step)
+    if config.resume and info.is_main:  # lines logged after the checkpoint are redone
+        _truncate_metrics(out, step)
 
     from kdcache.trainer.evaluate import evaluate_model
 
@@ -394,11 +397,12 @@ def _load_teacher(config: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
     """The online teacher, frozen, with the cache's tokenizer (same sequences, same ids)."""
     from transformers import AutoModelForCausalLM
 
-    teacher_tokenizer = load_student_tokenizer(config.teacher, config.cache)
     try:
+        teacher_tokenizer = load_student_tokenizer(config.teacher, config.cache)
         check_tokenizer(teacher_tokenizer, config.cache, manifest)
     except ConfigError as error:
-        raise ConfigError(str(error).replace("student", "--teacher")) from None
+        message = str(error).replace("student's", "--teacher's").replace("student ", "--teacher ")
+        raise ConfigError(message.replace("not found", "could not be loaded (not found)")) from None
     bf16 = autocast_dtype(config.dtype, torch.device(resolve_device_name(config)))
     try:
         teacher = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=bf16 or torch.float32)

@@ -63,6 +63,12 @@ def _config_from_json(path: Path):
         raise ConfigError(f"student config {path}: {error}") from None
 
 
+def _not_found(spec: str) -> ConfigError:
+    return ConfigError(
+        f"student {spec!r} not found; pass a save_pretrained directory, a config .json or a hub id"
+    )
+
+
 def load_student_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
     """The student model in float32, and how it was made ("pretrained" or "random-init").
 
@@ -88,10 +94,7 @@ def load_student_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, st
             ) from None
         return model, "pretrained"
     else:
-        raise ConfigError(
-            f"student {spec!r} not found; pass a save_pretrained directory, a config .json "
-            "or a hub id"
-        )
+        raise _not_found(spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model, "random-init"
@@ -102,6 +105,8 @@ def load_student_tokenizer(spec: str, cache_dir: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(spec).expanduser()
+    if not path.exists() and not _looks_like_hub_id(spec):
+        raise _not_found(spec)
     if path.is_dir() and any((path / name).exists() for name in _TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(path)
     if not path.exists() and _looks_like_hub_id(spec):
