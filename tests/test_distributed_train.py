@@ -1,0 +1,211 @@
+"""``train`` under DDP: 2 gloo processes on CPU make the update of 1 process with the global batch.
+
+The ranks are forked from the test process by ``run_ranks`` (see test_distributed_build.py) with
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and call
+``train(config)``, which joins the gloo group itself -- what ``torchrun -m kdcache.cli train`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdcache.cache import open_cache
+from kdcache.cache.errors import ConfigError
+from kdcache.trainer import TrainConfig, train
+from kdcache.trainer.student import load_student_model
+from tests.test_distributed_build import free_port, run_ranks
+
+
+def _load_helpers():
+    spec = importlib.util.spec_from_file_location(
+        "kdcache_train_helpers", Path(__file__).with_name("train_helpers.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load_helpers()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def texts(text_jsonl) -> list[str]:
+    return helpers.read_texts(text_jsonl)
+
+
+@pytest.fixture(scope="module")
+def four_sequences(tmp_path_factory, tiny_llama_dir, texts) -> Path:
+    """4 train sequences of different lengths in one shard: one global batch of 4 = 2 x 2."""
+    out = tmp_path_factory.mktemp("four") / "cache"
+    return helpers.make_cache(
+        out, tiny_llama_dir, texts, num_train=4, num_holdout=2, max_shard_tokens=10_000
+    )
+
+
+@pytest.fixture(scope="module")
+def twelve_sequences(tmp_path_factory, tiny_llama_dir, texts) -> Path:
+    """12 train sequences in several shards: 3 batches of 2 per rank and epoch."""
+    out = tmp_path_factory.mktemp("twelve") / "cache"
+    return helpers.make_cache(
+        out, tiny_llama_dir, texts, num_train=12, num_holdout=2, max_shard_tokens=100
+    )
+
+
+@pytest.fixture(scope="module")
+def student_json(tmp_path_factory, tiny_tokenizer) -> Path:
+    return helpers.student_config(tmp_path_factory.mktemp("student") / "s.json", tiny_tokenizer)
+
+
+def _config(cache: Path, student: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        cache=str(cache),
+        student=str(student),
+        out=str(out),
+        loss="akl",
+        ce_weight=0.25,  # both normalizations (distilled positions, labels) are exercised
+        steps=1,
+        warmup_steps=0,
+        lr=3e-3,
+        progress=False,
+        log_every=1,
+        device="cpu",
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _sgd(model, config):
+    """Plain SGD: the update is -lr x gradient, so the gradient's scale shows in the weights."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+
+def _train_rank(rank: int, world_size: int, config: TrainConfig, sgd: bool = False):
+    from kdcache.trainer import loop
+
+    if sgd:
+        loop._optimizer = _sgd  # this forked process only
+    result = loop.train(config)
+    return result.steps, result.loss, str(result.final)
+
+
+def _weights(checkpoint: Path | str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(checkpoint) / "model.safetensors"))
+
+
+def _distilled_positions(cache: Path, rank: int, world_size: int) -> int:
+    from kdcache.trainer.data import CacheDataset
+
+    dataset = CacheDataset(open_cache(cache), batch_size=64, rank=rank, world_size=world_size)
+    return sum(int(batch["distill_mask"].sum()) for batch in dataset.epoch_batches())
+
+
+@pytest.mark.parametrize("sgd", [True, False], ids=["sgd", "adamw"])
+def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
+    four_sequences, student_json, tmp_path, monkeypatch, sgd
+):
+    """2 ranks x batch 2 == 1 rank x batch 4 over the same 4 sequences, after one step.
+
+    The ranks hold different numbers of distilled positions, so a per-rank mean (instead of the
+    global one) would weight the ranks' positions differently and fail this test. With SGD the
+    update is the averaged gradient itself; with the real AdamW it is the update users get.
+    """
+    counts = [_distilled_positions(four_sequences, rank, 2) for rank in range(2)]
+    assert counts[0] != counts[1], counts
+    assert sum(counts) == _distilled_positions(four_sequences, 0, 1)
+    extra = {"max_grad_norm": 0.0, "lr": 1.0, "weight_decay": 0.0} if sgd else {}
+
+    if sgd:
+        from kdcache.trainer import loop
+
+        monkeypatch.setattr(loop, "_optimizer", _sgd)
+    one = train(_config(four_sequences, student_json, tmp_path / "one", batch_size=4, **extra))
+    ranks = run_ranks(
+        _train_rank,
+        2,
+        _config(four_sequences, student_json, tmp_path / "two", batch_size=2, **extra),
+        sgd,
+    )
+    assert [result[0] for result in ranks] == [1, 1], ranks
+    assert ranks[0][1] == pytest.approx(one.loss, rel=1e-5)  # the global loss, on every rank
+    assert ranks[1][1] == pytest.approx(one.loss, rel=1e-5)
+
+    initial = load_student_model(str(student_json), seed=0)[0].state_dict()
+    after_one, after_two = _weights(one.final), _weights(ranks[0][2])
+    largest = 0.0
+    for name, weight in after_one.items():
+        update_one = weight - initial[name]
+        update_two = after_two[name] - initial[name]
+        largest = max(largest, float(update_one.abs().max()))
+        torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=1e-5, msg=name)
+    assert largest > 1e-3  # the step did move the weights
+
+
+def test_only_rank_zero_writes_and_resume_with_the_same_world_size(
+    twelve_sequences, student_json, tmp_path
+):
+    """A 2-rank run stopped after its step-2 checkpoint and resumed ends as the uninterrupted run."""
+    settings = dict(steps=5, batch_size=2, save_every=2)
+    full = tmp_path / "full"
+    ranks = run_ranks(_train_rank, 2, _config(twelve_sequences, student_json, full, **settings))
+    assert [result[0] for result in ranks] == [5, 5], ranks
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in metrics if entry["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert sorted(path.name for path in full.iterdir() if path.is_dir()) == [
+        "final",
+        "step-2",
+        "step-4",
+    ]
+    state = torch.load(full / "final" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+
+    expected = _weights(full / "final")
+    shutil.rmtree(full / "final")  # as a crash during step 3 leaves the run directory
+    shutil.rmtree(full / "step-4")
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
+        train(_config(twelve_sequences, student_json, full, resume=True, **settings))
+    assert not (full / "final").exists()
+
+    resumed = run_ranks(
+        _train_rank, 2, _config(twelve_sequences, student_json, full, resume=True, **settings)
+    )
+    assert [result[0] for result in resumed] == [5, 5], resumed
+    got = _weights(full / "final")
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=0, atol=1e-6, msg=name)
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow  # torchrun starts fresh interpreters: ~30-60 s on 2 busy cores
+def test_torchrun_train_command(four_sequences, student_json, tmp_path):
+    """The documented command: ``python -m torch.distributed.run --nproc-per-node 2 -m kdcache.cli``."""
+    out = tmp_path / "torchrun"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}"]
+    args += ["-m", "kdcache.cli", "train", "--cache", str(four_sequences), "--student"]
+    args += [str(student_json), "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    args += ["--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "final" / "model.safetensors").is_file()
+    state = torch.load(out / "final" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and state["step"] == 2
