@@ -52,12 +52,14 @@ def build(
     messages_field: str | None = typer.Option(
         None, help="Column of chat messages (rendered with the chat template; assistant only)."
     ),
-    top_k: int = typer.Option(64, help="Top-k entries stored per position."),
+    top_k: int | None = typer.Option(None, help="Top-k entries stored per position [default: 64]."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
-    max_length: int = typer.Option(1024, help="Tokens per sequence."),
+    max_length: int | None = typer.Option(None, help="Tokens per sequence [default: 1024]."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack documents into blocks."),
     limit: int | None = typer.Option(None, help="Use only the first N rows."),
-    holdout: float = typer.Option(0.01, help="Fraction of rows in the 'holdout' split."),
+    holdout: float | None = typer.Option(
+        None, help="Fraction of rows in the 'holdout' split [default: 0.01]."
+    ),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch."),
@@ -71,7 +73,11 @@ def build(
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
     from kdcache.cache.build import BuildConfig, build_cache
 
+    defaults: dict[str, int | float] = {"top_k": 64, "max_length": 1024, "holdout": 0.01}
     if teacher is None and data is None:
+        from kdcache.demo import DEMO_BUILD_SETTINGS
+
+        defaults.update(DEMO_BUILD_SETTINGS)  # the same cache as `kdcache demo` builds
         teacher, data, out = _demo_defaults(out)
         typer.echo(f"Using the demo defaults: teacher {teacher}, data {data}, out {out}")
     elif teacher is None or data is None:
@@ -86,12 +92,12 @@ def build(
         data_config=data_config,
         text_field=text_field,
         messages_field=messages_field,
-        top_k=top_k,
+        top_k=int(defaults["top_k"]) if top_k is None else top_k,
         temperature=temperature,
-        max_length=max_length,
+        max_length=int(defaults["max_length"]) if max_length is None else max_length,
         pack=pack,
         limit=limit,
-        holdout=holdout,
+        holdout=float(defaults["holdout"]) if holdout is None else holdout,
         dtype=dtype,
         device=device,
         batch_tokens=batch_tokens,

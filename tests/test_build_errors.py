@@ -125,3 +125,24 @@ def test_unwritable_out_is_refused(built, tiny_llama_dir, tmp_path):
         assert not (locked / "cache").exists()
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+def test_demo_defaults_are_announced_and_used(tiny_llama_dir, tmp_path, monkeypatch):
+    import kdcache.demo as demo
+
+    def write_small(path, max_tokens=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_jsonl(path, text_rows(4, seed=9))
+
+    monkeypatch.setattr(demo, "demo_teacher_dir", lambda: tiny_llama_dir)
+    monkeypatch.setattr(demo, "write_demo_dataset", write_small)
+    out = tmp_path / "demo" / "cache"
+    result = CliRunner().invoke(app, ["build", "--out", str(out), "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("Using the demo defaults: ")
+    from kdcache.cache.reader import open_cache
+
+    manifest = open_cache(out).manifest
+    assert manifest["top_k"] == 4  # explicit flags win
+    assert manifest["settings"]["max_length"] == demo.DEMO_BUILD_SETTINGS["max_length"]
+    assert (tmp_path / "demo" / "data" / "demo.jsonl").exists()
