@@ -258,6 +258,26 @@ def test_cli_refusal_of_other_world_size_is_one_line(
     assert "Traceback" not in result.output
 
 
+def _build_rank_blind(rank: int, world_size: int, config: BuildConfig):
+    """A rank 0 that cannot see the other ranks' shards, as with a node-local --out."""
+    if rank == 0:
+        from kdcache.cache import shards
+
+        real = shards.list_complete_shards
+        shards.list_complete_shards = lambda path: [s for s in real(path) if s.rank == 0]
+    return _build_rank(rank, world_size, config)
+
+
+def test_out_not_shared_by_the_ranks_is_refused(tiny_llama_dir, docs_jsonl, tmp_path):
+    out = tmp_path / "local"
+    results = run_ranks(_build_rank_blind, 2, _config(tiny_llama_dir, docs_jsonl, out))
+    assert results[1][0] == "written", results
+    status, message = results[0]
+    assert status == "CacheError", message
+    assert "filesystem shared by every rank" in message.splitlines()[0], message
+    assert not (out / "manifest.json").exists()
+
+
 @pytest.mark.slow  # torchrun starts fresh interpreters: ~30-60 s on 2 busy cores
 def test_torchrun_build_command(single, tiny_llama_dir, docs_jsonl, tmp_path):
     """The documented command: ``python -m torch.distributed.run --nproc-per-node 2 -m kdcache.cli``."""
