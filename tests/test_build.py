@@ -264,3 +264,28 @@ def test_two_rank_build_equals_single_process(tiny_llama_dir, docs_jsonl, tmp_pa
             np.testing.assert_allclose(
                 by_id[record.sequence_id].topk_logprobs, record.topk_logprobs, atol=2e-3
             )
+
+
+def test_fingerprints_follow_content_not_paths(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from kdcache.cache.fingerprint import differences, teacher_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    copy = Path(shutil.copytree(tiny_llama_dir, tmp_path / "copy"))
+    original = teacher_fingerprint(str(tiny_llama_dir), model)
+    copied = teacher_fingerprint(str(copy), model)
+    assert original["hash"] == copied["hash"] and original["path"] != copied["path"]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    model.save_pretrained(copy)
+    changed = teacher_fingerprint(str(copy), model)
+    assert [
+        line.split(":")[0] for line in differences({"teacher": original}, {"teacher": changed})
+    ] == [
+        "teacher.weight_files",
+        "teacher.weights",
+    ]
+    assert tokenizer_fingerprint(tiny_tokenizer) == tokenizer_fingerprint(
+        type(tiny_tokenizer).from_pretrained(tiny_llama_dir)
+    )
