@@ -1,4 +1,6 @@
-"""Checkpoints: a ``save_pretrained`` directory (safetensors + tokenizer) plus the training state.
+"""The run directory: run.json, metrics.jsonl, and checkpoints with their training state.
+
+Checkpoints are ``save_pretrained`` directories (safetensors + tokenizer) plus the training state.
 
 ``<out>/step-N/`` and ``<out>/final/`` load with ``AutoModelForCausalLM.from_pretrained``; their
 ``trainer_state.pt`` holds what ``--resume`` needs to continue exactly: optimizer, scheduler, RNG
@@ -8,6 +10,7 @@ directory and renamed into place, so a crash never leaves a half-written one beh
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -18,7 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.cache.errors import ConfigError
+
 STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
 FINAL = "final"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -107,3 +114,59 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_training_state(path: Path) -> dict[str, Any]:
     """The ``trainer_state.pt`` of a checkpoint directory."""
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def check_run_dir(config: Any) -> Path | None:
+    """Refuse an out dir we must not write into; return the checkpoint to resume from.
+
+    ``config`` is a ``TrainConfig``. Nothing is written here.
+    """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory")
+    run_file = out / RUN_FILE
+    holds_files = out.is_dir() and any(out.iterdir())
+    if config.resume:
+        if not run_file.is_file():
+            raise ConfigError(f"nothing to resume in {out} (no {RUN_FILE}); drop --resume")
+        differences = config.differences(json.loads(run_file.read_text(encoding="utf-8")))
+        if differences:
+            raise ConfigError(
+                f"--resume: {out} holds a run with other settings ({'; '.join(differences)}); "
+                "resume with the same settings or use --overwrite"
+            )
+        return latest_checkpoint(out)
+    if holds_files and not run_file.is_file():  # never delete what is not a kdcache run
+        raise ConfigError(
+            f"{out} already holds other files (no {RUN_FILE}); choose an empty or new --out"
+        )
+    if holds_files and not config.overwrite:
+        raise ConfigError(
+            f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
+        )
+    return None
+
+
+def start_run_dir(out: Path, config: Any) -> None:
+    """Create ``out`` (replacing a previous run with --overwrite) and write run.json."""
+    if config.overwrite and (out / RUN_FILE).is_file():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def append_metrics(out: Path, entry: dict[str, Any]) -> None:
+    """One JSON line in ``<out>/metrics.jsonl``."""
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (a resumed run logs them again)."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

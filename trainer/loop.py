@@ -8,9 +8,7 @@ before the first byte is written. The run directory then holds ``run.json`` (the
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,14 @@ from kdcache.cache.heads import resolve_head
 from kdcache.trainer import distributed as dist_utils
 from kdcache.trainer.checkpoint import (
     FINAL,
-    latest_checkpoint,
+    append_metrics,
+    check_run_dir,
     load_training_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    start_run_dir,
+    truncate_metrics,
 )
 from kdcache.trainer.config import TrainConfig
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
@@ -39,10 +40,8 @@ from kdcache.trainer.student import (
     check_vocab_size,
     load_student_model,
     load_student_tokenizer,
+    load_teacher,
 )
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -61,36 +60,6 @@ class TrainResult:
     rank: int = 0  # this process's rank (only rank 0 reports)
 
 
-def _check_out_dir(config: TrainConfig) -> Path | None:
-    """Refuse an out dir we must not write into; return the checkpoint to resume from."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a directory")
-    run_file = out / RUN_FILE
-    holds_files = out.is_dir() and any(out.iterdir())
-    if config.resume:
-        if not run_file.is_file():
-            raise ConfigError(f"nothing to resume in {out} (no {RUN_FILE}); drop --resume")
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
-        differences = config.differences(stored)
-        if differences:
-            raise ConfigError(
-                f"--resume: {out} holds a run with other settings ({'; '.join(differences)}); "
-                "resume with the same settings or use --overwrite"
-            )
-        return latest_checkpoint(out)
-    if holds_files and not run_file.is_file():  # never delete what is not a kdcache run
-        raise ConfigError(
-            f"{out} already holds other files (no {RUN_FILE}); choose an empty or new --out"
-        )
-    if holds_files and not config.overwrite:
-        raise ConfigError(
-            f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --out"
-        )
-    return None
-
-
 def _cache_temperature(config: TrainConfig, manifest: dict[str, Any]) -> float:
     cached = float(manifest["temperature"])
     if config.teacher is not None and config.temperature is not None:
@@ -104,6 +73,8 @@ def _cache_temperature(config: TrainConfig, manifest: dict[str, Any]) -> float:
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak, then cosine decay to 0 at ``total_steps``."""
+
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -114,6 +85,7 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -142,286 +114,6 @@ def _micro_batches(dataset: CacheDataset, max_epochs: int | None, grad_accum: in
         yield group
 
 
-def _append_metrics(out: Path, entry: dict[str, Any]) -> None:
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-    path = out / METRICS_FILE
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.student`` on ``config.cache`` and return where the result is.
-
-    Under torchrun (``WORLD_SIZE > 1``) every rank calls this; only rank 0 writes.
-    """
-    info = dist_utils.init_distributed(config.device)
-    try:
-        return _train(config, info)
-    finally:
-        dist_utils.shutdown(info)
-
-
-def _train(config: TrainConfig, info: dist_utils.DistInfo) -> TrainResult:
-    from kdcache.cache import open_cache
-
-    started = time.perf_counter()
-    cache = open_cache(config.cache)
-    temperature = _cache_temperature(config, cache.manifest)
-    cache.shards(config.split)  # CacheError naming the splits when it is missing
-    resume_from = _check_out_dir(config)
-    if resume_from is not None:
-        model, source = load_student_model(str(resume_from), seed=config.seed)[0], "checkpoint"
-        tokenizer = load_student_tokenizer(str(resume_from), config.cache)
-    else:
-        model, source = load_student_model(config.student, seed=config.seed)
-        tokenizer = load_student_tokenizer(config.student, config.cache)
-    check_tokenizer(tokenizer, config.cache, cache.manifest)
-    check_vocab_size(model, tokenizer)
-    teacher = None if config.teacher is None else _load_teacher(config, cache.manifest)
-    dataset = CacheDataset(
-        cache,
-        config.split,
-        batch_size=config.batch_size,
-        max_tokens=config.max_tokens,
-        rank=info.rank,
-        world_size=info.world_size,
-        num_workers=config.num_workers,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        pad_id=0,
-    )
-    eval_split = _eval_split(config, cache)
-
-    out = Path(config.out)
-    dist_utils.barrier(info)  # every rank checked the out dir before rank 0 writes into it
-    if info.is_main:
-        if config.overwrite and (out / RUN_FILE).is_file():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        run_json = json.dumps(config.to_dict(), indent=2)
-        (out / RUN_FILE).write_text(run_json + "\n", encoding="utf-8")
-    dist_utils.barrier(info)
-
-    device = info.device
-    model.to(device)
-    model.eval()
-    probe = torch.arange(min(8, len(tokenizer)), device=device).unsqueeze(0)
-    chunked = _chunked_available() and resolve_head(model, probe) is not None
-    model.train()
-    objective: nn.Module = DistillObjective(
-        model,
-        kind=config.loss,
-        mu=config.mu,
-        temperature=temperature,
-        alpha=config.alpha,
-        chunk_size=config.chunk_size,
-        chunked=chunked,
-        teacher=None if teacher is None else teacher.to(device),
-        teacher_chunked=teacher is not None and resolve_head(teacher, probe) is not None,
-    )
-    if info.distributed:
-        ids = [info.device.index] if device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-
-    if config.steps is not None:
-        total_steps = config.steps
-    else:
-        per_epoch = min(dataset.num_batches(rank) for rank in range(info.world_size))
-        total_steps = math.ceil((config.epochs or 1) * per_epoch / config.grad_accum)
-        if total_steps < 1:
-            raise CacheError(f"split {config.split!r} of the cache holds no sequences to train on")
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.warmup_steps, total_steps)
-    )
-
-    step, tokens, last_loss = 0, 0, None
-    torch.manual_seed(config.seed)
-    if resume_from is not None:
-        state = load_training_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if len(state["data"]) != info.world_size:
-            raise ConfigError(
-                f"the checkpoint was written by {len(state['data'])} ranks, this run has "
-                f"{info.world_size}; resume with the same world size"
-            )
-        dataset.load_state_dict(state["data"][info.rank])
-        set_rng_state(state["rng"][info.rank])
-        step, tokens, last_loss = int(state["step"]), int(state["tokens"]), state.get("loss")
-    if config.resume and info.is_main:  # lines logged after the checkpoint are redone
-        _truncate_metrics(out, step)
-
-    from kdcache.trainer.evaluate import evaluate_model
-
-    last_eval = None
-    autocast = autocast_dtype(config.dtype, device)
-    max_epochs = config.epochs if config.steps is None else None
-    progress = _progress(config, info, total_steps, step)
-    batches = _micro_batches(dataset, max_epochs, config.grad_accum)
-    window_tokens, window_start = 0, time.perf_counter()
-    while step < total_steps:
-        group = next(batches, [])
-        if dist_utils.all_reduce(float(len(group)), info, op="min") < 1:
-            break  # some rank ran out of data (epochs mode): stop together
-        num_distilled = dist_utils.all_reduce(
-            float(sum(int(b["distill_mask"].sum()) for b in group)), info
-        )
-        num_labels = dist_utils.all_reduce(
-            float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)), info
-        )
-        step_loss = 0.0
-        for index, batch in enumerate(group):
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            sync = index == len(group) - 1 or not info.distributed
-            no_sync = contextlib.nullcontext() if sync else objective.no_sync()
-            amp = (
-                torch.autocast(device.type, dtype=autocast)
-                if autocast is not None
-                else contextlib.nullcontext()
-            )
-            with no_sync, amp:
-                loss = objective(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    batch["topk_ids"],
-                    batch["topk_logprobs"],
-                    batch["tail_mass"],
-                    batch["distill_mask"],
-                    num_distilled,
-                    num_labels,
-                )
-            (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
-            step_loss += float(loss.detach())
-        grad_norm = (
-            float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-            if config.max_grad_norm > 0
-            else float("nan")
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = int(
-            dist_utils.all_reduce(float(sum(int(b["attention_mask"].sum()) for b in group)), info)
-        )
-        tokens += step_tokens
-        window_tokens += step_tokens
-        last_loss = dist_utils.all_reduce(step_loss, info)
-        elapsed = time.perf_counter() - window_start
-        tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
-        progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        progress.update(1)
-        if info.is_main and (step % config.log_every == 0 or step == total_steps):
-            entry = {
-                "kind": "train",
-                "step": step,
-                "epoch": dataset.epoch,
-                "loss": last_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens": tokens,
-                "tokens_per_s": tokens_per_s,
-                "elapsed_s": time.perf_counter() - started,
-            }
-            _append_metrics(out, entry)
-        if eval_split and info.is_main and (step % config.eval_every == 0 or step == total_steps):
-            last_eval = evaluate_model(
-                model,
-                cache,
-                split=eval_split,
-                temperature=temperature,
-                batch_size=config.batch_size,
-                max_sequences=config.eval_sequences,
-                chunk_size=config.chunk_size,
-                device=device,
-                autocast=autocast,
-            )
-            model.train()
-            _append_metrics(out, {"kind": "eval", "step": step, "split": eval_split, **last_eval})
-        if config.save_every and step % config.save_every == 0 and step < total_steps:
-            _save(
-                out,
-                f"step-{step}",
-                model,
-                tokenizer,
-                config,
-                info,
-                optimizer,
-                scheduler,
-                dataset,
-                step,
-                tokens,
-                last_loss,
-            )
-    progress.close()
-    final = _save(
-        out,
-        FINAL,
-        model,
-        tokenizer,
-        config,
-        info,
-        optimizer,
-        scheduler,
-        dataset,
-        step,
-        tokens,
-        last_loss,
-    )
-    resumed = None if resume_from is None else int(load_training_state(resume_from)["step"])
-    return TrainResult(
-        out=out,
-        final=final,
-        steps=step,
-        tokens=tokens,
-        loss=last_loss,
-        seconds=time.perf_counter() - started,
-        resumed_from=resumed,
-        student_source=source,
-        eval=last_eval,
-        rank=info.rank,
-    )
-
-
-def _load_teacher(config: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
-    """The online teacher, frozen, with the cache's tokenizer (same sequences, same ids)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        teacher_tokenizer = load_student_tokenizer(config.teacher, config.cache)
-        check_tokenizer(teacher_tokenizer, config.cache, manifest)
-    except ConfigError as error:
-        message = str(error).replace("student's", "--teacher's").replace("student ", "--teacher ")
-        raise ConfigError(message.replace("not found", "could not be loaded (not found)")) from None
-    bf16 = autocast_dtype(config.dtype, torch.device(resolve_device_name(config)))
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=bf16 or torch.float32)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ConfigError(
-            f"--teacher {config.teacher!r} could not be loaded ({first_line}); pass a "
-            "save_pretrained directory or a hub id"
-        ) from None
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
-def resolve_device_name(config: TrainConfig) -> str:
-    if config.device != "auto":
-        return config.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _chunked_available() -> bool:
     try:
         from kdcache.trainer.chunked import chunked_distill_loss  # noqa: F401
@@ -441,38 +133,276 @@ def _eval_split(config: TrainConfig, cache) -> str | None:
     return config.eval_split
 
 
-def _progress(config: TrainConfig, info: dist_utils.DistInfo, total: int, initial: int):
-    from tqdm.auto import tqdm
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.student`` on ``config.cache`` and return where the result is.
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="step",
-        desc=f"train {config.loss}",
-        disable=not (config.progress and info.is_main),
-        dynamic_ncols=True,
-    )
+    Under torchrun (``WORLD_SIZE > 1``) every rank calls this; only rank 0 writes.
+    """
+    info = dist_utils.init_distributed(config.device)
+    try:
+        return _Run(config, info).run()
+    finally:
+        dist_utils.shutdown(info)
 
 
-def _save(
-    out, name, model, tokenizer, config, info, optimizer, scheduler, dataset, step, tokens, loss
-) -> Path:
-    """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint."""
-    data_states = dist_utils.gather_objects(dataset.state_dict(), info)
-    rng_states = dist_utils.gather_objects(rng_state(), info)
-    path = out / name
-    if info.is_main:
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "loss": loss,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data": data_states,
-            "rng": rng_states,
-            "config": config.to_dict(),
-            "world_size": info.world_size,
+class _Run:
+    """One training run: set up (all checks first), then the step loop, then the final save."""
+
+    def __init__(self, config: TrainConfig, info: dist_utils.DistInfo) -> None:
+        from kdcache.cache import open_cache
+
+        self.config, self.info, self.started = config, info, time.perf_counter()
+        self.cache = cache = open_cache(config.cache)
+        self.temperature = _cache_temperature(config, cache.manifest)
+        cache.shards(config.split)  # CacheError naming the splits when it is missing
+        self.resume_from = check_run_dir(config)
+        spec = config.student if self.resume_from is None else str(self.resume_from)
+        self.model, self.source = load_student_model(spec, seed=config.seed)
+        if self.resume_from is not None:
+            self.source = "checkpoint"
+        self.tokenizer = load_student_tokenizer(spec, config.cache)
+        check_tokenizer(self.tokenizer, config.cache, cache.manifest)
+        check_vocab_size(self.model, self.tokenizer)
+        self.device = info.device
+        self.autocast = autocast_dtype(config.dtype, self.device)
+        teacher = None
+        if config.teacher is not None:
+            dtype = self.autocast or torch.float32
+            teacher = load_teacher(config.teacher, config.cache, cache.manifest, dtype)
+        self.dataset = CacheDataset(
+            cache,
+            config.split,
+            batch_size=config.batch_size,
+            max_tokens=config.max_tokens,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=config.num_workers,
+            seed=config.seed,
+            shuffle_buffer=config.shuffle_buffer,
+            pad_id=0,
+        )
+        self.eval_split = _eval_split(config, cache)
+        self.total_steps = self._total_steps()
+
+        self.out = Path(config.out)  # all checks passed: now (rank 0) writes
+        dist_utils.barrier(info)  # every rank checked the out dir before rank 0 writes into it
+        if info.is_main:
+            start_run_dir(self.out, config)
+        dist_utils.barrier(info)
+
+        self.objective = self._objective(teacher)
+        self.optimizer = _optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config.warmup_steps, self.total_steps)
+        )
+        self.step, self.tokens, self.loss = 0, 0, None
+        self.last_eval: dict[str, float] | None = None
+        torch.manual_seed(config.seed)
+        if self.resume_from is not None:
+            self._load_state(load_training_state(self.resume_from))
+        if config.resume and info.is_main:  # lines logged after the checkpoint are redone
+            truncate_metrics(self.out, self.step)
+
+    def _total_steps(self) -> int:
+        config = self.config
+        if config.steps is not None:
+            return config.steps
+        ranks = range(self.info.world_size)
+        per_epoch = min(self.dataset.num_batches(rank) for rank in ranks)
+        total = math.ceil((config.epochs or 1) * per_epoch / config.grad_accum)
+        if total < 1:
+            raise CacheError(f"split {config.split!r} of the cache holds no sequences to train on")
+        return total
+
+    def _objective(self, teacher: nn.Module | None) -> nn.Module:
+        model, device, config = self.model, self.device, self.config
+        model.to(device).eval()  # resolve_head compares against the forward: no dropout
+        probe = torch.arange(min(8, len(self.tokenizer)), device=device).unsqueeze(0)
+        chunked = _chunked_available() and resolve_head(model, probe) is not None
+        if teacher is not None:
+            teacher.to(device)
+        model.train()
+        objective: nn.Module = DistillObjective(
+            model,
+            kind=config.loss,
+            mu=config.mu,
+            temperature=self.temperature,
+            alpha=config.alpha,
+            chunk_size=config.chunk_size,
+            chunked=chunked,
+            teacher=teacher,
+            teacher_chunked=teacher is not None and resolve_head(teacher, probe) is not None,
+        )
+        if self.info.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        return objective
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if len(state["data"]) != self.info.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by {len(state['data'])} ranks, this run has "
+                f"{self.info.world_size}; resume with the same world size"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.dataset.load_state_dict(state["data"][self.info.rank])
+        set_rng_state(state["rng"][self.info.rank])
+        self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]
+        self.resumed_step = self.step
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        config, info = self.config, self.info
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            desc=f"train {config.loss}",
+            disable=not (config.progress and info.is_main),
+            dynamic_ncols=True,
+        )
+        max_epochs = config.epochs if config.steps is None else None
+        batches = _micro_batches(self.dataset, max_epochs, config.grad_accum)
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            group = next(batches, [])
+            if dist_utils.all_reduce(float(len(group)), info, op="min") < 1:
+                break  # some rank ran out of data (epochs mode): stop together
+            grad_norm, step_tokens = self._optimizer_step(group)
+            window_tokens += step_tokens
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            progress.set_postfix(
+                loss=f"{self.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
+            progress.update(1)
+            last = self.step == self.total_steps
+            if info.is_main and (self.step % config.log_every == 0 or last):
+                self._log_train(grad_norm, tokens_per_s)
+            if self.eval_split and info.is_main and (self.step % config.eval_every == 0 or last):
+                self._evaluate()
+            if config.save_every and self.step % config.save_every == 0 and not last:
+                self._save(f"step-{self.step}")
+        progress.close()
+        final = self._save(FINAL)
+        return TrainResult(
+            out=self.out,
+            final=final,
+            steps=self.step,
+            tokens=self.tokens,
+            loss=self.loss,
+            seconds=time.perf_counter() - self.started,
+            resumed_from=getattr(self, "resumed_step", None),
+            student_source=self.source,
+            eval=self.last_eval,
+            rank=info.rank,
+        )
+
+    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Forward/backward every micro-batch of ``group``, then one optimizer step.
+
+        Returns (gradient norm before clipping, tokens of the step over all ranks).
+        """
+        info, config = self.info, self.config
+        # Position counts of the whole step (all micro-batches, all ranks) normalize the loss.
+        num_distilled = dist_utils.all_reduce(
+            float(sum(int(b["distill_mask"].sum()) for b in group)), info
+        )
+        num_labels = dist_utils.all_reduce(
+            float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)), info
+        )
+        step_loss = 0.0
+        for index, batch in enumerate(group):
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            last = index == len(group) - 1
+            no_sync = self.objective.no_sync() if info.distributed and not last else None
+            amp = (
+                torch.autocast(self.device.type, dtype=self.autocast)
+                if self.autocast is not None
+                else None
+            )
+            with no_sync or contextlib.nullcontext(), amp or contextlib.nullcontext():
+                loss = self.objective(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    batch["topk_ids"],
+                    batch["topk_logprobs"],
+                    batch["tail_mass"],
+                    batch["distill_mask"],
+                    num_distilled,
+                    num_labels,
+                )
+            (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
+            step_loss += float(loss.detach())
+        grad_norm = float("nan")
+        if config.max_grad_norm > 0:
+            grad_norm = float(
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        local_tokens = float(sum(int(b["attention_mask"].sum()) for b in group))
+        step_tokens = int(dist_utils.all_reduce(local_tokens, info))
+        self.tokens += step_tokens
+        self.loss = dist_utils.all_reduce(step_loss, info)
+        return grad_norm, step_tokens
+
+    def _log_train(self, grad_norm: float, tokens_per_s: float) -> None:
+        entry = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.dataset.epoch,
+            "loss": self.loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": time.perf_counter() - self.started,
         }
-        path = save_checkpoint(out, name, model, tokenizer, state)
-    dist_utils.barrier(info)
-    return path
+        append_metrics(self.out, entry)
+
+    def _evaluate(self) -> None:
+        from kdcache.trainer.evaluate import evaluate_model
+
+        self.last_eval = evaluate_model(
+            self.model,
+            self.cache,
+            split=self.eval_split,
+            temperature=self.temperature,
+            batch_size=self.config.batch_size,
+            max_sequences=self.config.eval_sequences,
+            chunk_size=self.config.chunk_size,
+            device=self.device,
+            autocast=self.autocast,
+        )
+        self.model.train()
+        entry = {"kind": "eval", "step": self.step, "split": self.eval_split, **self.last_eval}
+        append_metrics(self.out, entry)
+
+    def _save(self, name: str) -> Path:
+        """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint."""
+        data_states = dist_utils.gather_objects(self.dataset.state_dict(), self.info)
+        rng_states = dist_utils.gather_objects(rng_state(), self.info)
+        path = self.out / name
+        if self.info.is_main:
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "loss": self.loss,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "data": data_states,
+                "rng": rng_states,
+                "config": self.config.to_dict(),
+                "world_size": self.info.world_size,
+            }
+            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state)
+        dist_utils.barrier(self.info)
+        return path

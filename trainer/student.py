@@ -189,3 +189,23 @@ def check_vocab_size(model: torch.nn.Module, tokenizer: Any) -> None:
             f"the student's vocab_size {vocab_size} is smaller than its tokenizer "
             f"({len(tokenizer)} tokens); set vocab_size >= {len(tokenizer)} in the student config"
         )
+
+
+def load_teacher(spec: str, cache_dir: str | Path, manifest: dict[str, Any], dtype: torch.dtype):
+    """The online teacher, frozen, checked against the cache's tokenizer (same ids)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        check_tokenizer(load_student_tokenizer(spec, cache_dir), cache_dir, manifest)
+    except ConfigError as error:
+        message = str(error).replace("student's", "--teacher's").replace("student ", "--teacher ")
+        raise ConfigError(message.replace("not found", "could not be loaded (not found)")) from None
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ConfigError(
+            f"--teacher {spec!r} could not be loaded ({first_line}); pass a save_pretrained "
+            "directory or a hub id"
+        ) from None
+    return teacher.eval().requires_grad_(False)
