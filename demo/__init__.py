@@ -6,6 +6,7 @@ Public API (cheap to import, no side effects):
 * :func:`write_demo_dataset` - the held-out ``demo`` split of the stdlib corpus as jsonl.
 * :func:`demo_student_config_path` - a Llama config a fraction of the teacher's size.
 * :data:`DEFAULT_CACHE_DIR`, :data:`DEFAULT_RUN_DIR` - where the defaults write.
+* :data:`DEMO_BUILD_SETTINGS` - ``BuildConfig`` fields of the demo cache (top_k, max_length, holdout).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "DEFAULT_DEMO_DIR",
     "DEFAULT_RUN_DIR",
+    "DEMO_BUILD_SETTINGS",
     "demo_student_config_path",
     "demo_teacher_dir",
     "write_demo_dataset",
@@ -27,6 +29,10 @@ __all__ = [
 DEFAULT_DEMO_DIR = Path("kdcache-demo")
 DEFAULT_CACHE_DIR = DEFAULT_DEMO_DIR / "cache"
 DEFAULT_RUN_DIR = DEFAULT_DEMO_DIR / "runs"
+
+# BuildConfig fields the demo cache is built with (``kdcache demo`` and ``kdcache build`` with no
+# --teacher/--data should agree, so that one reuses the other's cache instead of refusing it).
+DEMO_BUILD_SETTINGS: dict[str, int | float] = {"top_k": 64, "max_length": 256, "holdout": 0.1}
 
 _HERE = Path(__file__).resolve().parent
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.errors import ConfigError
+from kdcache.demo import DEMO_BUILD_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,9 @@ class DemoSettings:
     """Sizes of the demo. ``DemoSettings()`` is the real demo; ``QUICK`` is for tests."""
 
     max_tokens: int | None = None  # cap on the demo dataset (None: the whole held-out split)
-    top_k: int = 64  # teacher entries stored per position
-    max_length: int = 256  # tokens per packed sequence
-    holdout: float = 0.1  # fraction of rows in the cache's holdout split
+    top_k: int = int(DEMO_BUILD_SETTINGS["top_k"])  # teacher entries stored per position
+    max_length: int = int(DEMO_BUILD_SETTINGS["max_length"])  # tokens per packed sequence
+    holdout: float = float(DEMO_BUILD_SETTINGS["holdout"])  # fraction of rows held out
     steps: int = 400  # optimizer steps of each student
     batch_size: int = 16  # sequences per step
     lr: float = 3e-3  # peak learning rate (AdamW, warmup + cosine)

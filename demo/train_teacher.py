@@ -56,10 +56,10 @@ class TeacherSettings:
     max_position_embeddings: int = 1024
     seq_len: int = 512
     batch_size: int = 8
-    steps: int = 750
+    steps: int = 350
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1234
