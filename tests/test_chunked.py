@@ -269,3 +269,15 @@ def test_chunked_row_loss_with_a_sampled_loss():
     got = chunked_row_loss(hidden, head, row_loss, chunk_size=5)
     want = row_loss(_plain_logits(hidden, head), 0, N).sum()
     assert_same(got, want, params(hidden, head))
+
+
+def test_no_grad_mode_gives_the_same_value():
+    hidden, head, _, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=13)
+    with torch.no_grad():
+        value = chunked_distill_loss(hidden, head, ids, lp, tail, labels, kd_w, ce_w, chunk_size=5)
+    want = reference(hidden, head, ids, lp, tail, labels, kd_w, ce_w, "akl")
+    assert not value.requires_grad
+    torch.testing.assert_close(value, want.detach())
+    with torch.no_grad():
+        low = chunked_distill_loss(hidden.bfloat16(), head, ids, lp, tail, labels, kd_w, ce_w)
+    torch.testing.assert_close(low, want.detach(), rtol=3e-2, atol=3e-2)

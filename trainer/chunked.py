@@ -143,11 +143,20 @@ def _run_chunks(
             f"hidden must be (N, H) with H = {head.weight.shape[1]} (the head's input size), "
             f"got {tuple(hidden.shape)}"
         )
+    if method == "plain":
+        return row_loss(head.logits(hidden), 0, hidden.shape[0]).sum()
+    if not torch.is_grad_enabled():  # evaluation: no gradients to fold, just the loss per chunk
+        weight = head.weight.to(hidden.dtype)  # (V, H) matmuls in the activations' dtype
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _postprocess(F.linear(hidden[start:end], weight, bias), head)  # (C, V)
+            total += row_loss(logits, start, end).sum()
+        return total
     if method == "fused":
         kernel = kernel or _autograd_kernel(row_loss)
         return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, chunk_size)
-    if method == "plain":
-        return row_loss(head.logits(hidden), 0, hidden.shape[0]).sum()
 
     def chunk_loss(hidden_chunk: torch.Tensor, start: int, end: int) -> torch.Tensor:
         return row_loss(head.logits(hidden_chunk), start, end).sum()
