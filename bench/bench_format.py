@@ -74,6 +74,92 @@ def teacher_topk(teacher: Path, num_positions: int, seq_len: int, kmax: int, wor
     return result
 
 
+def ngram_topk(tokenizer_dir: Path, num_positions: int, seq_len: int, kmax: int, work: Path):
+    """A sharp *count-based* teacher: an interpolated trigram LM (absolute discounting, d = 0.75)
+    trained on the stdlib ``teacher-train`` split with the teacher's tokenizer, evaluated on the
+    held-out ``demo`` split. Same return value as ``teacher_topk``. Code is very predictable from
+    two tokens of context, so this gives the sharp end of the range; numpy only."""
+    key = hashlib.sha256(
+        f"ngram:{tokenizer_dir.resolve()}:{num_positions}:{seq_len}:{kmax}".encode()
+    )
+    path = work / f"ngram-{key.hexdigest()[:12]}.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["input_ids"], data["ids"], data["logprobs"], data["tail"]
+    from transformers import AutoTokenizer
+
+    from kdcache.demo import corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tokenizer)
+
+    def tokens_of(split: str, limit: int | None = None) -> np.ndarray:
+        ids: list[int] = []
+        for text in corpus.iter_texts(split):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if limit and len(ids) >= limit:
+                break
+        return np.array(ids, np.int64)
+
+    train = tokens_of("teacher-train")
+    unigram = np.bincount(train, minlength=vocab) + 0.5
+    unigram = unigram / unigram.sum()
+    discount = 0.75
+
+    def table(contexts: np.ndarray, nexts: np.ndarray):
+        """Sorted unique contexts, CSR pointers, next ids, discounted probs, backoff weights."""
+        pairs, counts = np.unique(contexts * vocab + nexts, return_counts=True)
+        ctx, words = pairs // vocab, pairs % vocab
+        keys, first, per_ctx = np.unique(ctx, return_index=True, return_counts=True)
+        totals = np.add.reduceat(counts, first).astype(np.float64)
+        probs = (counts - discount) / np.repeat(totals, per_ctx)
+        backoff = discount * per_ctx / totals
+        return keys, np.append(first, len(ctx)), words, probs, backoff
+
+    bigram = table(train[:-1], train[1:])
+    trigram = table(train[:-2] * vocab + train[1:-1], train[2:])
+
+    def add_rows(contexts, tab, lower):
+        keys, pointers, words, probs, backoff = tab
+        slot = np.searchsorted(keys, contexts)
+        seen = (slot < len(keys)) & (keys[np.minimum(slot, len(keys) - 1)] == contexts)
+        weight = np.where(seen, backoff[np.minimum(slot, len(keys) - 1)], 1.0)
+        out = lower * weight[:, None]
+        rows = np.flatnonzero(seen)
+        lens = pointers[slot[rows] + 1] - pointers[slot[rows]]
+        entry = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        entry += np.repeat(pointers[slot[rows]], lens)
+        out[np.repeat(rows, lens), words[entry]] += probs[entry]
+        return out
+
+    held = tokens_of("demo", num_positions + 2)
+    rows = min(len(held) - 2, num_positions) // seq_len
+    input_ids = held[: rows * seq_len].reshape(rows, seq_len)
+    out_ids, out_lp, out_tail, nll = [], [], [], []
+    for start in range(0, rows * seq_len, 512):
+        t = np.arange(start, min(start + 512, rows * seq_len))
+        prev = held[np.maximum(t - 1, 0)]  # position t predicts token t+1 from tokens t-1, t
+        p2 = add_rows(held[t], bigram, np.broadcast_to(unigram, (len(t), vocab)))
+        p3 = add_rows(prev * vocab + held[t], trigram, p2)
+        top = np.argpartition(-p3, kmax, axis=1)[:, :kmax]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(p3, top, 1), axis=1), 1)
+        top_p = np.take_along_axis(p3, top, axis=1)
+        nll.append(-np.log(p3[np.arange(len(t)), held[t + 1]]))
+        out_ids.append(top.astype(np.int32))
+        out_lp.append(np.log(top_p).astype(np.float32))
+        out_tail.append(np.clip(p3.sum(axis=1) - top_p.sum(axis=1), 0, None))
+    print(f"trigram teacher: held-out perplexity {np.exp(np.concatenate(nll).mean()):.2f}")
+    result = (
+        input_ids.astype(np.int32),
+        np.concatenate(out_ids),
+        np.concatenate(out_lp),
+        np.concatenate(out_tail),
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(path, input_ids=result[0], ids=result[1], logprobs=result[2], tail=result[3])
+    return result
+
+
 def fallback_teacher(work: Path) -> Path:
     """A small teacher trained with the demo's training code (cached in ``work``)."""
     out = work / "fallback-teacher"
@@ -294,12 +380,14 @@ def shard_read_speed(records, top_k: int, vocab_size: int, mode: str, work: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, default=None, help="default: demo/teacher")
+    parser.add_argument("--no-ngram", action="store_true", help="skip the trigram teacher")
     parser.add_argument("--positions", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--work", type=Path, default=Path("/tmp/kdcache-bench-format"))
     args = parser.parse_args()
     import torch
+    from transformers import AutoConfig
 
     torch.set_num_threads(1)
     ks = [int(k) for k in args.ks.split(",")]
@@ -307,18 +395,35 @@ def main() -> None:
     if teacher is None:
         shipped = Path(__file__).resolve().parents[1] / "demo" / "teacher"
         teacher = shipped if (shipped / "config.json").exists() else fallback_teacher(args.work)
-    input_ids, ids, logprobs, tail = teacher_topk(
-        teacher, args.positions, args.seq_len, max(ks), args.work
-    )
-    from transformers import AutoConfig
-
     vocab_size = AutoConfig.from_pretrained(teacher).vocab_size
+    sources = [(f"neural teacher {teacher}", teacher_topk)]
+    if not args.no_ngram:
+        sources.append((f"trigram teacher (tokenizer of {teacher})", ngram_topk))
+    for name, source in sources:
+        data = source(teacher, args.positions, args.seq_len, max(ks), args.work)
+        print(f"\n== {name}: vocab {vocab_size}, {data[0].size} held-out positions (demo split)")
+        report(data, ks, vocab_size, args.work)
+    blob = np.random.default_rng(0).bytes(64 << 20)
+    for label, fn in (
+        ("sha256", lambda: hashlib.sha256(blob)),
+        ("crc32", lambda: __import__("zlib").crc32(blob)),
+    ):
+        t0 = time.perf_counter()
+        fn()
+        print(f"checksum {label}: {64 / (time.perf_counter() - t0):,.0f} MB/s")
+
+
+def report(data, ks: list[int], vocab_size: int, work: Path) -> None:
+    """Print the table of one teacher's distributions."""
+    input_ids, ids, logprobs, tail = data
     num_tokens = input_ids.size
     p = np.exp(logprobs.astype(np.float64))
-    print(f"teacher {teacher} (vocab {vocab_size}); {num_tokens} held-out positions (demo split)")
+    next_ids = input_ids.reshape(-1)[1:]
+    in_top1 = (ids[:-1, 0] == next_ids).mean()
     print(
-        f"teacher sharpness: median top-1 prob {np.median(p[:, 0]):.3f}, median top-8 mass {np.median(p[:, :8].sum(1)):.3f}, "
-        f"median top-64 mass {np.median(p[:, :64].sum(1)):.3f}"
+        f"sharpness: median top-1 prob {np.median(p[:, 0]):.3f}, median top-8 mass "
+        f"{np.median(p[:, :8].sum(1)):.3f}, median top-64 mass {np.median(p[:, :64].sum(1)):.3f}; "
+        f"top-1 = next token {in_top1:.3f}"
     )
     header = f"{'k':>4} | {'encoding':<44} | {'B/token':>8} | {'vs plain':>8} | {'enc pos/s':>10} | {'dec pos/s':>10}"
     print(header)
@@ -366,20 +471,12 @@ def main() -> None:
     k = 64 if 64 in ks else ks[-1]
     records = records_for_k(input_ids, ids, logprobs, tail, k)
     for mode in ("exact", "compact"):
-        speed = shard_read_speed(records, k, vocab_size, mode, args.work)
+        speed = shard_read_speed(records, k, vocab_size, mode, work)
         print(
             f"end to end at k={k}, {mode}: ShardWriter {speed['write']:,.0f} pos/s; open_cache "
             f"read {speed['read']:,.0f} pos/s (sha256 verified), {speed['read_noverify']:,.0f} "
             "pos/s (zstd frame checksums only)"
         )
-    blob = np.random.default_rng(0).bytes(64 << 20)
-    for name, fn in (
-        ("sha256", lambda: hashlib.sha256(blob)),
-        ("crc32", lambda: __import__("zlib").crc32(blob)),
-    ):
-        t0 = time.perf_counter()
-        fn()
-        print(f"checksum {name}: {64 / (time.perf_counter() - t0):,.0f} MB/s")
 
 
 if __name__ == "__main__":

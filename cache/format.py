@@ -218,11 +218,13 @@ class BlockCodec:
             records.append(
                 SequenceRecord(
                     sequence_id=int(sequence_id),
-                    input_ids=input_ids[t0:t1],
-                    topk_ids=dense_ids[r0:r1],
-                    topk_logprobs=dense_lp[r0:r1],
-                    tail_mass=tail[r0:r1],
-                    positions=positions[r0:r1],
+                    # copies: writable, and a record kept in a shuffle buffer does not pin
+                    # its whole block in memory
+                    input_ids=input_ids[t0:t1].copy(),
+                    topk_ids=dense_ids[r0:r1].copy(),
+                    topk_logprobs=dense_lp[r0:r1].copy(),
+                    tail_mass=tail[r0:r1].copy(),
+                    positions=positions[r0:r1].copy(),
                 )
             )
         return records

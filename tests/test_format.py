@@ -81,6 +81,7 @@ def test_exact_block_round_trip(top_k):
         np.testing.assert_array_equal(read.tail_mass, written.tail_mass)
         np.testing.assert_array_equal(read.positions, written.positions)
         np.testing.assert_array_equal(read.input_ids, written.input_ids)
+        assert read.input_ids.flags.writeable and read.topk_ids.flags.owndata
 
 
 def test_exact_values_are_fp16_rounded_float32():
