@@ -194,6 +194,42 @@ def test_only_rank_zero_writes_and_resume_with_the_same_world_size(
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
 
 
+def _fsdp_recipe() -> str:
+    """The FSDP script of docs/SCALING.md (its first python block after the FSDP heading)."""
+    text = (Path(__file__).parents[1] / "docs" / "SCALING.md").read_text(encoding="utf-8")
+    section = text[text.index("## Students that do not fit") :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _recipe_rank(rank: int, world_size: int, source: str, *args) -> str:
+    namespace = {"__name__": "fsdp_recipe"}
+    exec(compile(source, "docs/SCALING.md", "exec"), namespace)
+    namespace["main"](*args)  # cache, student, out, steps, batch_size, lr
+    return "done"
+
+
+def test_fsdp_recipe_of_scaling_md_runs_on_two_gloo_ranks(four_sequences, student_json, tmp_path):
+    """2 FSDP ranks x batch 2 == 1 rank x batch 4: same weights after 2 AdamW steps."""
+    student = tmp_path / "student"
+    load_student_model(str(student_json), seed=0)[0].save_pretrained(student)
+    source, cache = _fsdp_recipe(), str(four_sequences)
+    steps, lr = 2, 1e-2
+    two = run_ranks(
+        _recipe_rank, 2, source, cache, str(student), str(tmp_path / "two"), steps, 2, lr
+    )
+    assert two == ["done", "done"], two
+    one = run_ranks(
+        _recipe_rank, 1, source, cache, str(student), str(tmp_path / "one"), steps, 4, lr
+    )
+    assert one == ["done"], one
+    initial, after_one = _weights(student), _weights(tmp_path / "one")
+    after_two = _weights(tmp_path / "two")
+    assert after_two.keys() == after_one.keys() == initial.keys()
+    for name, weight in after_one.items():
+        assert not torch.equal(weight, initial[name]), name
+        torch.testing.assert_close(after_two[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow  # torchrun starts fresh interpreters: ~30-60 s on 2 busy cores
 def test_torchrun_train_command(four_sequences, student_json, tmp_path):
     """The documented command: ``python -m torch.distributed.run --nproc-per-node 2 -m kdcache.cli``."""
