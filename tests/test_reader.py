@@ -36,8 +36,10 @@ def build(cache_dir, splits=("train", "holdout"), num_records=30, mode="exact"):
     return manifest
 
 
-def test_open_cache_exposes_manifest_splits_and_shards(tmp_path):
-    manifest = build(tmp_path)
+@pytest.mark.parametrize("mode", ["exact", "compact"])
+def test_open_cache_exposes_manifest_splits_and_shards(tmp_path, mode):
+    manifest = build(tmp_path, mode=mode)
+    assert manifest["mode"] == mode
     cache = open_cache(tmp_path)
     assert cache.manifest == manifest == read_manifest(tmp_path)
     assert cache.path == tmp_path and set(cache.splits) == {"train", "holdout"}
@@ -47,6 +49,11 @@ def test_open_cache_exposes_manifest_splits_and_shards(tmp_path):
         records = list(cache.sequences(split))
         assert len(records) == manifest["splits"][split]["num_sequences"] == 30
         assert sum(r.num_tokens for r in records) == manifest["splits"][split]["num_tokens"]
+        for record in records:
+            assert record.topk_ids.shape == (record.num_positions, TOP_K)
+            lp = record.topk_logprobs
+            assert np.all(record.tail_mass >= 0)
+            assert not np.any(lp[:, 1:] > lp[:, :-1])  # descending, padding (-inf) last
         fast = list(cache.sequences(split, verify=False))
         assert all(
             np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(records, fast, strict=True)
