@@ -143,7 +143,7 @@ class ShardWriter:
         self._written: list[ShardInfo] = []
         self.directory.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(
-            target=self._run, name=f"kdcache-shards-{split}", daemon=True
+            target=self._run, name=f"kdcache-shards-{split}-r{rank}", daemon=True
         )
         self._thread.start()
 

@@ -252,7 +252,7 @@ def test_write_hands_records_to_the_thread_without_waiting_for_encoding(tmp_path
     release.set()
     (info,) = writer.close()
     assert info.num_sequences == 6
-    assert encoder_threads == {"kdcache-shards-train"}
+    assert encoder_threads == {"kdcache-shards-train-r0"}
 
 
 def test_ranks_write_side_by_side_and_read_in_rank_order(tmp_path):
