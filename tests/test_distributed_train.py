@@ -117,20 +117,36 @@ def _distilled_positions(cache: Path, rank: int, world_size: int) -> int:
     return sum(int(batch["distill_mask"].sum()) for batch in dataset.epoch_batches())
 
 
-@pytest.mark.parametrize("sgd", [True, False], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    ("sgd", "batch_size", "grad_accum", "online"),
+    [(True, 2, 1, False), (False, 2, 1, False), (True, 1, 2, False), (True, 2, 1, True)],
+    ids=["sgd", "adamw", "sgd-grad-accum", "sgd-online-teacher"],
+)
 def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
-    four_sequences, student_json, tmp_path, monkeypatch, sgd
+    four_sequences,
+    student_json,
+    tiny_llama_dir,
+    tmp_path,
+    monkeypatch,
+    sgd,
+    batch_size,
+    grad_accum,
+    online,
 ):
-    """2 ranks x batch 2 == 1 rank x batch 4 over the same 4 sequences, after one step.
+    """2 ranks x 2 sequences == 1 rank x batch 4 over the same 4 sequences, after one step.
 
     The ranks hold different numbers of distilled positions, so a per-rank mean (instead of the
     global one) would weight the ranks' positions differently and fail this test. With SGD the
-    update is the averaged gradient itself; with the real AdamW it is the update users get.
+    update is the averaged gradient itself; with the real AdamW it is the update users get. The
+    ranks' 2 sequences come as one batch of 2 or as 2 accumulated batches of 1 (DDP ``no_sync``),
+    from the cache or with the full teacher in the loop (``--teacher``).
     """
     counts = [_distilled_positions(four_sequences, rank, 2) for rank in range(2)]
     assert counts[0] != counts[1], counts
     assert sum(counts) == _distilled_positions(four_sequences, 0, 1)
     extra = {"max_grad_norm": 0.0, "lr": 1.0, "weight_decay": 0.0} if sgd else {}
+    if online:
+        extra["teacher"] = str(tiny_llama_dir)
 
     if sgd:
         from kdcache.trainer import loop
@@ -140,7 +156,14 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
     ranks = run_ranks(
         _train_rank,
         2,
-        _config(four_sequences, student_json, tmp_path / "two", batch_size=2, **extra),
+        _config(
+            four_sequences,
+            student_json,
+            tmp_path / "two",
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            **extra,
+        ),
         sgd,
     )
     assert [result[0] for result in ranks] == [1, 1], ranks
