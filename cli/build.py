@@ -8,6 +8,7 @@ of the data and rank 0 writes the manifest.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import typer
@@ -25,6 +26,12 @@ def _demo_defaults(out: Path | None) -> tuple[str, str, Path]:
     return str(demo_teacher_dir()), str(data), Path(out)
 
 
+# Build ranks meet only at the start and at the end, to exchange a few small Python objects (gloo
+# on CPU is enough, also on GPU nodes), but a rank may wait there for hours: after a resume, a rank
+# whose slice is complete waits for the others. torchrun still stops every rank when one fails.
+BUILD_GROUP_TIMEOUT = timedelta(days=7)
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; initializes the process group if needed."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
@@ -34,10 +41,9 @@ def _distributed() -> tuple[int, int]:
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available():  # --device auto then means this rank's own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="gloo", timeout=BUILD_GROUP_TIMEOUT)
     return rank, world_size
 
 

@@ -1,14 +1,14 @@
 """``build_cache`` under torch.distributed: 2 gloo processes on CPU, as torchrun would run them.
 
 The ranks are forked from the test process (torch and transformers already imported, so a rank
-starts in well under a second) and each calls ``build_cache(config, rank=r, world_size=2)`` after
-``init_process_group("gloo")`` -- exactly what ``python -m kdcache.cli build`` does under torchrun.
+starts in well under a second) with torchrun's environment; each joins the group with the CLI's own
+``_distributed()`` and calls ``build_cache(config, rank=r, world_size=2)`` -- exactly what
+``python -m kdcache.cli build`` does under torchrun.
 The torchrun command itself is exercised by the ``slow`` test at the end.
 """
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import os
 import shutil
@@ -96,10 +96,13 @@ def run_ranks(fn, world_size: int, *args) -> list:
 
 
 def _build_rank(rank: int, world_size: int, config: BuildConfig):
-    """What ``kdcache build`` does on one torchrun rank."""
+    """What ``kdcache build`` does on one torchrun rank (its own process-group setup included)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from kdcache.cli.build import _distributed
+
+    assert _distributed() == (rank, world_size)
+    assert dist.get_backend() == "gloo"
     try:
         summary = build_cache(config, rank=rank, world_size=world_size)
     finally:
