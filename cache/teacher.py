@@ -268,20 +268,24 @@ def prefetch(iterable: Iterable[T], size: int = 2) -> Iterator[T]:
     done = object()
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Hand ``item`` over unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            items.put(done)
+            put(done)
         except BaseException as error:  # handed to the consumer
-            items.put(_Failure(error))
+            put(_Failure(error))
 
     thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
     thread.start()

@@ -101,3 +101,29 @@ def test_bad_dtype_and_missing_teacher(tmp_path):
         load_model(str(tmp_path / "nope"), torch.float32, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"no config\.json"):
         load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+
+
+def test_prefetch_keeps_order_reraises_and_stops():
+    import threading
+
+    from kdcache.cache.teacher import prefetch
+
+    assert list(prefetch(range(50), size=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ConfigError("bad row")
+
+    with pytest.raises(ConfigError, match="bad row"):
+        list(prefetch(failing()))
+    before = threading.active_count()
+    iterator = prefetch(iter(range(10_000)))
+    next(iterator)
+    iterator.close()  # the consumer goes away: the producer thread must end
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        import time
+
+        time.sleep(0.05)
+    assert threading.active_count() <= before
