@@ -50,6 +50,9 @@ SCHEMA = pa.schema(
         ("tail_mass", pa.binary()),
     ]
 )
+# topk+tail mode (codec.tail_samples > 0): s sampled tail ids per row (ascending, delta-coded,
+# byte planes) and their log-probs (fp16 bit patterns, two byte planes), in the same id order
+TAIL_FIELDS = [("tail_ids", pa.binary()), ("tail_logprobs", pa.binary())]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class BlockCodec:
     top_k: int
     vocab_size: int
     level: int = ZSTD_LEVEL
+    tail_samples: int = 0  # topk+tail mode: sampled tail ids stored per position (0 = none)
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +73,8 @@ class BlockCodec:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         if self.vocab_size < 1 or self.top_k > self.vocab_size:
             problems.append(f"vocab_size {self.vocab_size} must be >= top_k {self.top_k}")
+        if not 0 <= self.tail_samples <= 255:
+            problems.append(f"tail_samples must be in [0, 255], got {self.tail_samples}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -76,6 +82,11 @@ class BlockCodec:
     def id_planes(self) -> int:
         """Bytes needed for an id delta (at most vocab_size - 1)."""
         return max(1, (int(self.vocab_size - 1).bit_length() + 7) // 8)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of this codec's blocks (SCHEMA, plus TAIL_FIELDS with tail samples)."""
+        return pa.schema([*SCHEMA, *TAIL_FIELDS]) if self.tail_samples else SCHEMA
 
     @property
     def count_dtype(self) -> np.dtype:
@@ -93,6 +104,8 @@ class BlockCodec:
         }
         if self.mode == "compact":
             meta["compact_step"] = repr(COMPACT_STEP)
+        if self.tail_samples:
+            meta["tail_samples"] = str(self.tail_samples)
         return {key.encode(): value.encode() for key, value in meta.items()}
 
     @classmethod
@@ -113,7 +126,12 @@ class BlockCodec:
             )
         if mode == "compact" and float(meta["compact_step"]) != COMPACT_STEP:
             raise CacheError(f"shard {shard} has an unknown compact_step {meta['compact_step']}")
-        return cls(mode=mode, top_k=int(meta["top_k"]), vocab_size=int(meta["vocab_size"]))
+        return cls(
+            mode=mode,
+            top_k=int(meta["top_k"]),
+            vocab_size=int(meta["vocab_size"]),
+            tail_samples=int(meta.get("tail_samples", "0")),
+        )
 
     # ------------------------------------------------------------------ encode
     def encode(self, records: list[SequenceRecord]) -> pa.RecordBatch:
@@ -151,7 +169,35 @@ class BlockCodec:
             pa.array([pack(lp_blob)], pa.binary()),
             pa.array([pack(tail_blob)], pa.binary()),
         ]
-        return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+        if self.tail_samples:
+            arrays += [pa.array([pack(blob)], pa.binary()) for blob in self._encode_tail(records)]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _encode_tail(self, records: list[SequenceRecord]) -> tuple[bytes, bytes]:
+        """Tail samples of every row sorted by id, delta-coded (first absolute); fp16 log-probs."""
+        ids = np.concatenate([r.tail_ids for r in records]).astype(np.int64)  # (P, s)
+        logprobs = np.concatenate([r.tail_logprobs for r in records]).astype(np.float32)
+        order = np.argsort(ids, axis=1, kind="stable")
+        ids = np.take_along_axis(ids, order, axis=1)
+        logprobs = np.take_along_axis(logprobs, order, axis=1)
+        deltas = np.diff(ids, axis=1, prepend=0).reshape(-1)  # row starts stay absolute
+        return (
+            _planes(deltas.astype("<u4"), self.id_planes),
+            _planes(logprobs.reshape(-1).astype(np.float16).view("<u2"), 2),
+        )
+
+    def _decode_tail(self, batch: pa.RecordBatch, row: int, num_rows: int):
+        """(num_rows, s) int32 ids and float32 log-probs of a block's tail samples."""
+        unpack = zstandard.ZstdDecompressor().decompress
+        shape = (num_rows, self.tail_samples)
+        raw_ids = unpack(batch.column("tail_ids")[row].as_buffer())
+        deltas = _unplanes(raw_ids, self.id_planes, "<u4").astype(np.int64)
+        raw_lp = unpack(batch.column("tail_logprobs")[row].as_buffer())
+        bits = _unplanes(raw_lp, 2, "<u2")
+        if deltas.shape[0] != num_rows * self.tail_samples or bits.shape[0] != deltas.shape[0]:
+            raise ValueError("tail sample columns disagree with the block's rows")
+        ids = np.cumsum(deltas.reshape(shape), axis=1).astype(np.int32)
+        return ids, bits.view(np.float16).astype(np.float32).reshape(shape)
 
     # ------------------------------------------------------------------ decode
     def decode(self, batch: pa.RecordBatch, row: int = 0) -> list[SequenceRecord]:
@@ -209,6 +255,9 @@ class BlockCodec:
             dense_lp = np.full((num_rows, self.top_k), -np.inf, np.float32)
 
         positions = _per_sequence_cumsum(position_deltas, num_positions)
+        tail_ids = tail_lp = None
+        if self.tail_samples:
+            tail_ids, tail_lp = self._decode_tail(batch, row, num_rows)
         token_ends = np.cumsum(num_tokens)
         row_ends = np.cumsum(num_positions)
         records = []
@@ -225,6 +274,8 @@ class BlockCodec:
                     topk_logprobs=dense_lp[r0:r1].copy(),
                     tail_mass=tail[r0:r1].copy(),
                     positions=positions[r0:r1].copy(),
+                    tail_ids=None if tail_ids is None else tail_ids[r0:r1].copy(),
+                    tail_logprobs=None if tail_lp is None else tail_lp[r0:r1].copy(),
                 )
             )
         return records

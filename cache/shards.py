@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.format import SCHEMA, BlockCodec
+from kdcache.cache.format import BlockCodec
 from kdcache.cache.manifest import (
     TEMP_PREFIX,
     ShardInfo,
@@ -121,6 +121,7 @@ class ShardWriter:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         mode: str = "exact",
         block_positions: int = DEFAULT_BLOCK_POSITIONS,
+        tail_samples: int = 0,
     ) -> None:
         problems = []
         if not _SPLIT_NAME.match(split):
@@ -131,7 +132,9 @@ class ShardWriter:
             problems.append("max_shard_tokens, queue_size and block_positions must be >= 1")
         if problems:
             raise ConfigError("; ".join(problems))
-        self.codec = BlockCodec(mode=mode, top_k=top_k, vocab_size=vocab_size)
+        self.codec = BlockCodec(
+            mode=mode, top_k=top_k, vocab_size=vocab_size, tail_samples=tail_samples
+        )
         self.directory = Path(cache_dir) / SHARDS_DIR
         self.split, self.rank = split, rank
         self.max_shard_tokens, self.block_positions = max_shard_tokens, block_positions
@@ -222,6 +225,7 @@ class ShardWriter:
             raise ConfigError(
                 f"record {record.sequence_id}: top-k ids must lie in [0, {self.codec.vocab_size})"
             )
+        self._check_tail(record, m)
         if np.isnan(record.topk_logprobs).any() or np.isnan(record.tail_mass).any():
             raise ConfigError(
                 f"record {record.sequence_id}: log-probs and tail mass must not be NaN"
@@ -241,6 +245,29 @@ class ShardWriter:
             )
 
     # ------------------------------------------------------------------ thread side
+    def _check_tail(self, record: SequenceRecord, m: int) -> None:
+        """topk+tail mode: (M, s) tail samples with ids in the vocabulary; none otherwise."""
+        s = self.codec.tail_samples
+        ids, logprobs = record.tail_ids, record.tail_logprobs
+        if not s:
+            if ids is not None or logprobs is not None:
+                raise ConfigError(
+                    f"record {record.sequence_id} has tail samples but the writer stores none; "
+                    "open the ShardWriter with tail_samples=s"
+                )
+            return
+        if ids is None or logprobs is None or ids.shape != (m, s) or logprobs.shape != (m, s):
+            raise ConfigError(
+                f"record {record.sequence_id}: expected tail_ids and tail_logprobs (M, {s}), got "
+                f"{None if ids is None else ids.shape}, "
+                f"{None if logprobs is None else logprobs.shape}"
+            )
+        if m and (ids.min() < 0 or ids.max() >= self.codec.vocab_size or np.isnan(logprobs).any()):
+            raise ConfigError(
+                f"record {record.sequence_id}: tail ids must lie in [0, {self.codec.vocab_size}) "
+                "and their log-probs must not be NaN"
+            )
+
     def _run(self) -> None:
         shard: _OpenShard | None = None
         block: list[SequenceRecord] = []
@@ -301,7 +328,7 @@ class _OpenShard:
             dir=writer.directory,
         )
         self.handle = os.fdopen(fd, "wb")
-        schema = SCHEMA.with_metadata(writer.codec.schema_metadata())
+        schema = writer.codec.schema.with_metadata(writer.codec.schema_metadata())
         self.ipc = pa.ipc.new_file(self.handle, schema)
 
     def add_counts(self, record: SequenceRecord) -> None:

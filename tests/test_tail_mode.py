@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -86,3 +87,86 @@ def test_uniform_dtype_does_not_matter(dtype):
     a = sample_tail(log_probs, topk_ids, uniforms.to(dtype))[0]
     b = sample_tail(log_probs, topk_ids, uniforms)[0]
     assert (a != b).float().mean() < 0.05  # float32 rounding may move a rare boundary draw
+
+
+def _records(s: int, seed: int = 0):
+    """Three records (5, 1 and 9 positions) with top-K rows and s tail samples each."""
+    from kdcache.cache.records import SequenceRecord
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for sequence_id, length in enumerate([5, 1, 9]):
+        lp = np.sort(np.log(rng.dirichlet(np.ones(V), size=length)), axis=1)[:, ::-1][:, :K]
+        ids = np.stack([rng.permutation(V)[:K] for _ in range(length)])
+        records.append(
+            SequenceRecord(
+                sequence_id=sequence_id,
+                input_ids=rng.integers(0, V, length).astype(np.int32),
+                topk_ids=ids.astype(np.int32),
+                topk_logprobs=np.ascontiguousarray(lp, dtype=np.float32),
+                tail_mass=(1 - np.exp(lp).sum(1)).astype(np.float32),
+                positions=np.arange(length, dtype=np.int32),
+                tail_ids=rng.integers(0, V, (length, s)).astype(np.int32),  # duplicates too
+                tail_logprobs=(-3 - 5 * rng.random((length, s))).astype(np.float32),
+            )
+        )
+    return records
+
+
+def _row_multisets(ids: np.ndarray, logprobs: np.ndarray) -> list[list[tuple[int, float]]]:
+    return [
+        sorted(zip(i.tolist(), lp.tolist(), strict=True))
+        for i, lp in zip(ids, logprobs, strict=True)
+    ]
+
+
+def test_tail_samples_round_trip_through_shards(tmp_path):
+    """ShardWriter -> open_cache gives back each row's samples (as a multiset; fp16 log-probs)."""
+    from kdcache.cache.manifest import shard_summary, write_manifest
+    from kdcache.cache.reader import open_cache
+    from kdcache.cache.shards import ShardWriter, list_complete_shards
+
+    records = _records(s=6)
+    with ShardWriter(tmp_path, "train", top_k=K, vocab_size=V, tail_samples=6) as writer:
+        for record in records:
+            writer.write(record)
+    manifest = {
+        "format_version": 1, "teacher": "t", "vocab_size": V, "top_k": K, "temperature": 1.0,
+        "tokenizer_fingerprint": "x", "num_sequences": 3, "num_tokens": 15, "tail_samples": 6,
+        **shard_summary(list_complete_shards(tmp_path)),
+    }  # fmt: skip
+    write_manifest(tmp_path, manifest)
+    read = list(open_cache(tmp_path).sequences("train"))
+    assert [r.sequence_id for r in read] == [0, 1, 2]
+    for before, after in zip(records, read, strict=True):
+        assert after.tail_ids.dtype == np.int32 and after.tail_logprobs.dtype == np.float32
+        rounded = before.tail_logprobs.astype(np.float16).astype(np.float32)
+        assert _row_multisets(after.tail_ids, after.tail_logprobs) == _row_multisets(
+            before.tail_ids, rounded
+        )
+        np.testing.assert_array_equal(after.input_ids, before.input_ids)
+
+
+def test_a_cache_without_tail_samples_reads_none(tmp_path):
+    from kdcache.cache.format import BlockCodec
+
+    plain = [dataclasses.replace(r, tail_ids=None, tail_logprobs=None) for r in _records(s=2)]
+    codec = BlockCodec("exact", top_k=K, vocab_size=V)
+    assert all(
+        r.tail_ids is None and r.tail_logprobs is None for r in codec.decode(codec.encode(plain))
+    )
+
+
+def test_writer_refuses_missing_or_unexpected_tail_samples(tmp_path):
+    from kdcache.cache.errors import ConfigError
+    from kdcache.cache.shards import ShardWriter
+
+    record = _records(s=4)[0]
+    plain = ShardWriter(tmp_path / "a", "train", top_k=K, vocab_size=V)
+    with pytest.raises(ConfigError, match="tail samples but the writer stores none"):
+        plain.write(record)
+    plain.abort()
+    sampled = ShardWriter(tmp_path / "b", "train", top_k=K, vocab_size=V, tail_samples=6)
+    with pytest.raises(ConfigError, match=r"expected tail_ids and tail_logprobs \(M, 6\)"):
+        sampled.write(record)
+    sampled.abort()
