@@ -3,8 +3,8 @@
 The ranks are forked from the test process (torch and transformers already imported, so a rank
 starts in well under a second) with torchrun's environment; each joins the group with the CLI's own
 ``_distributed()`` and calls ``build_cache(config, rank=r, world_size=2)`` -- exactly what
-``python -m kdcache.cli build`` does under torchrun.
-The torchrun command itself is exercised by the ``slow`` test at the end.
+``python -m kdcache.cli build`` does under torchrun. The torchrun command itself is exercised by
+the ``slow`` test at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
-    """Body of one forked rank: torchrun's environment, a gloo group, ``fn``, the result back."""
+    """Body of one forked rank: torchrun's environment variables, ``fn``, its result back."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -60,7 +60,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, queue, args: tuple) ->
     torch.set_num_threads(1)
     try:
         queue.put((rank, "ok", fn(rank, world_size, *args)))
-    except BaseException as error:  # reported to the test process, which re-raises
+    except BaseException as error:  # handed to the test process, which checks it
         queue.put((rank, type(error).__name__, f"{error}\n{traceback.format_exc()}"))
 
 
