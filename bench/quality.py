@@ -55,9 +55,9 @@ class Study:
     teacher: str
     seq_len: int = 32
     batch_size: int = 4
-    steps: int = 120
+    steps: int = 80
     lr: float = 3e-3
-    warmup: int = 10
+    warmup: int = 8
     eval_every: int = 10
     eval_sequences: int = 24
     ce_mix: float = 0.2
@@ -277,11 +277,27 @@ def evaluate(student, heldout_inputs, heldout_labels, heldout_teacher_logits, mu
     }
 
 
-def configurations(study: Study) -> list[tuple[str, float]]:
-    """(config name, CE mix) pairs of one (setting, seed): every KD config without, then with CE."""
-    names = [f"{mode}-{kind}" for mode in ("online", "top8", "top64") for kind in KINDS]
-    names += ["tail-fkl", "tail-akl", "rskd-fkl"]
-    return [("ce", 1.0)] + [(n, 0.0) for n in names] + [(n, study.ce_mix) for n in names]
+# Run order (CPU is scarce; results are saved after every run, so the first tiers land first).
+CORE = ("ce", "online-fkl", "online-akl", "top64-fkl", "top64-akl", "tail-akl")
+TIER_1 = (*CORE, "online-rkl", "top64-rkl", "top8-akl")
+TIER_MIX = ("online-akl", "top64-akl", "tail-akl", "online-fkl", "top64-fkl", "tail-fkl")
+TIER_REST = ("tail-fkl", "top8-fkl", "top8-rkl", "rskd-fkl")
+
+
+def configurations(study: Study, seeds: list[int]) -> list[tuple[str, float, int]]:
+    """(config name, CE mix, seed) triples of one setting, in run order: the first seed's tier 1,
+    the core configs on the other seeds, the CE-mix runs, then everything else."""
+    first, others = seeds[0], seeds[1:]
+
+    def alpha(name: str) -> float:
+        return 1.0 if name == "ce" else 0.0
+
+    order = [(name, alpha(name), first) for name in TIER_1]
+    order += [(name, alpha(name), seed) for seed in others for name in CORE]
+    order += [(name, study.ce_mix, seed) for seed in seeds for name in TIER_MIX]
+    order += [(name, 0.0, seed) for seed in others for name in TIER_1 if name not in CORE]
+    order += [(name, 0.0, seed) for seed in seeds for name in TIER_REST]
+    return order
 
 
 # ----------------------------------------------------------------------------- runs
@@ -398,31 +414,23 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"results-{args.settings.replace(',', '-')}.json"
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "settings": {}}
     results["study"] = study.__dict__
-    pairs = configurations(study)
-    if args.only:
-        pairs = [pair for pair in pairs if pair[0] in args.only.split(",")]
-    if args.quick:
-        pairs = [("ce", 1.0), ("online-akl", 0.0), ("top8-fkl", 0.0), ("tail-akl", 0.2)]
     seeds = [int(s) for s in args.seeds.split(",")]
+    order = configurations(study, seeds)
+    if args.only:
+        order = [item for item in order if item[0] in args.only.split(",")]
+    if args.quick:
+        order = [("ce", 1.0, 0), ("online-akl", 0.0, 0), ("top8-fkl", 0.0, 0), ("tail-akl", 0.2, 0)]
     for setting in args.settings.split(","):
         prepared = {}
-        for seed in seeds:
+        for seed in sorted({seed for _, _, seed in order}):
             t0 = time.perf_counter()
             prepared[seed] = prepare(setting, seed, teacher, head, tokenizer, study)
             info = {
-                k: v for k, v in prepared[seed].items() if not isinstance(v, (list, torch.Tensor))
+                k: v for k, v in prepared[seed].items() if not isinstance(v, list | torch.Tensor)
             }
             results["settings"][setting] = info
             print(f"[{setting} seed {seed}] prepared in {time.perf_counter() - t0:.0f}s: {info}")
-        # Every configuration without a CE mix on every seed first, then the CE-mix runs.
-        order = [
-            (pair, seed)
-            for mixed in (False, True)
-            for seed in seeds
-            for pair in pairs
-            if (pair[1] not in (0.0, 1.0)) == mixed
-        ]
-        for (config, alpha), seed in order:
+        for config, alpha, seed in order:
             key = f"{setting}/{seed}/{config}/{alpha:g}"
             if key in results["runs"]:
                 continue
