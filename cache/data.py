@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ LOCAL_BUILDERS = {
     ".txt": "text",
 }
 _TOKENIZE_BATCH = 256
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,8 @@ def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bo
 def render_chat(tokenizer, messages: Any) -> tuple[np.ndarray, np.ndarray]:
     """Render one conversation with the chat template: ``(token_ids (T,), assistant (T,) bool)``.
 
-    Assistant tokens are found by rendering prefixes: the text of assistant message ``i`` spans
+    Templates that mark assistant text with ``{% generation %}`` use the tokenizer's own
+    ``return_assistant_tokens_mask``. Otherwise assistant tokens are found by rendering prefixes: the text of assistant message ``i`` spans
     from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
     ``render(messages[:i + 1])``; tokens whose characters overlap such a span are assistant tokens
     (the end-of-turn token included). Templates whose prefixes are not prefixes of the whole
@@ -252,6 +255,12 @@ def render_chat(tokenizer, messages: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(
             "chat rows must be lists of {'role': ..., 'content': ...} messages; check --messages-field"
         )
+    if _GENERATION_TAG.search(tokenizer.chat_template or ""):
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+        return ids, np.asarray(encoded["assistant_masks"], dtype=bool)
     full = _render(tokenizer, messages, False)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(messages):

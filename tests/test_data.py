@@ -130,3 +130,21 @@ def test_bad_data_is_refused(tiny_tokenizer, tmp_path, text_jsonl, chat_jsonl):
                 DataSpec(str(bad_chat), messages_field="messages"), tiny_tokenizer
             ).sequences("train")
         )
+
+
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_generation_tags_use_the_tokenizers_assistant_mask(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tok", chat_template=GENERATION_TEMPLATE)
+    ids, assistant = render_chat(tokenizer, chat_rows(1)[0]["messages"])
+    assert tokenizer.decode(ids[assistant]) == (
+        "Use sorted(items) or items.sort() (0).<|im_end|>Pass reverse=True.<|im_end|>"
+    )
