@@ -93,13 +93,23 @@ def open_cache(path: str | os.PathLike) -> Cache:
     return Cache(path, read_manifest(path))
 
 
+_ADVICE = "run `kdcache verify` and rebuild the cache"
+
+
+class _BadShard(CacheError):
+    """A shard that fails a check; ``problem`` is the short reason (for ``kdcache verify``)."""
+
+    def __init__(self, info: ShardInfo, problem: str) -> None:
+        super().__init__(f"shard {info.name} {problem}: {_ADVICE}")
+        self.problem = problem
+
+
 def check_shard(cache_dir: str | os.PathLike, info: ShardInfo) -> str | None:
-    """None when the shard file is sound, else a one-line reason (missing, size, checksum)."""
-    path = shard_path(cache_dir, info.name)
+    """None when the shard file is sound, else a short reason (missing, size, checksum)."""
     try:
-        _read_checked(path, info, verify=True)
-    except CacheError as error:
-        return str(error)
+        _read_checked(shard_path(cache_dir, info.name), info, verify=True)
+    except _BadShard as error:
+        return error.problem
     return None
 
 
@@ -109,31 +119,22 @@ def _read_checked(path: Path, info: ShardInfo, verify: bool) -> mmap.mmap:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size != info.bytes:
-                raise CacheError(
-                    f"shard {info.name} is {size} bytes, the manifest says {info.bytes} (truncated "
-                    "or replaced): run `kdcache verify` and rebuild the cache"
+                raise _BadShard(
+                    info, f"is {size} bytes, the manifest says {info.bytes} (truncated or replaced)"
                 )
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
-        raise CacheError(
-            f"shard {info.name} is missing from {path.parent}: rebuild the cache"
-        ) from None
+        raise _BadShard(info, f"is missing from {path.parent}") from None
     except (OSError, ValueError) as error:
-        raise CacheError(f"shard {info.name} cannot be read: {error}") from None
+        raise _BadShard(info, f"cannot be read ({error})") from None
     if verify:
         algorithm, _, expected = info.checksum.partition(":")
         if algorithm != "sha256":
-            raise CacheError(f"shard {info.name} has an unknown checksum type {algorithm!r}")
+            raise _BadShard(info, f"has an unknown checksum type {algorithm!r}")
         if hashlib.sha256(data).hexdigest() != expected:
-            raise CacheError(
-                f"shard {info.name} fails its checksum (corrupt): run `kdcache verify` and "
-                "rebuild the cache"
-            )
+            raise _BadShard(info, "fails its sha256 checksum (corrupt)")
     return data
 
 
 def _corrupt(path: Path, error: Exception) -> CacheError:
-    return CacheError(
-        f"shard {path.name} is corrupt ({type(error).__name__}: {error}): run `kdcache verify` "
-        "and rebuild the cache"
-    )
+    return CacheError(f"shard {path.name} is corrupt ({type(error).__name__}: {error}): {_ADVICE}")

@@ -17,12 +17,15 @@ def verify(
     """Check every shard of CACHE against the manifest (size + sha256); exit 1 if any is bad."""
     from kdcache.cache.verify import verify_cache
 
+    checked: list[str] = []
+
     def report(name: str, problem: str | None) -> None:
+        checked.append(name)
         if problem is not None:
             typer.echo(f"BAD {name}: {problem}")
 
     bad = verify_cache(cache, report=report)
     if bad:
-        typer.echo(f"{len(bad)} bad shard(s) in {cache}: rebuild the cache", err=True)
+        typer.echo(f"{len(bad)} of {len(checked)} shards of {cache} are bad: rebuild the cache")
         raise typer.Exit(code=1)
-    typer.echo(f"OK {cache}: every shard matches the manifest")
+    typer.echo(f"OK {cache}: all {len(checked)} shards match the manifest (size + sha256)")

@@ -53,7 +53,7 @@ def test_verify_cli_exit_codes(cache_dir, tmp_path_factory):
     runner = CliRunner()
     result = runner.invoke(app, ["verify", str(cache_dir)])
     assert result.exit_code == 0, result.output
-    assert "OK" in result.output
+    assert f"OK {cache_dir}: all {len(shard_names(cache_dir))} shards match" in result.output
     name = shard_names(cache_dir)[1]
     path = cache_dir / "shards" / name
     data = bytearray(path.read_bytes())
@@ -61,7 +61,8 @@ def test_verify_cli_exit_codes(cache_dir, tmp_path_factory):
     path.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", str(cache_dir)])
     assert result.exit_code == 1
-    assert f"BAD {name}: shard {name} fails its checksum" in result.output
+    assert f"BAD {name}: fails its sha256 checksum (corrupt)" in result.output
+    assert f"1 of {len(shard_names(cache_dir))} shards of {cache_dir} are bad" in result.output
     assert shard_names(cache_dir)[0] not in result.output
     empty = tmp_path_factory.mktemp("not_a_cache")
     result = runner.invoke(app, ["verify", str(empty)])
