@@ -58,13 +58,13 @@ def build(
     messages_field: str | None = typer.Option(
         None, help="Column of chat messages (rendered with the chat template; assistant only)."
     ),
-    top_k: int | None = typer.Option(None, help="Top-k entries stored per position [default: 64]."),
+    top_k: int | None = typer.Option(None, help="Top-k entries stored per position (default 64)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
-    max_length: int | None = typer.Option(None, help="Tokens per sequence [default: 1024]."),
+    max_length: int | None = typer.Option(None, help="Tokens per sequence (default 1024)."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack documents into blocks."),
     limit: int | None = typer.Option(None, help="Use only the first N rows."),
     holdout: float | None = typer.Option(
-        None, help="Fraction of rows in the 'holdout' split [default: 0.01]."
+        None, help="Fraction of rows in the 'holdout' split (default 0.01; demo 0.1)."
     ),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
