@@ -146,3 +146,14 @@ def test_demo_defaults_are_announced_and_used(tiny_llama_dir, tmp_path, monkeypa
     assert manifest["top_k"] == 4  # explicit flags win
     assert manifest["settings"]["max_length"] == demo.DEMO_BUILD_SETTINGS["max_length"]
     assert (tmp_path / "demo" / "data" / "demo.jsonl").exists()
+
+
+def test_build_config_reports_every_problem_at_once(tmp_path):
+    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        BuildConfig(teacher="t", data="d", out=tmp_path, top_k=0, temperature=0, max_length=1)
+    message = str(error.value)
+    assert "--top-k must be >= 1" in message and "--temperature must be > 0" in message
+    assert "--max-length must be >= 2" in message and "\n" not in message
