@@ -305,3 +305,37 @@ def test_a_cache_from_build_cache_trains(
     assert result.eval is not None and math.isfinite(result.eval["fkl"])
     if chat:  # only assistant tokens are distilled
         assert result.eval["positions"] < result.eval["sequences"] * 64
+
+
+def _torchrun_train(cache, student, out, *extra: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "kdcache.cli", "train", "--cache", str(cache),
+        "--student", str(student), "--out", str(out), "--steps", "4", "--batch-size", "2",
+        "--grad-accum", "2", "--save-every", "2", "--log-every", "1", "--no-progress", "--device", "cpu", *extra,
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_and_resume(teacher_cache, student_json, tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 writes; resume ends with the same weights."""
+    _torchrun_train(teacher_cache, student_json, tmp_path / "whole")
+    _torchrun_train(teacher_cache, student_json, tmp_path / "part")
+    import shutil
+
+    shutil.rmtree(tmp_path / "part" / "final")
+    _torchrun_train(teacher_cache, student_json, tmp_path / "part", "--resume")
+    expected, actual = _weights(tmp_path / "whole" / "final"), _weights(tmp_path / "part" / "final")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0)
+    state = torch.load(tmp_path / "whole" / "final" / "trainer_state.pt", weights_only=False)
+    assert len(state["data"]) == 2 and state["world_size"] == 2
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
