@@ -296,3 +296,63 @@ def test_torchrun_build_command(single, tiny_llama_dir, docs_jsonl, tmp_path):
     assert "built:" in result.stdout
     assert open_cache(out).manifest["world_size"] == 2
     assert_same_record_sets(out, single)
+
+
+_CRASHING_RANK = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from kdcache.cache import shards, teacher
+
+init = shards.ShardWriter.__init__
+
+
+def small_shards(self, *args, **kwargs):  # several shards per rank, so a crash leaves some
+    init(self, *args, **{**kwargs, "max_shard_tokens": 120})
+
+
+shards.ShardWriter.__init__ = small_shards
+if os.environ["RANK"] == os.environ["CRASH_RANK"]:
+    run = teacher.TeacherRunner.run
+
+    def run_then_die(self, *args, **kwargs):
+        done = [s for s in shards.list_complete_shards(os.environ["OUT"]) if s.rank == 1]
+        if done:
+            os._exit(9)  # as if killed: no cleanup, no exception handling
+        return run(self, *args, **kwargs)
+
+    teacher.TeacherRunner.run = run_then_die
+from kdcache.cli.app import main
+
+sys.argv = ["kdcache", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow  # two torchrun jobs of fresh interpreters: ~1-2 min on 2 busy cores
+def test_torchrun_build_resumes_after_a_rank_dies(single, tiny_llama_dir, docs_jsonl, tmp_path):
+    """Rank 1 dies after its first shard; torchrun stops rank 0; the same command then resumes."""
+    out = tmp_path / "crashed"
+    script = tmp_path / "crashing_rank.py"
+    script.write_text(_CRASHING_RANK, encoding="utf-8")
+    build = ["build", "--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out"]
+    build += [str(out), "--top-k", "8", "--max-length", "48", "--holdout", "0.25"]
+    build += ["--batch-tokens", "200"]
+
+    def torchrun(*target: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", CRASH_RANK="1", OUT=str(out))
+        return subprocess.run(
+            [*args, *target, *build], env=env, capture_output=True, text=True, timeout=600
+        )
+
+    crashed = torchrun(str(script))
+    assert crashed.returncode != 0, crashed.stdout + crashed.stderr
+    assert not (out / "manifest.json").exists()
+    assert any(info.rank == 1 for info in list_complete_shards(out))
+    resumed = torchrun("-m", "kdcache.cli")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed:" in resumed.stdout
+    assert_same_record_sets(out, single)
+    assert verify_cache(out) == []
