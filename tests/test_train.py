@@ -118,12 +118,23 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     assert train_steps == list(range(1, 7))  # lines after the checkpoint were redone, not doubled
 
 
-def test_chunked_and_full_logits_paths_agree(teacher_cache, student_json, tmp_path, monkeypatch):
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # gpt2: tied lm_head
+def test_chunked_and_full_logits_paths_agree(
+    architecture, teacher_cache, student_json, tiny_tokenizer, tmp_path, monkeypatch
+):
     from kdcache.trainer import loop
 
-    chunked = train(_config(teacher_cache, student_json, tmp_path / "a", steps=2, chunk_size=7))
+    student = student_json
+    if architecture == "gpt2":
+        student = tmp_path / "gpt2.json"
+        student.write_text(
+            json.dumps({"model_type": "gpt2", "vocab_size": len(tiny_tokenizer), "n_embd": 32,
+                        "n_layer": 1, "n_head": 4, "n_positions": 128})
+        )  # fmt: skip
+    settings = dict(steps=2, ce_weight=0.3)
+    chunked = train(_config(teacher_cache, student, tmp_path / "a", chunk_size=7, **settings))
     monkeypatch.setattr(loop, "_chunked_available", lambda: False)
-    full = train(_config(teacher_cache, student_json, tmp_path / "b", steps=2))
+    full = train(_config(teacher_cache, student, tmp_path / "b", **settings))
     expected, actual = _weights(chunked.final), _weights(full.final)
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4)
