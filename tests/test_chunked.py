@@ -281,3 +281,27 @@ def test_no_grad_mode_gives_the_same_value():
     with torch.no_grad():
         low = chunked_distill_loss(hidden.bfloat16(), head, ids, lp, tail, labels, kd_w, ce_w)
     torch.testing.assert_close(low, want.detach(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "mu", "temperature"),
+    [("fkl", 0.5, 1.0), ("rkl", 0.5, 2.0), ("akl", 0.5, 1.0), ("akl", 0.9, 1.5)],
+)
+def test_dense_closed_form_gradient_matches_autograd(kind, mu, temperature):
+    from kdcache.trainer.chunked import dense_kd_loss_with_grad
+
+    gen = torch.Generator().manual_seed(14)
+    rows, vocab = 6, 300
+    logits = 2 * torch.randn(rows, vocab, generator=gen)
+    teacher = 0.3 * torch.randn(rows, vocab - 4, generator=gen)  # flat: a long AKL head
+    teacher[0] *= 30  # and one peaked row
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[1] = -100
+    kd_w, ce_w = torch.rand(rows, generator=gen), torch.rand(rows, generator=gen)
+    kw = {"kind": kind, "mu": mu, "temperature": temperature}
+    loss, grad = dense_kd_loss_with_grad(logits, teacher, kd_w, labels, ce_w, **kw)
+    leaf = logits.clone().requires_grad_()
+    want = kd_w * dense_kd_loss(leaf, teacher, **kw)
+    want = want + ce_w * F.cross_entropy(leaf, labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), leaf)[0], rtol=1e-5, atol=1e-7)

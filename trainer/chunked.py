@@ -20,6 +20,7 @@ gradient (``method``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -185,6 +186,67 @@ def chunked_row_loss(
     return _run_chunks(hidden, head, row_loss, chunk_size, method)
 
 
+@torch.no_grad()
+def dense_kd_loss_with_grad(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kd_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    *,
+    kind: str,
+    mu: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kd_weight * dense_kd_loss + ce_weight * CE`` per row (C,) and its gradient (C, V).
+
+    Closed form for kind fkl, rkl, akl (d = log q - log p at temperature T):
+    dFKL/dz = q sum(p) - p, dRKL/dz = q (d - RKL), AKL mixes them with its detached weights.
+    The AKL head comes from the teacher's top-64 (wider top-k only for rows whose head is longer).
+    """
+    vocab = logits.shape[1]
+    log_q = torch.log_softmax(logits / temperature, -1)  # (C, V)
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, -1)  # (C, V')
+    if log_p.shape[1] < vocab:  # padded student vocabulary: teacher probability 0 there
+        log_p = F.pad(log_p, (0, vocab - log_p.shape[1]), value=-math.inf)
+    log_p.clamp_min_(math.log(torch.finfo(torch.float32).tiny))  # as in dense_kd_loss
+    p, q = log_p.exp(), log_q.exp()  # (C, V)
+    diff = log_q.sub(log_p)  # (C, V) log q - log p
+    fkl, rkl = -(p * diff).sum(-1), (q * diff).sum(-1)  # (C,)
+    w_fkl, w_rkl = torch.ones_like(fkl), torch.zeros_like(fkl)
+    if kind == "rkl":
+        w_fkl, w_rkl = w_rkl, w_fkl
+    elif kind == "akl":
+        gap_total = (p - q).abs_().sum(-1)  # (C,)
+        g_head = torch.zeros_like(gap_total)
+        rows = torch.arange(p.shape[0], device=p.device)  # rows whose head is not found yet
+        for width in (64, 2048, vocab):  # the head is usually a handful of tokens
+            top_p, top_ids = p[rows].topk(min(width, vocab), dim=-1)  # sorted descending
+            head = top_p.cumsum(-1) <= mu
+            head[:, 0] = True
+            g_head[rows] = ((top_p - q[rows].gather(1, top_ids)).abs() * head).sum(-1)
+            if width >= vocab:
+                break
+            rows = rows[head[:, -1]]  # the head may reach past this width: widen
+            if not rows.numel():
+                break
+        g_tail = (gap_total - g_head).clamp_min(0.0)
+        total = (g_head + g_tail).clamp_min(torch.finfo(torch.float32).tiny)
+        w_fkl, w_rkl = g_head / total, g_tail / total
+    loss = kd_weight * (w_fkl * fkl + w_rkl * rkl)
+    scale = kd_weight / temperature  # (C,)
+    grad = diff.sub_(rkl[:, None]).mul_(q).mul_((w_rkl * scale)[:, None])  # (C, V)
+    grad.addcmul_(q, (w_fkl * scale * p.sum(-1))[:, None]).addcmul_(p, -(w_fkl * scale)[:, None])
+    if labels is not None and ce_weight is not None:
+        ce_w = torch.where(labels != -100, ce_weight.float(), 0.0)  # (C,)
+        safe_labels = labels.clamp_min(0).long()[:, None]
+        log_q1 = log_q if temperature == 1.0 else torch.log_softmax(logits, -1)
+        loss = loss - ce_w * log_q1.gather(1, safe_labels)[:, 0]
+        grad.addcmul_(log_q1.exp() if temperature != 1.0 else q, ce_w[:, None])
+        grad.scatter_add_(1, safe_labels, -ce_w[:, None])
+    return loss, grad
+
+
 def _check_rows(n: int, **tensors: torch.Tensor | None) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.shape[0] != n:
@@ -346,5 +408,21 @@ def chunked_dense_distill_loss(
             logits, teacher_logits, kind=kind, mu=mu, temperature=temperature, skew=skew
         )
 
+    kernel = None
+    if kind in ("fkl", "rkl", "akl") and kd_weight is not None:
+
+        def kernel(logits: torch.Tensor, start: int, end: int):
+            rows = slice(start, end)
+            return dense_kd_loss_with_grad(
+                logits,
+                teacher_logits_fn(start, end),
+                kd_weight[rows].float(),
+                None if labels is None else labels[rows],
+                None if ce_weight is None else ce_weight[rows],
+                kind=kind,
+                mu=mu,
+                temperature=temperature,
+            )
+
     row_loss = _weighted_rows(labels, kd_weight, ce_weight, kd_rows)
-    return _run_chunks(hidden, head, row_loss, chunk_size, method)
+    return _run_chunks(hidden, head, row_loss, chunk_size, method, kernel)
