@@ -356,3 +356,24 @@ def test_torchrun_build_resumes_after_a_rank_dies(single, tiny_llama_dir, docs_j
     assert "resumed:" in resumed.stdout
     assert_same_record_sets(out, single)
     assert verify_cache(out) == []
+
+
+@pytest.mark.slow  # two torchrun agents of fresh interpreters: ~1 min on 2 busy cores
+def test_two_node_torchrun_command(single, tiny_llama_dir, docs_jsonl, tmp_path):
+    """README's several-node command, both "nodes" on this machine: c10d rendezvous, 2 agents."""
+    out = tmp_path / "nodes"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    args += ["--nproc-per-node", "1", "--rdzv-id", "kd-test-build", "--rdzv-backend", "c10d"]
+    args += ["--rdzv-endpoint", f"localhost:{free_port()}", "-m", "kdcache.cli", "build"]
+    args += ["--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out", str(out)]
+    args += ["--top-k", "8", "--max-length", "48", "--holdout", "0.25", "--batch-tokens", "200"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert open_cache(out).manifest["world_size"] == 2
+    assert {info.rank for info in list_complete_shards(out)} == {0, 1}
+    assert_same_record_sets(out, single)
