@@ -118,9 +118,15 @@ def _distilled_positions(cache: Path, rank: int, world_size: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("sgd", "batch_size", "grad_accum", "online"),
-    [(True, 2, 1, False), (False, 2, 1, False), (True, 1, 2, False), (True, 2, 1, True)],
-    ids=["sgd", "adamw", "sgd-grad-accum", "sgd-online-teacher"],
+    ("sgd", "batch_size", "grad_accum", "workers", "online"),
+    [
+        (True, 2, 1, 0, False),
+        (False, 2, 1, 0, False),
+        (True, 1, 2, 0, False),
+        (True, 2, 2, 2, False),
+        (True, 2, 1, 0, True),
+    ],
+    ids=["sgd", "adamw", "sgd-grad-accum", "sgd-2-workers-per-rank", "sgd-online-teacher"],
 )
 def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
     four_sequences,
@@ -131,6 +137,7 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
     sgd,
     batch_size,
     grad_accum,
+    workers,
     online,
 ):
     """2 ranks x 2 sequences == 1 rank x batch 4 over the same 4 sequences, after one step.
@@ -138,8 +145,9 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
     The ranks hold different numbers of distilled positions, so a per-rank mean (instead of the
     global one) would weight the ranks' positions differently and fail this test. With SGD the
     update is the averaged gradient itself; with the real AdamW it is the update users get. The
-    ranks' 2 sequences come as one batch of 2 or as 2 accumulated batches of 1 (DDP ``no_sync``),
-    from the cache or with the full teacher in the loop (``--teacher``).
+    ranks' 2 sequences come as one batch of 2 or as 2 accumulated batches of 1 (DDP ``no_sync``;
+    with 2 DataLoader workers per rank each worker's stream holds one sequence), from the cache or
+    with the full teacher in the loop (``--teacher``).
     """
     counts = [_distilled_positions(four_sequences, rank, 2) for rank in range(2)]
     assert counts[0] != counts[1], counts
@@ -162,6 +170,7 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
             tmp_path / "two",
             batch_size=batch_size,
             grad_accum=grad_accum,
+            num_workers=workers,
             **extra,
         ),
         sgd,
