@@ -58,6 +58,7 @@ class BuildConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     batch_tokens: int = 16384  # padded tokens per teacher batch
     mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
+    tail_samples: int = 0  # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off)
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file
     progress: bool = True  # show a tqdm bar
@@ -87,6 +88,8 @@ class BuildConfig:
             problems.append("--batch-tokens and shard tokens must be >= 1")
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
+        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
+            problems.append(f"--tail-samples must be in [0, 255] (got {self.tail_samples})")
         if not self.text_field and not self.messages_field:
             problems.append("--text-field is empty: name the column holding the text")
         if self.out.exists() and not self.out.is_dir():
@@ -158,6 +161,8 @@ def fingerprints_for(config: BuildConfig, model, tokenizer, rows, dtype) -> dict
         "mode": config.mode,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if config.tail_samples:  # only when on: caches built before the topk+tail mode still resume
+        settings["tail_samples"] = config.tail_samples
     return {
         "teacher": teacher_fingerprint(config.teacher, model),
         "tokenizer": tokenizer_details(tokenizer),
@@ -241,7 +246,12 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
         _together(world_size, status)
         if status == "complete":
             return _summary(out, "complete", read_manifest(out))
-        runner = TeacherRunner(model, top_k=config.top_k, temperature=config.temperature)
+        runner = TeacherRunner(
+            model,
+            top_k=config.top_k,
+            temperature=config.temperature,
+            tail_samples=config.tail_samples,
+        )
         started = time.perf_counter()
         tokens_this_run = 0
         resumed = False
@@ -315,6 +325,7 @@ def _run_split(
         start_index=len(done),
         max_shard_tokens=config.shard_tokens,
         mode=config.mode,
+        tail_samples=config.tail_samples,
     ) as writer:
         for record in run_sequences(runner, sequences, config.batch_tokens, skip=skip):
             writer.write(record)
@@ -356,6 +367,7 @@ def _write_manifest(
         "top_k": config.top_k,
         "temperature": float(config.temperature),
         "mode": config.mode,
+        **({"tail_samples": config.tail_samples} if config.tail_samples else {}),
         "tokenizer_fingerprint": fingerprints["tokenizer"]["hash"],
         "data": f"{config.data} (split {config.split}, field {field_name})",
         "fingerprints": fingerprints,

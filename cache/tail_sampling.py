@@ -15,11 +15,12 @@ run it is computed in. The full (N, V) probabilities never leave the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["sample_tail", "sequence_uniforms"]
+__all__ = ["sample_tail", "sequence_uniforms", "tail_samples_for_rows"]
 
 
 def sequence_uniforms(seed: int, sequence_id: int, num_rows: int, num_samples: int) -> np.ndarray:
@@ -62,3 +63,42 @@ def sample_tail(
     logprobs = log_probs.float().gather(1, ids)
     ids = torch.where(has_tail, ids, 0)
     return ids, torch.where(has_tail, logprobs, -math.inf)
+
+
+@torch.no_grad()
+def tail_samples_for_rows(
+    logits_of: Callable[[int, int], torch.Tensor],
+    num_rows: int,
+    vocab_size: int,
+    topk_ids: torch.Tensor,
+    uniforms: np.ndarray,
+    temperature: float = 1.0,
+    chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tail`` over ``num_rows`` rows whose logits come chunk by chunk from ``logits_of``.
+
+    Args:
+        logits_of: ``(start, end) -> (end - start, V)`` logits of those rows (e.g. the head over
+            the selected hidden states), so the full (N, V) tensor never exists at once.
+        topk_ids: (N, k) the rows' top-k ids (excluded). uniforms: (N, s) host uniforms.
+
+    Returns:
+        ids (N, s) int64 and log-probs (N, s) float32, on ``topk_ids``'s device.
+    """
+    rows = max(1, chunk_elements // max(1, vocab_size))
+    device = topk_ids.device
+    draws = torch.from_numpy(np.ascontiguousarray(uniforms))
+    ids, logprobs = [], []
+    for start in range(0, num_rows, rows):
+        end = min(num_rows, start + rows)
+        log_probs = torch.log_softmax(logits_of(start, end).float() / temperature, dim=-1)
+        chunk_ids, chunk_lp = sample_tail(
+            log_probs, topk_ids[start:end], draws[start:end].to(device)
+        )
+        ids.append(chunk_ids)
+        logprobs.append(chunk_lp)
+    if not ids:
+        width = uniforms.shape[1] if uniforms.ndim == 2 else 0
+        empty = torch.zeros(0, width, device=device)
+        return empty.long(), empty
+    return torch.cat(ids), torch.cat(logprobs)

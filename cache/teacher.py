@@ -49,6 +49,8 @@ class TopKRows:
     topk_ids: np.ndarray  # (M, k) int32, most probable first
     topk_logprobs: np.ndarray  # (M, k) float32
     tail_mass: np.ndarray  # (M,) float32
+    tail_ids: np.ndarray | None = None  # (M, s) int32 topk+tail mode: draws from p_j / p_tail
+    tail_logprobs: np.ndarray | None = None  # (M, s) float32 teacher log p_j of those draws
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,9 +149,12 @@ class TeacherRunner:
         temperature: float = 1.0,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         use_head: bool = True,
+        tail_samples: int = 0,
+        sample_seed: int = 0,
     ) -> None:
         self.model = model
         self.top_k = top_k
+        self.tail_samples, self.sample_seed = tail_samples, sample_seed
         self.temperature = temperature
         self.chunk_elements = chunk_elements
         self.device = next(model.parameters()).device
@@ -160,7 +165,10 @@ class TeacherRunner:
 
     @torch.inference_mode()
     def run(
-        self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None
+        self,
+        sequences: Sequence[np.ndarray],
+        positions: Sequence[np.ndarray] | None = None,
+        sequence_ids: Sequence[int] | None = None,
     ) -> list[TopKRows]:
         """Top-k rows for each sequence of one batch.
 
@@ -168,6 +176,8 @@ class TeacherRunner:
             sequences: B arrays of token ids, each (T_b,), T_b >= 1.
             positions: B arrays (M_b,) of positions to keep (strictly increasing, < T_b);
                 None keeps every position.
+            sequence_ids: B stable ids; with ``tail_samples`` they seed each sequence's draws
+                (the same samples whatever batch the sequence lands in).
 
         Returns:
             B ``TopKRows`` with M_b rows each; row i is the distribution after position i.
@@ -204,17 +214,49 @@ class TeacherRunner:
             ids, logprobs, tail = topk_from_logit_rows(
                 selected, self.top_k, self.temperature, self.chunk_elements
             )
+        samples = self._tail_samples(selected, ids, positions, sequence_ids)
         ids_host = ids.to(torch.int32).cpu().numpy()  # only (N, k) values cross to the host
         logprobs_host = logprobs.cpu().numpy()
         tail_host = tail.cpu().numpy()
         out, start = [], 0
         for p in positions:
             end = start + len(p)
-            out.append(
-                TopKRows(ids_host[start:end], logprobs_host[start:end], tail_host[start:end])
-            )
+            rows = TopKRows(ids_host[start:end], logprobs_host[start:end], tail_host[start:end])
+            if samples is not None:
+                rows.tail_ids, rows.tail_logprobs = samples[0][start:end], samples[1][start:end]
+            out.append(rows)
             start = end
         return out
+
+    def _tail_samples(self, selected, topk_ids, positions, sequence_ids):
+        """topk+tail mode: (N, s) draws from each row's tail, seeded per sequence (host arrays)."""
+        if not self.tail_samples:
+            return None
+        from kdcache.cache.tail_sampling import sequence_uniforms, tail_samples_for_rows
+
+        if sequence_ids is None:
+            raise ValueError("tail samples need the sequence ids (they seed the draws)")
+        uniforms = np.concatenate(
+            [
+                sequence_uniforms(self.sample_seed, sid, len(p), self.tail_samples)
+                for sid, p in zip(sequence_ids, positions, strict=True)
+            ]
+        )
+        if self.head is not None:
+            head = self.head
+
+            def logits_of(start: int, end: int):
+                return head.logits(selected[start:end])
+        else:
+
+            def logits_of(start: int, end: int):
+                return selected[start:end]
+
+        ids, logprobs = tail_samples_for_rows(
+            logits_of, topk_ids.shape[0], output_vocab_size(self.model), topk_ids, uniforms,
+            self.temperature, self.chunk_elements,
+        )  # fmt: skip
+        return ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -329,7 +371,9 @@ def run_sequences(
         results: list[TopKRows | None] = [None] * len(window)
         for batch in plan_batches([len(s.input_ids) for s in window], batch_tokens):
             rows = runner.run(
-                [window[i].input_ids for i in batch], [window[i].positions for i in batch]
+                [window[i].input_ids for i in batch],
+                [window[i].positions for i in batch],
+                [window[i].sequence_id for i in batch],
             )
             for index, row in zip(batch, rows, strict=True):
                 results[index] = row
@@ -345,4 +389,6 @@ def run_sequences(
                 topk_logprobs=rows.topk_logprobs,
                 tail_mass=rows.tail_mass,
                 positions=sequence.positions,
+                tail_ids=rows.tail_ids,
+                tail_logprobs=rows.tail_logprobs,
             )

@@ -170,3 +170,67 @@ def test_writer_refuses_missing_or_unexpected_tail_samples(tmp_path):
     with pytest.raises(ConfigError, match=r"expected tail_ids and tail_logprobs \(M, 6\)"):
         sampled.write(record)
     sampled.abort()
+
+
+def _build(teacher_dir, data, out, **settings):
+    from kdcache.cache.build import BuildConfig, build_cache
+
+    config = dict(top_k=8, max_length=48, holdout=0.0, progress=False, tail_samples=16)
+    config.update(settings)
+    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), out=out, **config))
+    from kdcache.cache.reader import open_cache
+
+    return open_cache(out)
+
+
+def test_build_stores_tail_samples_that_follow_the_teacher(tiny_llama_dir, text_jsonl, tmp_path):
+    """kdcache build --tail-samples: draws outside the top-k, the teacher's own log p_j, and
+    (aggregated over every position) the frequencies of p_j / p_tail (chi-square vs dense)."""
+    from transformers import AutoModelForCausalLM
+
+    cache = _build(tiny_llama_dir, text_jsonl, tmp_path / "cache", limit=12)
+    assert cache.manifest["tail_samples"] == 16
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    vocab = cache.manifest["vocab_size"]
+    observed, expected = (
+        torch.zeros(vocab, dtype=torch.float64),
+        torch.zeros(vocab, dtype=torch.float64),
+    )
+    for record in cache.sequences("train"):
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.as_tensor(record.input_ids[None], dtype=torch.long)
+            ).logits[0]
+        log_p = torch.log_softmax(logits.double(), -1)[record.positions]  # (M, V) dense reference
+        ids = torch.as_tensor(record.tail_ids, dtype=torch.long)  # (M, s)
+        assert not (ids[:, :, None] == torch.as_tensor(record.topk_ids)[:, None, :]).any()
+        np.testing.assert_allclose(
+            record.tail_logprobs, log_p.gather(1, ids).numpy(), atol=2e-3, rtol=1e-3
+        )  # fp16 storage
+        tail_p = log_p.exp().scatter(1, torch.as_tensor(record.topk_ids, dtype=torch.long), 0.0)
+        expected += (tail_p / tail_p.sum(-1, keepdim=True)).sum(0) * ids.shape[1]
+        observed += torch.bincount(ids.reshape(-1), minlength=vocab).double()
+    keep = expected > 5  # Pearson's rule of thumb; the rest pooled into one bin
+    obs, exp = observed[keep], expected[keep]
+    if not keep.all():
+        obs = torch.cat([obs, observed[~keep].sum()[None]])
+        exp = torch.cat([exp, expected[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < stats.chi2.ppf(0.999, df=len(obs) - 1), (chi2, len(obs))
+
+
+def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp_path):
+    """Per-sequence seeding: other batch sizes give the same samples (resume / ranks alike)."""
+    one = _build(tiny_llama_dir, text_jsonl, tmp_path / "a", batch_tokens=4096, limit=6)
+    two = _build(tiny_llama_dir, text_jsonl, tmp_path / "b", batch_tokens=64, limit=6)
+    for a, b in zip(one.sequences("train"), two.sequences("train"), strict=True):
+        assert a.sequence_id == b.sequence_id
+        np.testing.assert_array_equal(np.sort(a.tail_ids, 1), np.sort(b.tail_ids, 1))
+
+
+def test_build_refuses_bad_tail_samples(tmp_path):
+    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--tail-samples must be in \[0, 255\]"):
+        BuildConfig(teacher="t", data="d", out=tmp_path, tail_samples=-1)
