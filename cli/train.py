@@ -38,7 +38,9 @@ def train(
     batch_size: int = typer.Option(8, help="Sequences per micro-batch per rank."),
     max_tokens: int | None = typer.Option(None, help="Optional padded-token budget per batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    lr: float = typer.Option(
+        1e-4, help="Peak AdamW learning rate (~1e-3 for small random-init students)."
+    ),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     warmup_steps: int = typer.Option(0, help="Linear warmup steps before the cosine decay."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),

@@ -70,7 +70,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch per rank
     max_tokens: int | None = None  # optional padded-token budget per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch x world x accum)
-    lr: float = 1e-3  # peak learning rate of AdamW
+    lr: float = 1e-4  # peak AdamW learning rate (pretrained students; ~1e-3 for tiny random ones)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)

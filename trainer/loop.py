@@ -265,7 +265,7 @@ class _Run:
             disable=not (config.progress and info.is_main),
             dynamic_ncols=True,
         )
-        max_epochs = config.epochs if config.steps is None else None
+        max_epochs = (config.epochs or 1) if config.steps is None else None
         batches = _micro_batches(self.dataset, max_epochs, config.grad_accum)
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.total_steps:
@@ -287,6 +287,7 @@ class _Run:
                 self._evaluate()
             if config.save_every and self.step % config.save_every == 0 and not last:
                 self._save(f"step-{self.step}")
+        batches.close()  # stops DataLoader workers of an unfinished epoch now, not at GC
         progress.close()
         final = self._save(FINAL)
         return TrainResult(
