@@ -70,6 +70,11 @@ def build(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch."),
     mode: str = typer.Option("exact", help="Storage mode: exact or compact."),
+    tail_samples: int = typer.Option(
+        0,
+        help="topk+tail mode: also store N tail ids per position drawn from the teacher's tail "
+        "(unbiased FKL; docs/QUALITY.md). 0 = off.",
+    ),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
     estimate: bool = typer.Option(
         False, help="Only estimate size, run time and top-k mass; write nothing."
@@ -108,6 +113,7 @@ def build(
         device=device,
         batch_tokens=batch_tokens,
         mode=mode,
+        tail_samples=tail_samples,
         overwrite=overwrite,
     )
     if estimate:

@@ -234,3 +234,15 @@ def test_build_refuses_bad_tail_samples(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--tail-samples must be in \[0, 255\]"):
         BuildConfig(teacher="t", data="d", out=tmp_path, tail_samples=-1)
+
+
+def test_cli_build_refuses_bad_tail_samples(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cli.app import app
+
+    args = ["build", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, [*args, "--tail-samples", "300"])
+    assert result.exit_code == 2
+    assert "--tail-samples must be in [0, 255]" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "c").exists()
