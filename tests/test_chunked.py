@@ -315,3 +315,14 @@ def test_dense_closed_form_gradient_matches_autograd(kind, mu, temperature):
     want = want + ce_w * F.cross_entropy(leaf, labels, ignore_index=-100, reduction="none")
     torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), leaf)[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint", "plain"])
+def test_empty_batch_gives_zero_and_zero_gradients(method):
+    hidden = torch.randn(0, H, requires_grad=True)
+    head = OutputHead(torch.randn(V, H, requires_grad=True), torch.zeros(V, requires_grad=True))
+    ids, lp = torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K)
+    empty, labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    loss = chunked_distill_loss(hidden, head, ids, lp, empty, labels, empty, empty, method=method)
+    loss.backward()
+    assert loss.item() == 0.0 and head.weight.grad.abs().sum() == 0

@@ -144,6 +144,9 @@ def _run_chunks(
             f"hidden must be (N, H) with H = {head.weight.shape[1]} (the head's input size), "
             f"got {tuple(hidden.shape)}"
         )
+    if hidden.shape[0] == 0:  # nothing to distill in this batch: a zero that still backprops
+        zero = hidden.float().sum() * 0.0 + head.weight.float().sum() * 0.0
+        return zero if head.bias is None else zero + head.bias.float().sum() * 0.0
     if method == "plain":
         return row_loss(head.logits(hidden), 0, hidden.shape[0]).sum()
     if not torch.is_grad_enabled():  # evaluation: no gradients to fold, just the loss per chunk
