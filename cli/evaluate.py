@@ -24,6 +24,9 @@ def evaluate(
     chunk_size: int = typer.Option(1024, help="Positions per lm_head chunk."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+    teacher: str | None = typer.Option(
+        None, help="Also report KL to this teacher's full distribution (its own forward)."
+    ),
 ) -> None:
     """Evaluate students on the cache's held-out split and print them side by side."""
     from kdcache.trainer import EvalConfig, format_table
@@ -39,6 +42,7 @@ def evaluate(
         chunk_size=chunk_size,
         device=device,
         dtype=dtype,
+        teacher=teacher,
     )
     report = run_evaluation(config)
     typer.echo(format_table(report))

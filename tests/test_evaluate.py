@@ -149,3 +149,38 @@ def test_default_json_next_to_the_student(cache_dir, random_student):
     assert result.exit_code == 0, result.output
     written = json.loads((random_student / "eval-holdout.json").read_text())
     assert str(random_student) in written["students"]
+
+
+def test_kl_to_the_full_teacher(cache_dir, tiny_llama_dir, random_student, tmp_path):
+    """--teacher adds full-vocabulary FKL / RKL; equal to a dense float64 computation."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(random_student, dtype=torch.float32).eval()
+    metrics = evaluate_model(
+        student, open_cache(cache_dir), temperature=TEMPERATURE, batch_size=3, chunk_size=11,
+        teacher=teacher,
+    )  # fmt: skip
+    fkl = rkl = 0.0
+    with torch.no_grad():
+        for record in open_cache(cache_dir).sequences("holdout"):
+            input_ids = torch.tensor(record.input_ids, dtype=torch.long).unsqueeze(0)
+            log_p = torch.log_softmax(
+                teacher(input_ids=input_ids).logits[0].double() / TEMPERATURE, -1
+            )
+            log_q = torch.log_softmax(
+                student(input_ids=input_ids).logits[0].double() / TEMPERATURE, -1
+            )
+            fkl += float((log_p.exp() * (log_p - log_q)).sum())
+            rkl += float((log_q.exp() * (log_q - log_p)).sum())
+    assert metrics["full_fkl"] == pytest.approx(fkl / metrics["positions"], rel=1e-4)
+    assert metrics["full_rkl"] == pytest.approx(rkl / metrics["positions"], rel=1e-4)
+    assert metrics["full_fkl"] >= metrics["fkl"] - 1e-6  # the bucket KL is a lower bound
+
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--cache", str(cache_dir), "--student", str(tiny_llama_dir),
+         "--teacher", str(tiny_llama_dir), "--json", str(tmp_path / "e.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "FKL to full T." in result.stdout
+    itself = json.loads((tmp_path / "e.json").read_text())["students"][str(tiny_llama_dir)]
+    assert itself["full_fkl"] < 1e-6 and itself["full_rkl"] < 1e-6

@@ -165,6 +165,7 @@ class EvalConfig:
     chunk_size: int = 1024  # positions per chunk of the lm_head (memory: chunk x vocab)
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
+    teacher: str | None = None  # also report KL to this teacher's full distribution
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -5,7 +5,10 @@ Metrics (on the ``holdout`` split by default):
 * ``ce`` / ``ppl``: next-token cross-entropy (temperature 1) on the real next tokens and its exp;
 * ``fkl`` / ``rkl``: sparse forward / reverse KL to the cached teacher (bucket tail, at the
   cache's temperature), mean over distilled positions;
-* ``top1``: how often the student's most likely token is the teacher's most likely token.
+* ``top1``: how often the student's most likely token is the teacher's most likely token;
+* with a teacher model (``--teacher``): ``full_fkl`` / ``full_rkl``, the forward / reverse KL to
+  the teacher's full-vocabulary distribution (its own forward on the same sequences), the
+  reference a sparse cache is measured against.
 
 The lm_head runs chunk by chunk over positions, so memory stays O(chunk x vocab).
 """
@@ -43,6 +46,20 @@ def _batches(cache, split: str, batch_size: int, max_sequences: int | None):
         yield collate_records(group)
 
 
+def _states(model: nn.Module, chunked: bool, batch: dict, autocast) -> torch.Tensor:
+    """(B*T, H) body hidden states when the head splits exactly, else (B*T, V) logits."""
+    amp = torch.autocast(batch["input_ids"].device.type, dtype=autocast, enabled=bool(autocast))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with amp:
+        states = body_of(model)(**inputs).last_hidden_state if chunked else model(**inputs).logits
+    return states.reshape(-1, states.shape[-1])
+
+
+def _head(model: nn.Module, device: torch.device):
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    return resolve_head(model, torch.arange(min(8, vocab_size), device=device).unsqueeze(0))
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -55,30 +72,27 @@ def evaluate_model(
     chunk_size: int = 1024,
     device: torch.device | None = None,
     autocast: torch.dtype | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``split`` (see the module docstring); leaves the model in eval mode."""
-    from kdcache.trainer.losses import sparse_kd_loss
+    """Metrics of ``model`` on ``split`` (see the module docstring); leaves the model in eval mode.
+
+    ``teacher`` (optional, same tokenizer, on ``device``) adds ``full_fkl`` / ``full_rkl``.
+    """
+    from kdcache.trainer.losses import dense_kd_loss, sparse_kd_loss
 
     device = device or next(model.parameters()).device
     model.eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    head = resolve_head(model, torch.arange(min(8, vocab_size), device=device).unsqueeze(0))
-    sums = {"ce": 0.0, "fkl": 0.0, "rkl": 0.0, "top1": 0.0}
+    head = _head(model, device)
+    teacher_head = None if teacher is None else _head(teacher.eval(), device)
+    sums = {"ce": 0.0, "fkl": 0.0, "rkl": 0.0, "top1": 0.0, "full_fkl": 0.0, "full_rkl": 0.0}
     num_positions = num_labels = num_sequences = 0
     for batch in _batches(cache, split, batch_size, max_sequences):
         batch = {key: value.to(device) for key, value in batch.items()}
-        amp = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-        with amp:
-            if head is not None:
-                states = body_of(model)(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).last_hidden_state  # (B, T, H)
-            else:
-                states = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits  # (B, T, V)
         rows = batch["distill_mask"].reshape(-1).nonzero().squeeze(-1)  # (N,)
-        states = states.reshape(-1, states.shape[-1])[rows]
+        states = _states(model, head is not None, batch, autocast)[rows]
+        if teacher is not None:
+            teacher_states = _states(teacher, teacher_head is not None, batch, autocast)[rows]
         top_k = batch["topk_ids"].shape[-1]
         ids, logprobs, tail = fold_out_of_vocab(
             batch["topk_ids"].reshape(-1, top_k)[rows],
@@ -102,6 +116,16 @@ def evaluate_model(
                         temperature=temperature,
                     )
                 )
+            if teacher is not None:
+                chunk = teacher_states[part]
+                full = teacher_head.logits(chunk) if teacher_head is not None else chunk.float()
+                full = full[:, :vocab_size]  # a teacher's padding ids beyond the student's: dropped
+                for kind in ("fkl", "rkl"):
+                    sums[f"full_{kind}"] += float(
+                        dense_kd_loss(
+                            logits, full, kind=kind, reduction="sum", temperature=temperature
+                        )
+                    )
             sums["top1"] += float((logits.argmax(-1) == ids[part, 0]).sum())
             has_label = labels[part] != IGNORE_INDEX
             if bool(has_label.any()):
@@ -114,7 +138,7 @@ def evaluate_model(
     if num_positions == 0:
         raise CacheError(f"split {split!r} of the cache has no distilled positions to evaluate")
     ce = sums["ce"] / max(num_labels, 1)
-    return {
+    metrics = {
         "ce": ce,
         "ppl": math.exp(min(ce, 700.0)),
         "fkl": sums["fkl"] / num_positions,
@@ -124,6 +148,10 @@ def evaluate_model(
         "label_positions": num_labels,
         "sequences": num_sequences,
     }
+    if teacher is not None:
+        metrics["full_fkl"] = sums["full_fkl"] / num_positions
+        metrics["full_rkl"] = sums["full_rkl"] / num_positions
+    return metrics
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
@@ -138,6 +166,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         check_vocab_size,
         load_student_model,
         load_student_tokenizer,
+        load_teacher,
         resolve_device,
     )
 
@@ -150,6 +179,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     autocast = autocast_dtype(config.dtype, device)
     temperature = float(cache.manifest["temperature"])
+    teacher = None
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher, config.cache, cache.manifest, torch.float32)
+        teacher.to(device)
     for student in config.students:  # cheap checks of every student before any evaluation
         tokenizer = load_student_tokenizer(student, config.cache)
         check_tokenizer(tokenizer, config.cache, cache.manifest)
@@ -167,6 +200,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             chunk_size=config.chunk_size,
             device=device,
             autocast=autocast,
+            teacher=teacher,
         )
         del model
     report: dict[str, Any] = {
@@ -195,10 +229,15 @@ def format_table(report: dict[str, Any]) -> str:
         "fkl": "FKL to teacher",
         "rkl": "RKL to teacher",
         "top1": "top-1 agreement",
+        "full_fkl": "FKL to full T.",
+        "full_rkl": "RKL to full T.",
     }
     width = max(14, *(len(name) for name in names))
     lines = [f"{'split ' + report['split']:<16}" + "".join(f"  {n:>{width}}" for n in names)]
-    for metric in METRICS:
+    first = report["students"][names[0]]
+    for metric in (*METRICS, "full_fkl", "full_rkl"):
+        if metric not in first:
+            continue
         cells = "".join(f"  {report['students'][name][metric]:>{width}.4f}" for name in names)
         lines.append(f"{labels[metric]:<16}{cells}")
     positions = report["students"][names[0]]["positions"]
