@@ -326,3 +326,72 @@ def test_empty_batch_gives_zero_and_zero_gradients(method):
     loss = chunked_distill_loss(hidden, head, ids, lp, empty, labels, empty, empty, method=method)
     loss.backward()
     assert loss.item() == 0.0 and head.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "akl"])
+def test_closed_form_with_tail_samples_matches_topk_tail_loss(kind, temperature):
+    from kdcache.trainer.sampled import draw_tail_samples, topk_tail_kd_loss
+
+    gen = torch.Generator().manual_seed(15)
+    rows, vocab, k = 8, 30, 4
+    logits = 3 * torch.randn(rows, vocab, generator=gen)
+    logits[3] *= 200  # tiny student tail: the autograd fallback rows
+    teacher_lp = torch.log_softmax(2 * torch.randn(rows, vocab, generator=gen) / temperature, -1)
+    lp, ids = teacher_lp.topk(k, -1)
+    tail = (1 - lp.exp().sum(-1)).clamp_min(0) * 1.02  # rounded: renormalization matters
+    tail_ids, tail_lp = draw_tail_samples(teacher_lp, ids, 3, generator=gen)
+    tail_lp[1, 1:] = -math.inf  # absent samples
+    tail_lp[2, :] = -math.inf  # a row without samples: the bucket
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    kd_w, ce_w = torch.rand(rows, generator=gen), torch.rand(rows, generator=gen)
+    kw = {"kind": kind, "temperature": temperature}
+    loss, grad = sparse_kd_loss_with_grad(
+        logits, ids, lp, tail, kd_w, labels, ce_w, tail_ids=tail_ids, tail_logprobs=tail_lp, **kw
+    )
+    leaf = logits.clone().requires_grad_()
+    want = kd_w * topk_tail_kd_loss(leaf, ids, lp, tail, tail_ids, tail_lp, **kw)
+    want = want + ce_w * F.cross_entropy(leaf, labels, reduction="none")
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.sum(), leaf)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+def test_chunked_with_tail_samples_equals_plain(method):
+    from kdcache.trainer.sampled import draw_tail_samples, topk_tail_kd_loss
+
+    hidden, head, teacher, ids, lp, tail, labels, kd_w, ce_w = make_problem(seed=16)
+    tail_ids, tail_lp = draw_tail_samples(torch.log_softmax(teacher, -1), ids, 4)
+    got = chunked_distill_loss(
+        hidden,
+        head,
+        ids,
+        lp,
+        tail,
+        labels,
+        kd_w,
+        ce_w,
+        kind="akl",
+        chunk_size=6,
+        method=method,
+        tail_ids=tail_ids,
+        tail_logprobs=tail_lp,
+    )
+    logits = _plain_logits(hidden, head)
+    kd = topk_tail_kd_loss(logits, ids, lp, tail, tail_ids, tail_lp, kind="akl")
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    assert_same(got, (kd_w * kd + ce_w * ce).sum(), params(hidden, head))
+    with pytest.raises(ConfigError, match="tail samples support"):
+        chunked_distill_loss(
+            hidden,
+            head,
+            ids,
+            lp,
+            tail,
+            labels,
+            kd_w,
+            ce_w,
+            kind="js",
+            tail_ids=tail_ids,
+            tail_logprobs=tail_lp,
+        )

@@ -35,6 +35,7 @@ from kdcache.trainer.losses import (
     sparse_kd_loss,
     sparse_kd_loss_with_grad,
 )
+from kdcache.trainer.sampled import topk_tail_kd_loss
 
 __all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss", "chunked_row_loss"]
 
@@ -294,6 +295,8 @@ def chunked_distill_loss(
     chunk_size: int = 1024,
     skew: float = 0.1,
     method: str = "fused",
+    tail_ids: torch.Tensor | None = None,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse-teacher KD + CE over N positions without materializing the (N, V) logits.
 
@@ -309,6 +312,8 @@ def chunked_distill_loss(
         kind, mu, temperature, skew: as in ``sparse_kd_loss`` (temperature applies to KD only).
         chunk_size: rows of logits alive at once.
         method: "fused" (default), "checkpoint" or "plain" (see the module docstring).
+        tail_ids, tail_logprobs: (N, s) importance-sampled tail tokens of a topk+tail cache:
+            KD is then ``kdcache.trainer.sampled.topk_tail_kd_loss`` (kind fkl, rkl or akl).
 
     Returns:
         scalar float32: sum_i kd_weight_i * KD_i + ce_weight_i * CE_i.
@@ -339,16 +344,38 @@ def chunked_distill_loss(
             )
 
         def kd_rows(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            rows = slice(start, end)
+            if tail_ids is not None:
+                return topk_tail_kd_loss(
+                    logits,
+                    topk_ids[rows],
+                    topk_logprobs[rows],
+                    _tail_or_derived(tail_mass, topk_logprobs, rows),
+                    tail_ids[rows],
+                    tail_logprobs[rows],
+                    kind=kind,
+                    mu=mu,
+                    temperature=temperature,
+                )
             return sparse_kd_loss(
                 logits,
-                topk_ids[start:end],
-                topk_logprobs[start:end],
-                None if tail_mass is None else tail_mass[start:end],
+                topk_ids[rows],
+                topk_logprobs[rows],
+                None if tail_mass is None else tail_mass[rows],
                 kind=kind,
                 mu=mu,
                 temperature=temperature,
                 skew=skew,
             )
+
+    if tail_ids is not None:
+        if topk_ids is None or tail_logprobs is None or tail_logprobs.shape != tail_ids.shape:
+            raise ConfigError(
+                "tail samples need topk_ids, and tail_ids / tail_logprobs of the same (N, s) shape"
+            )
+        if kind not in ("fkl", "rkl", "akl"):
+            raise ConfigError(f"tail samples support kind fkl, rkl or akl, not {kind!r}")
+        _check_rows(hidden.shape[0], tail_ids=tail_ids)
 
     def kernel(logits: torch.Tensor, start: int, end: int):
         return sparse_kd_loss_with_grad(
@@ -363,10 +390,20 @@ def chunked_distill_loss(
             mu=mu,
             temperature=temperature,
             skew=skew,
+            tail_ids=None if tail_ids is None else tail_ids[start:end],
+            tail_logprobs=None if tail_logprobs is None else tail_logprobs[start:end],
         )
 
     row_loss = _weighted_rows(labels, kd_weight, ce_weight, kd_rows)
     return _run_chunks(hidden, head, row_loss, chunk_size, method, kernel)
+
+
+def _tail_or_derived(
+    tail_mass: torch.Tensor | None, topk_logprobs: torch.Tensor, rows: slice
+) -> torch.Tensor:
+    if tail_mass is not None:
+        return tail_mass[rows]
+    return (1.0 - topk_logprobs[rows].float().exp().sum(-1)).clamp(0.0, 1.0)
 
 
 def chunked_dense_distill_loss(

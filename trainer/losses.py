@@ -305,6 +305,8 @@ def sparse_kd_loss_with_grad(
     mu: float = 0.5,
     temperature: float = 1.0,
     skew: float = 0.1,
+    tail_ids: torch.Tensor | None = None,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kd_weight * sparse_kd_loss + ce_weight * CE`` per row and its gradient w.r.t. logits.
 
@@ -319,6 +321,8 @@ def sparse_kd_loss_with_grad(
         topk_ids, topk_logprobs, tail_mass: (C, k), (C, k), (C,) as in ``sparse_kd_loss``; ids
             None for CE only. kd_weight: (C,) or None.
         labels: (C,) CE targets (-100 = none) or None; ce_weight: (C,) or None. CE is at T = 1.
+        tail_ids, tail_logprobs: (C, s) importance-sampled tail tokens (topk+tail cache): the
+            loss is then ``topk_tail_kd_loss`` (FKL/AKL; RKL ignores them).
 
     Returns:
         ((C,) weighted per-row loss, (C, V) float32 gradient of its sum w.r.t. ``logits``).
@@ -333,7 +337,7 @@ def sparse_kd_loss_with_grad(
         ce_w = torch.where(labels != -100, ce_weight.float(), 0.0)  # (C,)
         safe_labels = labels.clamp_min(0).long()[:, None]  # (C, 1)
     fold_ce = ce_w is not None and temperature == 1.0
-    s_values = None
+    s_values = sample_w = None
     if topk_ids is not None and kd_weight is not None:
         ids = topk_ids.long()
         present = topk_logprobs > -math.inf  # (C, k)
@@ -363,6 +367,26 @@ def sparse_kd_loss_with_grad(
         loss += kd_weight.float() * kd.detach()
         r = r * valid
         r_tail, r_sum = r[:, k], r.sum(-1)  # (C,)
+        if tail_ids is not None and kind in ("fkl", "akl"):  # topk+tail: unbiased FKL tail part
+            from kdcache.trainer.sampled import tail_sample_correction
+
+            p_topk = torch.where(present, topk_logprobs.float(), -math.inf).exp().sum(-1)  # (C,)
+            p_tail_raw = (1.0 - p_topk) if tail_mass is None else tail_mass.float()
+            p_tail_raw = torch.where(has_tail, p_tail_raw.clamp(0.0, 1.0), 0.0)
+            log_total = torch.log((p_topk + p_tail_raw).clamp_min(torch.finfo(torch.float32).tiny))
+            log_q_samples = (logits.gather(1, tail_ids.long()) - max_logit[:, None]) / temperature
+            delta, c, sample_w = tail_sample_correction(
+                log_p,
+                log_q.detach(),
+                valid,
+                head,
+                log_total,
+                log_q_samples - log_sum[:, None],
+                tail_logprobs,
+            )
+            loss += kd_weight.float() * delta
+            r_tail = r_tail + kd_weight.float() * c
+            sample_w = sample_w * kd_weight.float()[:, None]
         coef += torch.where(sum_tail > 0, r_tail / sum_tail.clamp_min(1e-30), 0.0) - r_sum / sum_all
         q_topk = log_q_topk.exp()  # (C, k)
         s_values = r[:, :k] - q_topk * r_sum[:, None]  # (C, k) gradient at S
@@ -378,6 +402,8 @@ def sparse_kd_loss_with_grad(
         current = grad.gather(1, canon_ids)  # rows without present entries keep their values
         values = torch.where(any_present[:, None], s_values.gather(1, canon_cols), current)
         grad.scatter_(1, canon_ids, values)
+    if sample_w is not None:  # tail ids are outside S: after the S values are written
+        grad.scatter_add_(1, tail_ids.long(), -sample_w)
     if temperature != 1.0:
         grad.div_(temperature)
     if ce_w is not None:
@@ -398,6 +424,7 @@ def sparse_kd_loss_with_grad(
             kd_weight[index],
             None if ce_w is None else labels[index],
             None if ce_w is None else ce_weight[index],
+            None if sample_w is None else (tail_ids[index], tail_logprobs[index]),
             kind=kind,
             mu=mu,
             temperature=temperature,
@@ -407,11 +434,22 @@ def sparse_kd_loss_with_grad(
     return loss, grad
 
 
-def _autograd_rows(logits, topk_ids, topk_logprobs, tail_mass, kd_weight, labels, ce_weight, **kw):
+def _autograd_rows(
+    logits, topk_ids, topk_logprobs, tail_mass, kd_weight, labels, ce_weight, samples=None, **kw
+):
     """The reference path of ``sparse_kd_loss_with_grad`` (autograd through the plain formulas)."""
     with torch.enable_grad():
         leaf = logits.detach().requires_grad_()
-        loss = kd_weight.float() * sparse_kd_loss(leaf, topk_ids, topk_logprobs, tail_mass, **kw)
+        if samples is None:
+            kd = sparse_kd_loss(leaf, topk_ids, topk_logprobs, tail_mass, **kw)
+        else:
+            from kdcache.trainer.sampled import topk_tail_kd_loss
+
+            if tail_mass is None:
+                tail_mass = (1 - topk_logprobs.float().exp().sum(-1)).clamp(0.0, 1.0)
+            kw.pop("skew")
+            kd = topk_tail_kd_loss(leaf, topk_ids, topk_logprobs, tail_mass, *samples, **kw)
+        loss = kd_weight.float() * kd
         if labels is not None:
             ce = torch.nn.functional.cross_entropy(
                 leaf, labels, ignore_index=-100, reduction="none"

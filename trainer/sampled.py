@@ -222,3 +222,51 @@ def draw_samples(
     ids = torch.where(counts > 0, ids, 0)
     logprobs = teacher_logprobs.gather(1, ids)
     return ids, counts, logprobs, None if proposal is None else proposal.gather(1, ids)
+
+
+@torch.no_grad()
+def tail_sample_correction(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    valid: torch.Tensor,
+    head: torch.Tensor | None,
+    log_total: torch.Tensor,
+    log_q_samples: torch.Tensor,
+    tail_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mode (b) as a correction of the bucket loss, for the fused kernel (no autograd).
+
+    ``topk_tail_kd_loss = bucket loss + delta`` with ``delta = w (tail_estimate - bucket FKL
+    term)``, ``w`` = 1 for FKL, the detached AKL head weight for AKL. Its gradient w.r.t. the
+    student's z = logits / T is ``c * softmax_outside_S(z)_j - sum_m u_m [j = j_m]``: the q_j
+    terms of the two parts cancel.
+
+    Args:
+        log_p, log_q, valid, head: (C, k + 1) outcomes as in ``losses._outcome_divergence``.
+        log_total: (C,) log of the teacher's stored total mass (sum p_S + p_tail).
+        log_q_samples: (C, s) student log q at the sampled ids; tail_logprobs: (C, s) teacher's.
+
+    Returns:
+        (delta (C,), c (C,), u (C, s)); rows without samples get zeros.
+    """
+    sampled = (tail_logprobs > -math.inf) & valid[:, -1:]  # (C, s)
+    n_samples = sampled.sum(-1).clamp_min(1)  # (C,)
+    if head is None:
+        weight = torch.ones_like(log_total)
+    else:
+        gap = (
+            torch.where(valid, log_p, -math.inf).exp() - torch.where(valid, log_q, -math.inf).exp()
+        )
+        gap = gap.abs()  # (C, k + 1)
+        g_head, g_tail = (gap * head).sum(-1), (gap * (valid & ~head)).sum(-1)
+        weight = g_head / (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
+    weight = torch.where(sampled.any(-1), weight, 0.0)  # (C,)
+    p_tail = torch.where(valid[:, -1], log_p[:, -1], -math.inf).exp()  # (C,)
+    log_p_samples = tail_logprobs.float() - log_total[:, None]
+    terms = torch.where(sampled, log_p_samples - log_q_samples, 0.0)  # (C, s)
+    estimate = p_tail * terms.sum(-1) / n_samples
+    bucket = torch.where(p_tail > 0, p_tail * (log_p[:, -1] - log_q[:, -1]), 0.0)
+    delta = weight * (estimate - bucket)
+    c = weight * p_tail  # (C,)
+    u = torch.where(sampled, (c / n_samples)[:, None], 0.0)  # (C, s)
+    return delta, c, u
