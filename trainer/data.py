@@ -57,6 +57,8 @@ def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[
       so every row is a valid distribution)
     * ``distill_mask`` (B, T) bool: True where the teacher's distribution is stored
     * ``sequence_ids`` (B,) int64
+    * topk+tail caches only: ``tail_ids`` (B, T, s) int64 (0 where absent) and
+      ``tail_logprobs`` (B, T, s) float32 (-inf where absent)
     """
     if not records:
         raise ValueError("collate_records needs at least one record")
@@ -79,7 +81,7 @@ def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[
         distill_mask[row, positions] = True
         with_label = positions[positions < num_tokens - 1]  # the last token has no next token
         labels[row, with_label] = record.input_ids[with_label + 1]
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
@@ -88,6 +90,26 @@ def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[
         "tail_mass": torch.from_numpy(tail_mass),
         "distill_mask": torch.from_numpy(distill_mask),
         "sequence_ids": torch.tensor([record.sequence_id for record in records], dtype=torch.int64),
+    }
+    if records[0].tail_ids is not None:
+        batch.update(_collate_tail_samples(records, length))
+    return batch
+
+
+def _collate_tail_samples(
+    records: Sequence[SequenceRecord], length: int
+) -> dict[str, torch.Tensor]:
+    """(B, T, s) tail samples of a topk+tail cache, padded like the top-k (id 0, log-prob -inf)."""
+    samples = int(records[0].tail_ids.shape[1])
+    tail_ids = np.zeros((len(records), length, samples), dtype=np.int64)
+    tail_logprobs = np.full((len(records), length, samples), -np.inf, dtype=np.float32)
+    for row, record in enumerate(records):
+        positions = np.asarray(record.positions, dtype=np.int64)
+        tail_ids[row, positions] = record.tail_ids
+        tail_logprobs[row, positions] = record.tail_logprobs
+    return {
+        "tail_ids": torch.from_numpy(tail_ids),
+        "tail_logprobs": torch.from_numpy(tail_logprobs),
     }
 
 

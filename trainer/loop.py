@@ -337,6 +337,8 @@ class _Run:
                     batch["distill_mask"],
                     num_distilled,
                     num_labels,
+                    tail_ids=batch.get("tail_ids"),  # topk+tail caches only
+                    tail_logprobs=batch.get("tail_logprobs"),
                 )
             (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
             step_loss += float(loss.detach())

@@ -93,6 +93,8 @@ class DistillObjective(nn.Module):
         distill_mask: torch.Tensor,  # (B, T)
         num_distilled: float,
         num_labels: float,
+        tail_ids: torch.Tensor | None = None,  # (B, T, s) topk+tail caches only
+        tail_logprobs: torch.Tensor | None = None,  # (B, T, s)
     ) -> torch.Tensor:
         kd_weight, ce_weight = position_weights(
             distill_mask, labels, self.alpha, num_distilled, num_labels
@@ -111,6 +113,17 @@ class DistillObjective(nn.Module):
         kd_rows, ce_rows = kd_weight.reshape(-1)[rows], ce_weight.reshape(-1)[rows]
         if self._teacher and self.alpha < 1.0:
             return self._online_loss(input_ids, attention_mask, rows, row_labels, kd_rows, ce_rows)
+        if tail_ids is not None and self.alpha < 1.0:  # topk+tail cache: unbiased FKL tail
+            from kdcache.trainer.topk_tail import fold_out_of_vocab_samples
+
+            samples = fold_out_of_vocab_samples(
+                tail_ids.reshape(-1, tail_ids.shape[-1])[rows],
+                tail_logprobs.reshape(-1, tail_ids.shape[-1])[rows],
+                self.vocab_size,
+            )
+            sparse = (ids, logprobs, tail, *samples)
+            return self._topk_tail_loss(input_ids, attention_mask, rows, sparse, row_labels,
+                                        kd_rows, ce_rows)  # fmt: skip
         if self.chunked:
             from kdcache.trainer.chunked import chunked_distill_loss
 
@@ -136,6 +149,34 @@ class DistillObjective(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         logits = logits.reshape(-1, logits.shape[-1])[rows].float()  # (N, V)
         return weighted_loss(logits, ids, logprobs, tail, row_labels, kd_rows, ce_rows, self)
+
+    def _topk_tail_loss(
+        self, input_ids, attention_mask, rows, sparse, labels, kd_weight, ce_weight
+    ):
+        """KD from the top-k plus the cache's tail samples (``topk_tail_kd_loss``) + CE."""
+        ce = (labels, ce_weight) if self.alpha > 0.0 else (None, None)
+        options = {"kind": self.kind, "mu": self.mu, "temperature": self.temperature}
+        if self.chunked:
+            from kdcache.trainer.topk_tail import chunked_topk_tail_loss
+
+            hidden = body_of(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            return chunked_topk_tail_loss(
+                hidden.reshape(-1, hidden.shape[-1])[rows], split_head(self.model), *sparse,
+                ce[0], kd_weight, ce[1], chunk_size=self.chunk_size, **options,
+            )  # fmt: skip
+        from kdcache.trainer.sampled import topk_tail_kd_loss
+
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.reshape(-1, logits.shape[-1])[rows].float()  # (N, V)
+        loss = (kd_weight * topk_tail_kd_loss(logits, *sparse, **options)).sum()
+        if self.alpha > 0.0:
+            loss = (
+                loss
+                + (ce_weight * F.cross_entropy(logits, labels.clamp(min=0), reduction="none")).sum()
+            )
+        return loss
 
     def _online_loss(self, input_ids, attention_mask, rows, labels, kd_weight, ce_weight):
         """Full-vocabulary KD against the teacher's forward on the same batch (+ CE)."""
