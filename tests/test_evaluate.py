@@ -133,7 +133,7 @@ def test_cli_compares_students_side_by_side(cache_dir, tiny_llama_dir, random_st
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0]
     assert str(tiny_llama_dir) in header and str(random_student) in header
-    assert "FKL to teacher" in result.stdout and "top-1 agreement" in result.stdout
+    assert "FKL to teacher (top-k + tail)" in result.stdout and "top-1 agreement" in result.stdout
     report = json.loads(out.read_text())
     assert report["split"] == "holdout"
     assert set(report["students"]) == {str(tiny_llama_dir), str(random_student)}
@@ -181,6 +181,6 @@ def test_kl_to_the_full_teacher(cache_dir, tiny_llama_dir, random_student, tmp_p
          "--teacher", str(tiny_llama_dir), "--json", str(tmp_path / "e.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "FKL to full T." in result.stdout
+    assert "FKL to full teacher" in result.stdout
     itself = json.loads((tmp_path / "e.json").read_text())["students"][str(tiny_llama_dir)]
     assert itself["full_fkl"] < 1e-6 and itself["full_rkl"] < 1e-6

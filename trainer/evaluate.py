@@ -226,20 +226,20 @@ def format_table(report: dict[str, Any]) -> str:
     labels = {
         "ce": "CE (nats)",
         "ppl": "perplexity",
-        "fkl": "FKL to teacher",
-        "rkl": "RKL to teacher",
+        "fkl": "FKL to teacher (top-k + tail)",
+        "rkl": "RKL to teacher (top-k + tail)",
         "top1": "top-1 agreement",
-        "full_fkl": "FKL to full T.",
-        "full_rkl": "RKL to full T.",
+        "full_fkl": "FKL to full teacher",
+        "full_rkl": "RKL to full teacher",
     }
-    width = max(14, *(len(name) for name in names))
-    lines = [f"{'split ' + report['split']:<16}" + "".join(f"  {n:>{width}}" for n in names)]
     first = report["students"][names[0]]
-    for metric in (*METRICS, "full_fkl", "full_rkl"):
-        if metric not in first:
-            continue
+    shown = [metric for metric in (*METRICS, "full_fkl", "full_rkl") if metric in first]
+    label_width = max(len(labels[metric]) for metric in shown)
+    width = max(10, *(len(name) for name in names))
+    header = f"{'split ' + report['split']:<{label_width}}"
+    lines = [header + "".join(f"  {name:>{width}}" for name in names)]
+    for metric in shown:
         cells = "".join(f"  {report['students'][name][metric]:>{width}.4f}" for name in names)
-        lines.append(f"{labels[metric]:<16}{cells}")
-    positions = report["students"][names[0]]["positions"]
-    lines.append(f"({positions} distilled positions)")
+        lines.append(f"{labels[metric]:<{label_width}}{cells}")
+    lines.append(f"({first['positions']} distilled positions)")
     return "\n".join(lines)
