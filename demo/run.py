@@ -30,11 +30,11 @@ class DemoSettings:
     top_k: int = int(DEMO_BUILD_SETTINGS["top_k"])  # teacher entries stored per position
     max_length: int = int(DEMO_BUILD_SETTINGS["max_length"])  # tokens per packed sequence
     holdout: float = float(DEMO_BUILD_SETTINGS["holdout"])  # fraction of rows held out
-    steps: int = 400  # optimizer steps of each student
-    batch_size: int = 16  # sequences per step
+    steps: int = 150  # optimizer steps of each student
+    batch_size: int = 8  # sequences per step
     lr: float = 3e-3  # peak learning rate (AdamW, warmup + cosine)
-    warmup_steps: int = 20
-    eval_every: int = 40  # held-out metrics during training (for the plot); 0 = off
+    warmup_steps: int = 10
+    eval_every: int = 15  # held-out metrics during training (for the plot); 0 = off
     eval_sequences: int = 16  # holdout sequences used by eval_every
     seed: int = 0  # student init and data order (same for both students)
 

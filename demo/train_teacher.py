@@ -49,17 +49,17 @@ class TeacherSettings:
     """Every setting of the teacher run (written to training.json)."""
 
     vocab_size: int = 16384
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 160
+    intermediate_size: int = 432
     num_layers: int = 4
     num_heads: int = 4
     max_position_embeddings: int = 1024
-    seq_len: int = 512
-    batch_size: int = 8
-    steps: int = 350
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 150
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1234
