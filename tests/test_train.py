@@ -350,3 +350,24 @@ def test_two_gloo_ranks_train_and_resume(teacher_cache, student_json, tmp_path):
     assert len(state["data"]) == 2 and state["world_size"] == 2
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_accepts_the_same_paths_spelled_differently(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stored = TrainConfig(cache="cache", student="s.json", out="run", steps=2).to_dict()
+    same = TrainConfig(cache=str(tmp_path / "cache"), student="./s.json", out="run/", steps=2)
+    assert same.differences(stored) == []
+    other = TrainConfig(cache="other", student="s.json", out="run", steps=3, device="cpu")
+    assert other.differences(stored) == ["cache: 'cache' -> 'other'", "steps: 2 -> 3"]
+
+
+def test_teacher_ids_beyond_the_student_vocabulary_move_to_the_tail():
+    from kdcache.trainer.objective import fold_out_of_vocab
+
+    ids = torch.tensor([[3, 9, 1], [2, 1, 0]])
+    logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.6, 0.3, 0.0]]))
+    tail = torch.tensor([0.2, 0.1])
+    new_ids, new_logprobs, new_tail = fold_out_of_vocab(ids, logprobs, tail, vocab_size=8)
+    assert new_ids.tolist() == [[3, 0, 1], [2, 1, 0]]
+    assert torch.isneginf(new_logprobs[0, 1]) and new_logprobs[1].equal(logprobs[1])
+    assert new_tail.tolist() == pytest.approx([0.4, 0.1])

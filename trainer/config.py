@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,12 +144,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def differences(self, stored: dict[str, Any]) -> list[str]:
-        """Fields (other than RESUMABLE_CHANGES) whose value differs from a stored run.json."""
-        mine = self.to_dict()
+        """Fields (other than RESUMABLE_CHANGES) whose value differs from a stored run.json.
+
+        Paths compare by location (``./cache`` and ``cache`` are the same cache).
+        """
+
+        def same(name: str, old: Any, new: Any) -> bool:
+            if old == new:
+                return True
+            if name in ("cache", "student", "out", "teacher") and old and new:
+                return os.path.abspath(os.path.expanduser(old)) == os.path.abspath(
+                    os.path.expanduser(new)
+                )
+            return False
+
         return [
             f"{name}: {stored.get(name)!r} -> {value!r}"
-            for name, value in mine.items()
-            if name not in RESUMABLE_CHANGES and stored.get(name) != value
+            for name, value in self.to_dict().items()
+            if name not in RESUMABLE_CHANGES and not same(name, stored.get(name), value)
         ]
 
 
