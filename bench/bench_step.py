@@ -15,14 +15,16 @@ the optimizer is the same for every variant and would only dilute the ratios). V
 Times: --reps interleaved repetitions after one warm-up, all variants in this process; the
 minimum wall time and the median process CPU time (on a shared, oversubscribed machine the CPU
 time is the steadier estimate of the intrinsic cost).
-Memory: each variant's first step runs in a fresh subprocess; the peak RSS (VmHWM) of the step
-minus the RSS just before it (model, batch and teacher top-k already built).
+Memory: each variant's first step runs in a fresh subprocess (with glibc's mmap threshold at
+64 KiB, so freed tensors leave the RSS); the peak RSS (VmHWM) of the step minus the RSS just
+before it (model, batch and teacher top-k already built).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -131,7 +133,10 @@ def measure_memory(args, vocab: int, variant: str) -> float:
     command = [sys.executable, __file__, "--child", "--variant", variant, "--vocab", str(vocab)]
     command += ["--batch", str(args.batch), "--seq", str(args.seq), "--k", str(args.k)]
     command += ["--chunk", str(args.chunk), "--threads", str(args.threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    # Every allocation >= 64 KiB is mmapped and returned to the OS when freed, so the RSS
+    # high-water mark tracks live tensor memory instead of malloc's cached arenas.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -163,6 +168,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="chunked-kd", help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
     if args.child:
         memory_child(args)
@@ -174,6 +180,12 @@ def main() -> None:
         "hidden 256, 2 layers, untied head; step = forward + backward"
     )
     for vocab in args.vocab:
+        if args.memory_only:
+            print(f"\nvocab {vocab}: peak MiB (/ chunked-ce)")
+            memory = {v: measure_memory(args, vocab, v) for v in VARIANTS}
+            for v in VARIANTS:
+                print(f"{v:<12}{memory[v]:>10.0f}{memory[v] / memory['chunked-ce']:>9.3f}")
+            continue
         times, cpu = measure_times(args, vocab)
         memory = {} if args.skip_memory else {v: measure_memory(args, vocab, v) for v in VARIANTS}
         best = {v: min(times[v]) for v in VARIANTS}
