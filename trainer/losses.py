@@ -357,7 +357,7 @@ def sparse_kd_loss_with_grad(
         log_sum = torch.log(sum_all)
         z_topk = (logits.gather(1, ids) - max_logit[:, None]) / temperature  # (C, k)
         log_q_topk = z_topk - log_sum[:, None]
-        tiny_tail = has_tail & (sum_tail < 1e-30)  # recomputed exactly below
+        tiny_tail = has_tail & (sum_tail < 1e-25)  # recomputed exactly below
         log_q_tail = torch.where(has_tail & ~tiny_tail, torch.log(sum_tail) - log_sum, 0.0)
         log_q = torch.cat([log_q_topk, log_q_tail[:, None]], 1).requires_grad_()  # (C, k + 1)
         log_p, valid, head = _teacher_outcomes(topk_logprobs, tail_mass, has_tail, kind, mu)
@@ -414,7 +414,7 @@ def sparse_kd_loss_with_grad(
             grad.add_((logits - log_norm[:, None]).exp_().mul_(ce_w[:, None]))
         loss += ce_w * (log_norm - logits.gather(1, safe_labels)[:, 0])
         grad.scatter_add_(1, safe_labels, -ce_w[:, None])
-    if s_values is not None and bool(tiny_tail.any()):  # the student's tail < 1e-30 of its max
+    if s_values is not None and bool(tiny_tail.any()):  # the student's tail < 1e-25 of its max
         index = tiny_tail.nonzero()[:, 0]
         exact_loss, exact_grad = _autograd_rows(
             logits[index],
