@@ -37,7 +37,13 @@ from kdcache.trainer.losses import (
 )
 from kdcache.trainer.sampled import topk_tail_kd_loss
 
-__all__ = ["METHODS", "chunked_dense_distill_loss", "chunked_distill_loss", "chunked_row_loss"]
+__all__ = [
+    "METHODS",
+    "chunked_dense_distill_loss",
+    "chunked_distill_loss",
+    "chunked_row_loss",
+    "dense_kd_loss_with_grad",
+]
 
 METHODS: tuple[str, ...] = ("fused", "checkpoint", "plain")
 
