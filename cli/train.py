@@ -20,6 +20,21 @@ def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
     return str(DEFAULT_CACHE_DIR), str(demo_student_config_path()), out or DEFAULT_RUN_DIR / loss
 
 
+def resolve_defaults(demo: bool, given: dict) -> dict:
+    """Flags the user left out: TrainConfig's defaults, or the demo's training settings."""
+    from kdcache.trainer import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    names = ("steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_sequences")
+    defaults = {name: fields[name].default for name in names}
+    if demo:
+        from kdcache.demo.run import DemoSettings
+
+        demo_settings = DemoSettings()
+        defaults.update({name: getattr(demo_settings, name) for name in names})
+    return {name: defaults[name] if given.get(name) is None else given[name] for name in names}
+
+
 @handle_errors
 def train(
     cache: Path | None = typer.Option(None, help="Cache directory written by `kdcache build`."),
@@ -35,20 +50,26 @@ def train(
     ),
     steps: int | None = typer.Option(None, help="Optimizer steps (exclusive with --epochs)."),
     epochs: int | None = typer.Option(None, help="Passes over the train split (default 1)."),
-    batch_size: int = typer.Option(8, help="Sequences per micro-batch per rank."),
+    batch_size: int | None = typer.Option(
+        None, help="Sequences per micro-batch per rank [default: 8; demo: its own]."
+    ),
     max_tokens: int | None = typer.Option(None, help="Optional padded-token budget per batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(
-        1e-4, help="Peak AdamW learning rate (~1e-3 for small random-init students)."
+    lr: float | None = typer.Option(
+        None, help="Peak AdamW learning rate [default: 1e-4; ~1e-3 for small random-init students]."
     ),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
-    warmup_steps: int = typer.Option(0, help="Linear warmup steps before the cosine decay."),
+    warmup_steps: int | None = typer.Option(
+        None, help="Linear warmup steps before the cosine decay [default: 0]."
+    ),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
     seed: int = typer.Option(0, help="Seed of the student init, data order and RNGs."),
     workers: int = typer.Option(0, help="DataLoader workers decoding shards."),
     chunk_size: int = typer.Option(1024, help="Positions per lm_head + loss chunk."),
     save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = final only)."),
-    eval_every: int = typer.Option(0, help="Held-out KL/CE every N steps (0 = off)."),
+    eval_every: int | None = typer.Option(
+        None, help="Held-out KL/CE every N steps (0 = off) [default: 0]."
+    ),
     log_every: int = typer.Option(10, help="Metrics line every N steps."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a different run in --out."),
@@ -63,7 +84,8 @@ def train(
     from kdcache.trainer import TrainConfig
     from kdcache.trainer import train as run_training
 
-    if cache is None and student is None:
+    demo = cache is None and student is None
+    if demo:
         cache_dir, student, out = _demo_defaults(out, loss)
         cache = Path(cache_dir)
         typer.echo(f"Using the demo defaults: cache {cache}, student {student}, out {out}")
@@ -71,6 +93,9 @@ def train(
         raise ConfigError("pass both --cache and --student (or neither, for the demo defaults)")
     elif out is None:
         raise ConfigError("pass --out DIR: the run directory to write")
+    given = {"batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
+    given.update(eval_every=eval_every, steps=steps)
+    settings = resolve_defaults(demo, given)
     config = TrainConfig(
         cache=str(cache),
         student=student,
@@ -79,20 +104,21 @@ def train(
         mu=mu,
         ce_weight=ce_weight,
         temperature=temperature,
-        steps=steps,
+        steps=settings["steps"] if epochs is None else steps,  # --epochs: no default steps
         epochs=epochs,
-        batch_size=batch_size,
+        batch_size=settings["batch_size"],
         max_tokens=max_tokens,
         grad_accum=grad_accum,
-        lr=lr,
+        lr=settings["lr"],
         weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
+        warmup_steps=settings["warmup_steps"],
         max_grad_norm=max_grad_norm,
         seed=seed,
         num_workers=workers,
         chunk_size=chunk_size,
         save_every=save_every,
-        eval_every=eval_every,
+        eval_every=settings["eval_every"],
+        eval_sequences=settings["eval_sequences"],
         log_every=log_every,
         resume=resume,
         overwrite=overwrite,

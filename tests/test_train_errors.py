@@ -198,3 +198,15 @@ def test_demo_defaults_are_announced_first(tmp_path, monkeypatch):
     assert result.stdout.splitlines()[0].startswith("Using the demo defaults: cache ")
     _assert_refused(result, "does not exist", "kdcache build")
     assert not (tmp_path / "kdcache-demo" / "runs").exists()
+
+
+def test_flags_left_out_take_the_config_or_demo_defaults():
+    from kdcache.cli.train import resolve_defaults
+    from kdcache.demo.run import DemoSettings
+
+    plain = resolve_defaults(False, {"lr": 0.5})
+    assert plain["lr"] == 0.5 and plain["batch_size"] == TrainConfig.batch_size
+    assert plain["steps"] is None and plain["eval_every"] == 0
+    demo = resolve_defaults(True, {"batch_size": 3})
+    assert demo["batch_size"] == 3
+    assert demo["steps"] == DemoSettings().steps and demo["lr"] == DemoSettings().lr
