@@ -59,7 +59,7 @@ def format_report(report: Any) -> str:
     lines += ["", "splits"]
     rows = [
         [s.name, s.shards, s.sequences, s.tokens, s.positions, s.bytes,
-         s.bytes / s.tokens if s.tokens else None]
+         f"{s.bytes / s.tokens:.2f}" if s.tokens else None]
         for s in report.splits
     ]  # fmt: skip
     header = ["split", "shards", "sequences", "tokens", "positions", "bytes", "B/token"]
