@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.errors import ConfigError
+from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.records import SequenceRecord
 from kdcache.trainer.data import CacheDataset, collate_records
 
@@ -181,3 +181,18 @@ def test_token_budget_batches():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         CacheDataset(FakeCache(), **kwargs)
+
+
+class CorruptCache(FakeCache):
+    def read_shard(self, info):
+        if info.name == "shard-2":
+            raise CacheError("shard shard-2 fails its checksum: rebuild the cache")
+        yield from super().read_shard(info)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_corrupt_shard_surfaces_as_one_clean_cache_error(num_workers):
+    dataset = CacheDataset(CorruptCache(), batch_size=4, num_workers=num_workers)
+    with pytest.raises(CacheError) as caught:
+        list(dataset.epoch_batches())
+    assert str(caught.value) == "shard shard-2 fails its checksum: rebuild the cache"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.cache.errors import ConfigError
+from kdcache.cache.errors import ConfigError, KdcacheError
 from kdcache.cache.records import SequenceRecord
 
 IGNORE_INDEX = -100
@@ -119,7 +119,8 @@ class CacheDataset(IterableDataset):
     Use ``epoch_batches()`` in the training process: it runs a DataLoader with ``num_workers``
     workers (decode + collation in parallel) and tracks what it handed out, so ``state_dict()``
     is exact however far the workers have prefetched. Iterating the dataset itself yields
-    ``(stream, index, batch)`` items of the calling worker's stream (``batch`` None at its end).
+    ``(stream, index, batch)`` items of the calling worker's stream (``batch`` None at its end,
+    or the ``KdcacheError`` that stopped it).
     """
 
     def __init__(
@@ -294,9 +295,13 @@ class CacheDataset(IterableDataset):
         if self.finished[stream]:
             return
         index = self.consumed[stream]
-        for batch in self.stream_batches(stream, skip=index):
-            yield stream, index, batch
-            index += 1
+        try:
+            for batch in self.stream_batches(stream, skip=index):
+                yield stream, index, batch
+                index += 1
+        except KdcacheError as error:  # e.g. a corrupt shard: re-raised as is in the main process
+            yield stream, index, error
+            return
         yield stream, index, None  # end of this stream
 
     def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -320,6 +325,8 @@ class CacheDataset(IterableDataset):
                     continue
                 while not pending[stream]:
                     item_stream, index, batch = next(source)
+                    if isinstance(batch, KdcacheError):
+                        raise batch  # one clean line, not the DataLoader's wrapped traceback
                     pending[item_stream].append((index, batch))
                 index, batch = pending[stream].pop(0)
                 if index != self.consumed[stream]:
