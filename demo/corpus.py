@@ -14,6 +14,7 @@ Splits (by ``sha256(relative_path) % 100``):
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -68,13 +69,19 @@ def list_files(split: str, root: Path | None = None) -> list[Path]:
         raise ConfigError(f"unknown corpus split {split!r}; use one of {', '.join(SPLITS)}")
     root = stdlib_root() if root is None else Path(root)
     out: list[tuple[str, Path]] = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if _skipped(rel.parts) or not path.is_file():
-            continue
-        rel_s = rel.as_posix()
-        if split_of(rel_s) == split:
-            out.append((rel_s, path))
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune skipped folders (site-packages can hold tens of thousands of files)
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.endswith(".py") or not path.is_file():
+                continue
+            rel = path.relative_to(root)
+            if _skipped(rel.parts):
+                continue
+            rel_s = rel.as_posix()
+            if split_of(rel_s) == split:
+                out.append((rel_s, path))
     out.sort(key=lambda item: item[0])
     return [path for _, path in out]
 
