@@ -74,6 +74,12 @@ class Cache:
             raise
         except Exception as error:  # pyarrow raises several types for damaged files
             raise _corrupt(path, error) from None
+        if (codec.top_k, codec.vocab_size) != (self.top_k, self.vocab_size):
+            raise CacheError(
+                f"shard {info.name} holds top_k {codec.top_k} over vocab_size {codec.vocab_size}, "
+                f"the manifest says {self.top_k} over {self.vocab_size}: the shard belongs to "
+                "another build; rebuild the cache"
+            )
         for batch_index in range(reader.num_record_batches):
             try:
                 batch = reader.get_batch(batch_index)

@@ -155,3 +155,13 @@ def test_empty_split_listed_by_the_summary_reads_as_empty(tmp_path):
     cache = open_cache(tmp_path)
     assert cache.shards("holdout") == [] and list(cache.sequences("holdout")) == []
     assert [r.sequence_id for r in cache.sequences("train")] == list(range(5))
+
+
+def test_shard_from_another_build_is_refused(tmp_path):
+    build(tmp_path, splits=("train",))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    write_manifest(tmp_path, {**manifest, "top_k": TOP_K + 1})
+    cache = open_cache(tmp_path)
+    info = cache.shards("train")[0]
+    with pytest.raises(CacheError, match=f"shard {info.name} holds top_k {TOP_K} over vocab_size"):
+        list(cache.read_shard(info))
