@@ -343,3 +343,17 @@ def test_bad_shapes_are_refused():
         sparse_kd_loss(student, ids.double(), logprobs, tail)
     with pytest.raises(ConfigError, match="do not fit"):
         dense_kd_loss(student[:, :5], teacher)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_minus_inf_student_logits_give_no_nan(kind):
+    student, teacher = logits_pair(n=3, seed=41)
+    student = student.detach().float()
+    ids, logprobs, tail = teacher_topk(teacher.float(), 4)
+    student[0, ids[0, 1]] = -math.inf  # a top-k token the student rules out
+    student[1, (ids[1, 0] + 1) % 13] = -math.inf  # a tail token (masked vocabulary)
+    student.requires_grad_()
+    loss = sparse_kd_loss(student, ids, logprobs, tail, kind=kind)
+    assert not torch.isnan(loss).any()
+    assert not torch.isnan(grad_of(loss, student)).any()
+    assert torch.isfinite(loss[1:]).all()

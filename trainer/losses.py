@@ -80,7 +80,7 @@ def _outcome_divergence(
     """
     # Replace absent outcomes by a harmless 0 *before* any op so no NaN reaches the gradient.
     log_p = torch.where(valid, log_p, 0.0)
-    log_q = torch.where(valid, log_q, 0.0)
+    log_q = torch.where(valid, log_q, 0.0).clamp_min(-1e30)  # a -inf student logit: q = 0, no NaN
     log_p = log_p.clamp_min(math.log(torch.finfo(log_p.dtype).tiny))  # p = 0 -> tiny, finite
     mask = valid.to(log_p.dtype)
     p = log_p.exp() * mask  # (N, M)
