@@ -15,7 +15,7 @@ def demo(
         Path("kdcache-demo"), "--out", help="Directory for the demo's data, cache and runs."
     ),
     steps: int | None = typer.Option(
-        None, "--steps", help="Optimizer steps of each student (default: the demo's 150)."
+        None, "--steps", help="Optimizer steps of each student (default: the demo's 100)."
     ),
     quick: bool = typer.Option(
         False, "--quick", help="Tiny sizes (a few steps on a few KB): checks the path in seconds."
