@@ -171,3 +171,36 @@ def test_format_md_recipe_reads_a_written_shard(tmp_path):
         np.testing.assert_array_equal(ids, np.take_along_axis(written.topk_ids, order, 1))
         np.testing.assert_array_equal(logprobs, np.take_along_axis(lp16, order, 1))
         np.testing.assert_array_equal(tail, written.tail_mass)
+
+
+@pytest.mark.parametrize("mode", ["exact", "compact"])
+def test_empty_records_and_fully_padded_rows(mode):
+    from kdcache.cache.records import SequenceRecord
+
+    ids = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 0]], np.int32)
+    inf = -np.inf
+    logprobs = np.array([[-0.125, -2.5, inf], [inf, inf, inf], [-0.25, inf, inf]], np.float32)
+    record = SequenceRecord(
+        sequence_id=5,
+        input_ids=np.arange(4, dtype=np.int32),
+        topk_ids=ids,
+        topk_logprobs=logprobs,
+        tail_mass=np.array([0.25, 1.0, 0.0], np.float32),
+        positions=np.array([0, 2, 3], np.int32),
+    )
+    empty = SequenceRecord(
+        sequence_id=6,
+        input_ids=np.arange(2, dtype=np.int32),
+        topk_ids=np.zeros((0, 3), np.int32),
+        topk_logprobs=np.zeros((0, 3), np.float32),
+        tail_mass=np.zeros(0, np.float32),
+        positions=np.zeros(0, np.int32),
+    )
+    codec = BlockCodec(mode=mode, top_k=3, vocab_size=5)
+    first, got, last = codec.decode(codec.encode([empty, record, empty]))
+    assert (first.sequence_id, got.sequence_id, last.sequence_id) == (6, 5, 6)
+    assert first.topk_ids.shape == (0, 3) and last.input_ids.tolist() == [0, 1]
+    np.testing.assert_array_equal(got.topk_ids, ids)
+    np.testing.assert_array_equal(got.positions, record.positions)
+    np.testing.assert_array_equal(got.tail_mass, record.tail_mass)  # fp16-exact values
+    np.testing.assert_allclose(got.topk_logprobs, logprobs, atol=COMPACT_STEP / 2)
