@@ -159,18 +159,18 @@ class BlockCodec:
             lp_blob = _compact_logprobs(counts, flat_lp)
             tail_blob = _planes(tail.astype(np.float16).view("<u2"), 2)
         arrays = [
-            pa.array([[r.sequence_id for r in records]], pa.list_(pa.int64())),
-            pa.array([[r.num_tokens for r in records]], pa.list_(pa.int32())),
-            pa.array([[r.num_positions for r in records]], pa.list_(pa.int32())),
-            pa.array([pack(input_ids.tobytes())], pa.binary()),
-            pa.array([pack(position_deltas.tobytes())], pa.binary()),
-            pa.array([pack(counts.astype(self.count_dtype).tobytes())], pa.binary()),
-            pa.array([pack(_planes(deltas.astype("<u4"), self.id_planes))], pa.binary()),
-            pa.array([pack(lp_blob)], pa.binary()),
-            pa.array([pack(tail_blob)], pa.binary()),
+            _list_row(np.array([r.sequence_id for r in records], np.int64), pa.int64()),
+            _list_row(np.array([r.num_tokens for r in records], np.int32), pa.int32()),
+            _list_row(np.array([r.num_positions for r in records], np.int32), pa.int32()),
+            _binary_row(pack(input_ids.tobytes())),
+            _binary_row(pack(position_deltas.tobytes())),
+            _binary_row(pack(counts.astype(self.count_dtype).tobytes())),
+            _binary_row(pack(_planes(deltas.astype("<u4"), self.id_planes))),
+            _binary_row(pack(lp_blob)),
+            _binary_row(pack(tail_blob)),
         ]
         if self.tail_samples:
-            arrays += [pa.array([pack(blob)], pa.binary()) for blob in self._encode_tail(records)]
+            arrays += [_binary_row(pack(blob)) for blob in self._encode_tail(records)]
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
     def _encode_tail(self, records: list[SequenceRecord]) -> tuple[bytes, bytes]:
@@ -204,9 +204,9 @@ class BlockCodec:
         """Decode one block row back into records (vectorized; no per-position Python loop)."""
         unpack = zstandard.ZstdDecompressor().decompress
         column = batch.column
-        sequence_ids = column("sequence_id")[row].values.to_numpy()
-        num_tokens = column("num_tokens")[row].values.to_numpy().astype(np.int64)
-        num_positions = column("num_positions")[row].values.to_numpy().astype(np.int64)
+        sequence_ids = _list_values(column("sequence_id"), row, np.int64)
+        num_tokens = _list_values(column("num_tokens"), row, np.int32).astype(np.int64)
+        num_positions = _list_values(column("num_positions"), row, np.int32).astype(np.int64)
         input_ids = np.frombuffer(unpack(column("input_ids")[row].as_buffer()), "<i4")
         position_deltas = np.frombuffer(unpack(column("positions")[row].as_buffer()), "<i4")
         counts = np.frombuffer(unpack(column("k")[row].as_buffer()), self.count_dtype)
@@ -404,6 +404,28 @@ def _decode_compact_logprobs(raw: bytes, counts: np.ndarray, num_entries: int):
     top_of_row[nonempty] = top
     logprobs = np.repeat(top_of_row, counts) - steps.astype(np.float32) * np.float32(COMPACT_STEP)
     return logprobs.astype(np.float32), steps
+
+
+def _binary_row(blob: bytes) -> pa.Array:
+    """A one-element binary array, built from buffers (``pa.array`` would import pandas)."""
+    offsets = pa.py_buffer(np.array([0, len(blob)], np.int32))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(blob)])
+
+
+def _list_row(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A one-element list<value_type> array holding ``values`` (built from buffers)."""
+    child = pa.Array.from_buffers(value_type, len(values), [None, pa.py_buffer(values)])
+    offsets = pa.py_buffer(np.array([0, len(values)], np.int32))
+    return pa.Array.from_buffers(pa.list_(value_type), 1, [None, offsets], children=[child])
+
+
+def _list_values(array: pa.ListArray, row: int, dtype: type) -> np.ndarray:
+    """Values of one row of a list<int> column, read from its buffers (``to_numpy`` would import
+    pandas, seconds of start-up in every DataLoader worker)."""
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset :]
+    child = array.values
+    values = np.frombuffer(child.buffers()[1], dtype)[child.offset :]
+    return values[offsets[row] : offsets[row + 1]]
 
 
 def _planes(values: np.ndarray, num_planes: int) -> bytes:
