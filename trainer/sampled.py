@@ -99,8 +99,8 @@ def topk_tail_kd_loss(
     # The exact FKL over S and the bucket (the bucket term is replaced where there are samples).
     fkl_topk = _outcome_divergence(log_p[:, :k], log_q_topk, valid[:, :k], None, "fkl", 0.1)
     fkl_bucket = _outcome_divergence(log_p[:, k:], log_q[:, k:], valid[:, k:], None, "fkl", 0.1)
-    # Unbiased tail part: p_tail * mean over samples of (log p_j - log q_j), renormalized like
-    # p_S and p_tail (log p_j - log total, where log total = log p_tail_stored - log p_tail).
+    # Unbiased tail part: p_tail * mean over samples of (log p_j - log q_j), with p_j divided by
+    # the same stored total (sum p_S + p_tail) as p_S and p_tail.
     sampled = (tail_logprobs.detach() > -math.inf) & has_tail[:, None]  # (N, s)
     n_samples = sampled.sum(-1)  # (N,)
     p_topk_raw = torch.where(present, topk_logprobs.detach().to(dtype), -math.inf).exp()
