@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated config names to run")
+    parser.add_argument("--alphas", default=None, help="comma-separated CE mixes to run (e.g. 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps, a few configs")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     order = configurations(study, seeds)
     if args.only:
         order = [item for item in order if item[0] in args.only.split(",")]
+    if args.alphas:
+        order = [item for item in order if item[1] in {float(a) for a in args.alphas.split(",")}]
     if args.quick:
         order = [("ce", 1.0, 0), ("online-akl", 0.0, 0), ("top8-fkl", 0.0, 0), ("tail-akl", 0.2, 0)]
     for setting in args.settings.split(","):
