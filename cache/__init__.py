@@ -1,15 +1,63 @@
-"""Stage one: run the teacher once and store its top-k + tail-mass distributions in shards."""
+"""Stage one: run the teacher once and store its top-k + tail-mass distributions in shards.
 
-from kdcache.cache.build import BuildConfig, BuildSummary, build_cache
+The names below are imported lazily (PEP 562), so reading a cache, ``kdcache verify`` and
+``kdcache --help`` do not pay for importing torch and transformers; the teacher-side modules
+(build, estimate, heads) load them on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
-from kdcache.cache.estimate import EstimateReport, estimate_build
-from kdcache.cache.format import FORMAT_VERSION, canonical_order
-from kdcache.cache.heads import OutputHead, resolve_head
-from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
-from kdcache.cache.reader import Cache, open_cache
-from kdcache.cache.records import SequenceRecord
-from kdcache.cache.shards import ShardInfo, ShardWriter, list_complete_shards
-from kdcache.cache.verify import verify_cache
+
+_LAZY = {
+    "BuildConfig": "build",
+    "BuildSummary": "build",
+    "build_cache": "build",
+    "EstimateReport": "estimate",
+    "estimate_build": "estimate",
+    "FORMAT_VERSION": "format",
+    "canonical_order": "format",
+    "OutputHead": "heads",
+    "resolve_head": "heads",
+    "read_manifest": "manifest",
+    "shard_summary": "manifest",
+    "write_manifest": "manifest",
+    "Cache": "reader",
+    "open_cache": "reader",
+    "SequenceRecord": "records",
+    "ShardInfo": "shards",
+    "ShardWriter": "shards",
+    "list_complete_shards": "shards",
+    "verify_cache": "verify",
+}
+
+if TYPE_CHECKING:
+    from kdcache.cache.build import BuildConfig, BuildSummary, build_cache
+    from kdcache.cache.estimate import EstimateReport, estimate_build
+    from kdcache.cache.format import FORMAT_VERSION, canonical_order
+    from kdcache.cache.heads import OutputHead, resolve_head
+    from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
+    from kdcache.cache.reader import Cache, open_cache
+    from kdcache.cache.records import SequenceRecord
+    from kdcache.cache.shards import ShardInfo, ShardWriter, list_complete_shards
+    from kdcache.cache.verify import verify_cache
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdcache.cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kdcache.cache.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "FORMAT_VERSION",

@@ -40,3 +40,20 @@ def test_cli_help_lists_commands():
     assert result.exit_code == 0
     for command in ("build", "verify", "inspect", "train", "eval", "demo"):
         assert command in result.output
+
+
+def test_reading_side_does_not_import_torch():
+    """`kdcache --help`, `kdcache verify` and cache readers stay fast: torch loads on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import kdcache.cli.app\n"
+        "from kdcache.cache import open_cache, verify_cache, CacheError\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "from kdcache.cache import BuildConfig\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
