@@ -331,7 +331,10 @@ def _settings(value: Any) -> Any:
     if not isinstance(value, dict):
         return _describe(value)
     shown = ("max_length", "pack", "dtype", "holdout", "limit", "text_field", "messages_field")
-    return ", ".join(f"{k}={value[k]}" for k in shown if value.get(k) is not None) or None
+    parts = [f"{k}={value[k]}" for k in shown if value.get(k) is not None]
+    if value.get("tail_samples"):  # topk+tail mode: sampled tail ids per position
+        parts.append(f"tail_samples={value['tail_samples']}")
+    return ", ".join(parts) or None
 
 
 def _short(value: Any) -> Any:
