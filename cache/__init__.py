@@ -21,6 +21,8 @@ _LAZY = {
     "FORMAT_VERSION": "format",
     "canonical_order": "format",
     "OutputHead": "heads",
+    "CacheReport": "inspect",
+    "inspect_cache": "inspect",
     "resolve_head": "heads",
     "read_manifest": "manifest",
     "shard_summary": "manifest",
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from kdcache.cache.estimate import EstimateReport, estimate_build
     from kdcache.cache.format import FORMAT_VERSION, canonical_order
     from kdcache.cache.heads import OutputHead, resolve_head
+    from kdcache.cache.inspect import CacheReport, inspect_cache
     from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
     from kdcache.cache.reader import Cache, open_cache
     from kdcache.cache.records import SequenceRecord
@@ -65,6 +68,7 @@ __all__ = [
     "BuildSummary",
     "Cache",
     "CacheError",
+    "CacheReport",
     "ConfigError",
     "EstimateReport",
     "KdcacheError",
@@ -75,6 +79,7 @@ __all__ = [
     "build_cache",
     "canonical_order",
     "estimate_build",
+    "inspect_cache",
     "list_complete_shards",
     "open_cache",
     "read_manifest",
