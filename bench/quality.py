@@ -155,7 +155,8 @@ def evaluate(student, heldout_inputs, heldout_labels, heldout_teacher_logits, mu
 # Run order (CPU is scarce; results are saved after every run, so the first tiers land first).
 CORE = ("ce", "online-fkl", "online-akl", "top64-fkl", "top64-akl", "tail-akl")
 TIER_1 = (*CORE, "online-rkl", "top64-rkl", "top8-akl")
-TIER_MIX = ("online-akl", "top64-akl", "tail-akl", "online-fkl", "top64-fkl", "tail-fkl")
+TIER_MIX = ("online-akl", "top64-akl", "tail-akl", "online-fkl", "top64-fkl", "tail-fkl",
+            "online-rkl", "top64-rkl", "rskd-fkl", "top8-akl", "top8-fkl", "top8-rkl")  # fmt: skip
 TIER_REST = ("tail-fkl", "top8-fkl", "top8-rkl", "rskd-fkl")
 
 
