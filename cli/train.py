@@ -25,7 +25,9 @@ def resolve_defaults(demo: bool, given: dict) -> dict:
     from kdcache.trainer import TrainConfig
 
     fields = TrainConfig.__dataclass_fields__
-    names = ("steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_sequences")
+    names = (
+        "steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_sequences", "ce_weight"
+    )  # fmt: skip
     defaults = {name: fields[name].default for name in names}
     if demo:
         from kdcache.demo.run import DemoSettings
@@ -44,7 +46,9 @@ def train(
     out: Path | None = typer.Option(None, help="Run directory (checkpoints, metrics.jsonl)."),
     loss: str = typer.Option("akl", help="fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce."),
     mu: float = typer.Option(0.5, help="AKL head mass, in (0, 1)."),
-    ce_weight: float = typer.Option(0.0, help="Share of next-token CE in the loss, in [0, 1]."),
+    ce_weight: float | None = typer.Option(
+        None, help="Share of next-token CE in the loss, in [0, 1] [default: 0; demo: its own]."
+    ),
     temperature: float | None = typer.Option(
         None, help="Must equal the cache's temperature (default: the cache's)."
     ),
@@ -94,7 +98,9 @@ def train(
     elif out is None:
         raise ConfigError("pass --out DIR: the run directory to write")
     given = {"batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
-    given.update(eval_every=eval_every, steps=steps)
+    if loss == "ce" and ce_weight is None:
+        ce_weight = 0.0  # the demo's CE mix is for KD losses; a CE-only run is CE-only
+    given.update(eval_every=eval_every, steps=steps, ce_weight=ce_weight)
     settings = resolve_defaults(demo, given)
     config = TrainConfig(
         cache=str(cache),
@@ -102,7 +108,7 @@ def train(
         out=str(out),
         loss=loss,
         mu=mu,
-        ce_weight=ce_weight,
+        ce_weight=settings["ce_weight"],
         temperature=temperature,
         steps=settings["steps"] if epochs is None else steps,  # --epochs: no default steps
         epochs=epochs,

@@ -190,3 +190,21 @@ def test_missing_teacher_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_HERE", tmp_path)
     with pytest.raises(ConfigError, match="demo teacher is missing"):
         demo.demo_teacher_dir()
+
+
+def test_train_with_no_flags_uses_the_demo_cache_and_settings(tmp_path, monkeypatch):
+    """`kdcache train` with no --cache/--student trains the demo student on the default cache."""
+    from kdcache.cli.app import app
+    from kdcache.demo.run import DemoSettings
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    built = runner.invoke(app, ["demo", "--quick", "--no-progress"])  # writes kdcache-demo/cache
+    assert built.exit_code == 0, built.output
+    for loss, ce_weight in (("akl", DemoSettings().ce_weight), ("ce", 0.0)):
+        args = ["train", "--loss", loss, "--steps", "1", "--batch-size", "1", "--no-progress"]
+        result = runner.invoke(app, [*args, "--out", f"runs/{loss}"])
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines()[0].startswith("Using the demo defaults: cache ")
+        run = json.loads((tmp_path / "runs" / loss / "run.json").read_text())
+        assert run["loss"] == loss and run["ce_weight"] == ce_weight

@@ -210,3 +210,5 @@ def test_flags_left_out_take_the_config_or_demo_defaults():
     demo = resolve_defaults(True, {"batch_size": 3})
     assert demo["batch_size"] == 3
     assert demo["steps"] == DemoSettings().steps and demo["lr"] == DemoSettings().lr
+    assert plain["ce_weight"] == 0.0 and demo["ce_weight"] == DemoSettings().ce_weight
+    assert resolve_defaults(True, {"ce_weight": 0.0})["ce_weight"] == 0.0
