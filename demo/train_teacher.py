@@ -56,10 +56,10 @@ class TeacherSettings:
     max_position_embeddings: int = 1024
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 150
+    steps: int = 700
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 15
+    warmup_steps: int = 35
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1234
