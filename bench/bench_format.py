@@ -31,8 +31,10 @@ BLOCK_POSITIONS = 8192
 # ---------------------------------------------------------------------- teacher distributions
 def teacher_topk(teacher: Path, num_positions: int, seq_len: int, kmax: int, work: Path):
     """(input_ids (N, T) int32, ids (N*T, kmax) int32, logprobs (N*T, kmax) f32, tail (N*T,) f64)."""
+    weights = sorted(teacher.glob("*.safetensors")) + sorted(teacher.glob("*.bin"))
+    stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]  # retrained?
     key = hashlib.sha256(
-        f"{teacher.resolve()}:{num_positions}:{seq_len}:{kmax}".encode()
+        f"{teacher.resolve()}:{stamp}:{num_positions}:{seq_len}:{kmax}".encode()
     ).hexdigest()
     path = work / f"topk-{key[:12]}.npz"
     if path.exists():

@@ -175,7 +175,10 @@ class RecordStream:
                         f"field '{self.spec.text_field}' holds {type(text).__name__} values, not "
                         f"text (row value {index}); pass the text column with --text-field"
                     )
-            encoded = self.tokenizer(kept, add_special_tokens=True)["input_ids"] if kept else []
+            # verbose=False: rows longer than the model's max length are expected here (they are
+            # packed or truncated below), so the tokenizer's "too long" warning is noise.
+            encode = self.tokenizer(kept, add_special_tokens=True, verbose=False) if kept else None
+            encoded = encode["input_ids"] if encode is not None else []
             for ids in encoded:
                 yield np.asarray(ids, dtype=np.int32), None
 
@@ -274,7 +277,9 @@ def render_chat(tokenizer, messages: Any) -> tuple[np.ndarray, np.ndarray]:
                 "tokens cannot be located; use a template without history rewriting"
             )
         spans.append((len(start_text), len(end_text)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(
+        full, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+    )  # truncated later, at --max-length
     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
     offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (T, 2)
     assistant = np.zeros(len(ids), dtype=bool)

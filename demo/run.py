@@ -31,7 +31,7 @@ class DemoSettings:
     top_k: int = int(DEMO_BUILD_SETTINGS["top_k"])  # teacher entries stored per position
     max_length: int = int(DEMO_BUILD_SETTINGS["max_length"])  # tokens per packed sequence
     holdout: float = float(DEMO_BUILD_SETTINGS["holdout"])  # fraction of rows held out
-    steps: int = 100  # optimizer steps of each student
+    steps: int = 200  # optimizer steps of each student
     batch_size: int = 8  # sequences per step
     lr: float = 3e-3  # peak learning rate (AdamW, warmup + cosine)
     warmup_steps: int = 10
