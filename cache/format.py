@@ -8,7 +8,8 @@ whose top-k data are stored as zstd-compressed byte blobs, laid out for compress
 * the ids of one position are sorted ascending and delta-encoded (the first one absolute), then
   split into little-endian byte planes (all low bytes, then all next bytes ...);
 * the log-probs are stored in that same id order (``exact``: fp16 bit patterns in two byte planes;
-  ``compact``: uint8 steps of ``COMPACT_STEP`` nats below the row's top-1 plus the top-1 as fp16),
+  ``compact``: a uint8 level per entry for its distance below the row's top-1, on a table whose
+  steps grow with the distance, plus the top-1 as fp16),
   so the reader recovers probability order by a stable sort on the log-prob, descending;
 * ``positions`` are delta-encoded per sequence (all ones for plain text), ``tail_mass`` is float32
   (``exact``) or float16 (``compact``) split into byte planes.
@@ -32,8 +33,29 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MODES = ("exact", "compact")
 ZSTD_LEVEL = 3
-# compact mode: log p_i = log p_top1 - COMPACT_STEP * q_i with q_i in 0..255 (covers 15.9 nats)
+# compact mode: log p_i = log p_top1 - COMPACT_LEVELS[q_i]. The levels start in steps of
+# COMPACT_STEP nats and then grow geometrically (each step COMPACT_GROWTH times the distance so
+# far) up to COMPACT_MAX_BELOW nats: an entry's KL share is about p_i * error^2, so entries far
+# below the top-1 (small p_i) can take coarser steps. Measured on the demo teacher at k = 64:
+# 84.7 B/token and mean KL 3.6e-4 nats, against 100.4 and 5.8e-5 for uniform 1/16-nat steps.
 COMPACT_STEP = 1.0 / 16.0
+COMPACT_GROWTH = 0.06
+COMPACT_MAX_BELOW = 24.0
+COMPACT_SCHEME = f"geometric:{COMPACT_STEP!r}:{COMPACT_GROWTH!r}:{COMPACT_MAX_BELOW!r}"
+
+
+def _compact_levels() -> np.ndarray:
+    """The compact-mode table: level q -> nats below the top-1, float32 (L,) ascending, L <= 256.
+
+    Built in Python floats (IEEE double, the same on every platform), then cast once.
+    """
+    levels = [0.0]
+    while levels[-1] < COMPACT_MAX_BELOW and len(levels) < 256:
+        levels.append(levels[-1] + max(COMPACT_STEP, COMPACT_GROWTH * levels[-1]))
+    return np.asarray(levels, dtype=np.float32)
+
+
+COMPACT_LEVELS = _compact_levels()
 # compact mode: entries past this cumulative probability (of the whole distribution) are dropped
 COMPACT_KEEP_MASS = 0.9999
 
@@ -103,7 +125,7 @@ class BlockCodec:
             "codec": "zstd",
         }
         if self.mode == "compact":
-            meta["compact_step"] = repr(COMPACT_STEP)
+            meta["compact_scheme"] = COMPACT_SCHEME
         if self.tail_samples:
             meta["tail_samples"] = str(self.tail_samples)
         return {key.encode(): value.encode() for key, value in meta.items()}
@@ -124,8 +146,11 @@ class BlockCodec:
                 f"shard {shard} uses storage mode {mode!r}, this kdcache knows "
                 f"{', '.join(MODES)}: upgrade kdcache or rebuild the cache"
             )
-        if mode == "compact" and float(meta["compact_step"]) != COMPACT_STEP:
-            raise CacheError(f"shard {shard} has an unknown compact_step {meta['compact_step']}")
+        if mode == "compact" and meta.get("compact_scheme") != COMPACT_SCHEME:
+            raise CacheError(
+                f"shard {shard} uses compact scheme {meta.get('compact_scheme')!r}, this kdcache "
+                f"reads {COMPACT_SCHEME!r}: rebuild the cache with this version"
+            )
         return cls(
             mode=mode,
             top_k=int(meta["top_k"]),
@@ -377,7 +402,7 @@ def _drop_small(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray):
 
 
 def _compact_logprobs(counts: np.ndarray, flat_lp: np.ndarray) -> bytes:
-    """top-1 log-prob per non-empty row as fp16 (2 planes), then uint8 steps below it."""
+    """top-1 log-prob per non-empty row as fp16 (2 planes), then the uint8 level of each entry."""
     nonempty = counts > 0
     starts = (np.cumsum(counts) - counts)[nonempty]
     top16 = (
@@ -387,23 +412,26 @@ def _compact_logprobs(counts: np.ndarray, flat_lp: np.ndarray) -> bytes:
     )
     top_of_row = np.zeros(counts.shape[0], np.float32)
     top_of_row[nonempty] = top16.astype(np.float32)
-    below = np.repeat(top_of_row, counts) - flat_lp
-    steps = np.clip(np.rint(below / COMPACT_STEP), 0, 255).astype(np.uint8)
-    return _planes(top16.view("<u2"), 2) + steps.tobytes()
+    below = np.repeat(top_of_row, counts) - flat_lp  # (entries,) nats below the top-1, >= 0
+    midpoints = (COMPACT_LEVELS[1:] + COMPACT_LEVELS[:-1]) / 2
+    levels = np.searchsorted(midpoints, below.astype(np.float32)).astype(np.uint8)  # nearest
+    return _planes(top16.view("<u2"), 2) + levels.tobytes()
 
 
 def _decode_compact_logprobs(raw: bytes, counts: np.ndarray, num_entries: int):
-    """Flat float32 log-probs and their order key (the uint8 step: larger = less likely)."""
+    """Flat float32 log-probs and their order key (the uint8 level: larger = less likely)."""
     nonempty = np.flatnonzero(counts > 0)
     split = 2 * nonempty.shape[0]
     top = _unplanes(raw[:split], 2, "<u2").view(np.float16).astype(np.float32)
-    steps = np.frombuffer(raw[split:], np.uint8)
-    if steps.shape[0] != num_entries:
+    levels = np.frombuffer(raw[split:], np.uint8)
+    if levels.shape[0] != num_entries:
         raise ValueError("compact log-prob blob has the wrong length")
+    if levels.size and int(levels.max()) >= COMPACT_LEVELS.shape[0]:
+        raise ValueError("compact log-prob blob has a level outside the table")
     top_of_row = np.zeros(counts.shape[0], np.float32)
     top_of_row[nonempty] = top
-    logprobs = np.repeat(top_of_row, counts) - steps.astype(np.float32) * np.float32(COMPACT_STEP)
-    return logprobs.astype(np.float32), steps
+    logprobs = np.repeat(top_of_row, counts) - COMPACT_LEVELS[levels]
+    return logprobs.astype(np.float32), levels
 
 
 def _binary_row(blob: bytes) -> pa.Array:

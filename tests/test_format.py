@@ -9,9 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import kdcache.cache.format as fmt
 from kdcache.cache import CacheError, ConfigError, ShardWriter, canonical_order
 from kdcache.cache.format import (
+    COMPACT_GROWTH,
     COMPACT_KEEP_MASS,
+    COMPACT_LEVELS,
     COMPACT_STEP,
     BlockCodec,
     stored_logprobs,
@@ -135,6 +138,26 @@ def test_compact_kl_bound_and_drop_rule():
     assert COMPACT_STEP <= 1 / 8
 
 
+def test_compact_levels_quantize_to_the_nearest_level_with_bounded_error():
+    """Brute-force nearest level as the reference; error <= half the local step, top-1 exact."""
+    rng = np.random.default_rng(3)
+    below = np.concatenate([[0.0, 1e-4, 0.03, 24.0, 40.0], rng.uniform(0, 26, 4000)])
+    top = np.float32(-0.5)  # exactly representable in fp16
+    logprobs = (top - below).astype(np.float32)  # (N,) one row, most probable first
+    counts = np.array([logprobs.shape[0]])
+    blob = fmt._compact_logprobs(counts, logprobs)
+    decoded, levels = fmt._decode_compact_logprobs(blob, counts, logprobs.shape[0])
+    reference = np.abs((top - logprobs)[:, None] - COMPACT_LEVELS).argmin(-1)
+    np.testing.assert_array_equal(levels, reference)
+    np.testing.assert_array_equal(decoded, top - COMPACT_LEVELS[reference])
+    assert decoded[0] == top  # the top-1 itself is stored exactly (fp16)
+    gaps = np.diff(COMPACT_LEVELS)
+    assert np.all(gaps >= COMPACT_STEP - 1e-6) and COMPACT_LEVELS[-1] >= 24.0
+    inside = below <= COMPACT_LEVELS[-1]
+    local = np.maximum(COMPACT_STEP, COMPACT_GROWTH * below) * (1 + COMPACT_GROWTH)
+    assert np.all(np.abs(decoded - logprobs)[inside] <= local[inside] / 2 + 1e-5)
+
+
 def test_unknown_mode_and_version_are_refused():
     codec = BlockCodec(mode="exact", top_k=4, vocab_size=10)
     meta = codec.schema_metadata()
@@ -143,6 +166,12 @@ def test_unknown_mode_and_version_are_refused():
         BlockCodec.from_schema_metadata({**meta, b"mode": b"sampled"}, "s-0")
     with pytest.raises(CacheError, match="shard s-0 has format_version 7"):
         BlockCodec.from_schema_metadata({**meta, b"format_version": b"7"}, "s-0")
+    compact = BlockCodec(mode="compact", top_k=4, vocab_size=10).schema_metadata()
+    assert BlockCodec.from_schema_metadata(compact, "s-1").mode == "compact"
+    old_scheme = {k: v for k, v in compact.items() if k != b"compact_scheme"}
+    old_scheme[b"compact_step"] = b"0.0625"  # the uniform-step encoding of earlier builds
+    with pytest.raises(CacheError, match="shard s-1 uses compact scheme None"):
+        BlockCodec.from_schema_metadata(old_scheme, "s-1")
     with pytest.raises(ConfigError, match="mode 'lossy'"):
         BlockCodec(mode="lossy", top_k=4, vocab_size=10)
 
@@ -203,4 +232,11 @@ def test_empty_records_and_fully_padded_rows(mode):
     np.testing.assert_array_equal(got.topk_ids, ids)
     np.testing.assert_array_equal(got.positions, record.positions)
     np.testing.assert_array_equal(got.tail_mass, record.tail_mass)  # fp16-exact values
-    np.testing.assert_allclose(got.topk_logprobs, logprobs, atol=COMPACT_STEP / 2)
+    if mode == "exact":
+        np.testing.assert_array_equal(got.topk_logprobs, logprobs)
+    else:  # each entry at the compact level nearest to its distance below the row's top-1
+        top = np.float16(logprobs[:, :1]).astype(np.float32)
+        top[~np.isfinite(top)] = 0.0  # fully padded row: nothing stored
+        nearest = np.abs((top - logprobs)[..., None] - COMPACT_LEVELS).argmin(-1)
+        expected = np.where(np.isfinite(logprobs), top - COMPACT_LEVELS[nearest], -np.inf)
+        np.testing.assert_array_equal(got.topk_logprobs, expected)
