@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated config names to run")
     parser.add_argument("--alphas", default=None, help="comma-separated CE mixes to run (e.g. 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps, a few configs")
+    parser.add_argument("--tail-topk", type=int, default=None, help="top-k of the tail-* configs")
+    parser.add_argument("--tail-samples", type=int, default=None, help="samples of tail-*")
+    parser.add_argument("--rskd-draws", type=int, default=None, help="draws of rskd-fkl")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(teacher=teacher_dir)
     if args.steps:
         study.steps = args.steps
+    for name in ("tail_topk", "tail_samples", "rskd_draws"):
+        if getattr(args, name) is not None:
+            setattr(study, name, getattr(args, name))
     if args.quick:
         study.steps, study.eval_every, study.eval_sequences = 6, 3, 4
     torch.set_num_threads(study.threads)
