@@ -3,8 +3,9 @@
 1. write the held-out ``demo`` split of the stdlib corpus as jsonl (files the teacher never saw);
 2. build the cache with the shipped demo teacher (``build_cache``; a no-op when it is complete);
 3. train two students of the same size from the same init, data order and steps: one with AKL
-   against the cached teacher mixed with next-token CE (``ce_weight``, 0.5: the demo teacher is
-   small and weak, so the student also learns from the tokens), one on the next tokens alone (CE);
+   against the cached teacher mixed with next-token CE (``ce_weight``, 0.5: the top-64 cache's
+   tail bucket says how much mass is outside the top-64 but not where, and the tokens supply
+   that; measured better held-out CE than pure AKL), one on the next tokens alone (CE);
 4. evaluate both on the cache's holdout split (CE / perplexity, FKL / RKL to the teacher, top-1
    agreement), print the comparison and write it as JSON;
 5. draw the held-out curves of both students into ``<runs>/loss_curves.png``.
