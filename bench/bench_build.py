@@ -18,12 +18,15 @@ machine's noise):
 Prints tokens/s of each as wall-clock and as process CPU time (the CPU figure is robust to other
 processes on a shared machine), best of ``--repeats``, and the ratios to bare (target >= 0.95).
 
-Measured on the team's 2-core CPU machine under heavy shared load (load average 8-12), 1 thread:
+Measured on the team's 2-core CPU machine, idle, 1 thread (CPU time / wall-clock):
 
-    hidden 384, 4 layers, vocab 16384, k 64, 13120 tokens, best of 3 (CPU time / wall-clock):
-        teacher+top-k / bare = 0.906 / 0.851     build / bare = 0.825 / 0.827
-    hidden 768, 8 layers, vocab 16384, k 64, 10645 tokens, best of 2 (CPU time / wall-clock):
-        teacher+top-k / bare = 1.008 / 0.836     build / bare = 0.923 / 0.974
+    hidden 384, 4 layers, vocab 16384, k 64, 81019 tokens, best of 3:
+        teacher+top-k / bare = 0.821 / 0.821     build / bare = 0.892 / 0.899
+    hidden 768, 8 layers, vocab 16384, k 64, 17924 tokens, best of 2 (--tokens 20000):
+        teacher+top-k / bare = 0.996 / 0.996     build / bare = 0.937 / 0.940
+
+(Earlier, under a load average of 8-12: 0.906 / 0.851 and 0.825 / 0.827 for the small teacher,
+1.008 / 0.836 and 0.923 / 0.974 for the large one.) Repeats spread by up to 25%.
 
 On the CPU the top-k extraction (log-softmax + top-k over 16k logits, ~120 us/token) and the shard
 encoder (~46 us/token of CPU on the writer thread) are not small next to a small teacher; both
