@@ -104,7 +104,7 @@ def pack_tokens(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Documents joined with EOS and cut into (N, seq_len) blocks (the remainder is dropped)."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc)
         ids.append(eos)
     n = len(ids) // seq_len
