@@ -178,6 +178,19 @@ def chat_rows(num_rows: int = 8) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors and models on a shared 2-core machine: one torch thread avoids OpenMP
+    oversubscription (7x faster for the trainer tests). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")

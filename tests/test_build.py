@@ -22,14 +22,7 @@ from kdcache.cache.reader import open_cache
 from kdcache.cache.shards import SHARDS_DIR, ShardWriter, list_complete_shards
 from tests.conftest import text_rows, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids OpenMP stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kdcache.cli.app import app
 from tests.conftest import make_llama, make_tokenizer, text_rows, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

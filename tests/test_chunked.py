@@ -18,14 +18,7 @@ from kdcache.trainer.losses import (
     sparse_kd_loss_with_grad,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N, H, V, K = 23, 8, 40, 5

@@ -32,13 +32,7 @@ from tests.conftest import text_rows, write_jsonl
 RANK_TIMEOUT_S = 180  # a hung rank fails the test instead of hanging the suite
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids OpenMP stalls on a busy 2-core machine (and after fork)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kdcache.cache.build import BuildConfig, build_cache
@@ -13,13 +12,7 @@ from kdcache.cache.reader import open_cache
 from kdcache.cli.app import app
 from tests.conftest import text_rows, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_k_primes():

@@ -10,14 +10,7 @@ import torch
 from kdcache.cache.errors import ConfigError
 from kdcache.trainer.losses import LOSS_KINDS, dense_kd_loss, sparse_kd_loss
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SKEW = 0.1

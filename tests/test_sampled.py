@@ -16,14 +16,7 @@ from kdcache.trainer.sampled import (
     topk_tail_kd_loss,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N, V, K = 3, 12, 3
