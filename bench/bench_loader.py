@@ -26,7 +26,7 @@ import torch
 
 from kdcache.cache import SequenceRecord, ShardWriter, open_cache, shard_summary, write_manifest
 from kdcache.trainer.data import CacheDataset
-from kdcache.trainer.objective import DistillObjective
+from kdcache.trainer.objective import DistillObjective, batch_loss
 
 
 def synthetic_cache(directory: Path, vocab: int, top_k: int, sequences: int, length: int) -> Path:
@@ -104,17 +104,7 @@ def trainer_rate(cache, vocab: int, batch_size: int, steps: int) -> float:
     for index, batch in enumerate(batches):
         start = time.perf_counter()
         count = float(batch["distill_mask"].sum())
-        loss = objective(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            batch["topk_ids"],
-            batch["topk_logprobs"],
-            batch["tail_mass"],
-            batch["distill_mask"],
-            count,
-            count,
-        )
+        loss = batch_loss(objective, batch, count, count)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kdcache.trainer.objective import DistillObjective
+from kdcache.trainer.objective import DistillObjective, batch_loss
 
 
 def _llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -60,17 +60,7 @@ def _batch(teacher, vocab: int, batch: int, seq: int, top_k: int) -> dict[str, t
 def _step(objective: DistillObjective, batch: dict[str, torch.Tensor]) -> float:
     count = float(batch["distill_mask"].sum())
     start = time.perf_counter()
-    loss = objective(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["labels"],
-        batch["topk_ids"],
-        batch["topk_logprobs"],
-        batch["tail_mass"],
-        batch["distill_mask"],
-        count,
-        count,
-    )
+    loss = batch_loss(objective, batch, count, count)
     loss.backward()
     elapsed = time.perf_counter() - start
     objective.model.zero_grad(set_to_none=True)

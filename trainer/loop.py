@@ -33,7 +33,7 @@ from kdcache.trainer.checkpoint import (
 )
 from kdcache.trainer.config import TrainConfig
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
-from kdcache.trainer.objective import DistillObjective
+from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.student import (
     autocast_dtype,
     check_tokenizer,
@@ -327,19 +327,7 @@ class _Run:
                 else None
             )
             with no_sync or contextlib.nullcontext(), amp or contextlib.nullcontext():
-                loss = self.objective(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    batch["topk_ids"],
-                    batch["topk_logprobs"],
-                    batch["tail_mass"],
-                    batch["distill_mask"],
-                    num_distilled,
-                    num_labels,
-                    tail_ids=batch.get("tail_ids"),  # topk+tail caches only
-                    tail_logprobs=batch.get("tail_logprobs"),
-                )
+                loss = batch_loss(self.objective, batch, num_distilled, num_labels)
             (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
             step_loss += float(loss.detach())
         grad_norm = float("nan")

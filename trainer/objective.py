@@ -230,6 +230,29 @@ class DistillObjective(nn.Module):
         return loss
 
 
+def batch_loss(
+    objective: nn.Module, batch: dict[str, torch.Tensor], num_distilled: float, num_labels: float
+) -> torch.Tensor:
+    """``objective(...)`` on one collated batch (``collate_records``' keys; tail samples if any).
+
+    ``objective`` is a ``DistillObjective`` or its DDP wrapper; the counts are the normalizers
+    of the whole optimizer step (see ``DistillObjective.forward``).
+    """
+    return objective(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch["topk_ids"],
+        batch["topk_logprobs"],
+        batch["tail_mass"],
+        batch["distill_mask"],
+        num_distilled,
+        num_labels,
+        tail_ids=batch.get("tail_ids"),  # topk+tail caches only
+        tail_logprobs=batch.get("tail_logprobs"),
+    )
+
+
 def weighted_loss(
     logits: torch.Tensor,  # (N, V) float32
     topk_ids: torch.Tensor,  # (N, k)
