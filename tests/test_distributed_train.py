@@ -7,7 +7,6 @@ torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,20 +22,8 @@ from kdcache.cache import open_cache
 from kdcache.cache.errors import ConfigError
 from kdcache.trainer import TrainConfig, train
 from kdcache.trainer.student import load_student_model
+from tests import train_helpers as helpers
 from tests.test_distributed_build import free_port, run_ranks
-
-
-def _load_helpers():
-    spec = importlib.util.spec_from_file_location(
-        "kdcache_train_helpers", Path(__file__).with_name("train_helpers.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load_helpers()
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

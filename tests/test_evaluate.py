@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,12 +14,7 @@ from typer.testing import CliRunner
 from kdcache.cache import open_cache
 from kdcache.cli.app import app
 from kdcache.trainer import EvalConfig, evaluate, evaluate_model
-
-_spec = importlib.util.spec_from_file_location(
-    "kdcache_train_helpers", Path(__file__).with_name("train_helpers.py")
-)
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+from tests import train_helpers as helpers
 
 TEMPERATURE = 2.0
 

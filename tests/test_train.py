@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,19 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from kdcache.cache import open_cache
 from kdcache.trainer import TrainConfig, evaluate_model, train
-
-
-def load_helpers():
-    spec = importlib.util.spec_from_file_location(
-        "kdcache_train_helpers", Path(__file__).with_name("train_helpers.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = load_helpers()
-
+from tests import train_helpers as helpers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

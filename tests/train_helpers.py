@@ -1,7 +1,7 @@
 """Test caches for the trainer tests: a tiny teacher's real forward written with ShardWriter.
 
-Loaded by the trainer test modules with ``load_helpers()`` (tests are not a package under
-``--import-mode=importlib``).
+Imported by the trainer test modules as ``from tests import train_helpers as helpers`` (the
+repository root is on ``sys.path`` under ``python -m pytest``, as for ``tests.conftest``).
 """
 
 from __future__ import annotations
