@@ -70,8 +70,13 @@ class BuildConfig:
             problems.append("--teacher is empty: pass a model directory or hub id")
         if not self.data:
             problems.append("--data is empty: pass a dataset id, file or directory")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"--top-k must be >= 1 (got {self.top_k})")
+        elif self.top_k == 0 and not self.tail_samples:
+            problems.append(
+                "--top-k must be >= 1 (got 0): --top-k 0 stores no teacher entries, only for a "
+                "sampled cache with --tail-samples N (N draws from the whole distribution)"
+            )
         if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
             problems.append(f"--temperature must be a finite number (got {self.temperature})")
         elif self.temperature <= 0:

@@ -52,6 +52,7 @@ class EstimateReport:
     projected_shards: int
     tokens_per_second: float  # teacher pass on this hardware
     kept_mass: dict[int, dict[str, float]] = field(default_factory=dict)  # k' -> percentiles
+    tail_samples: int = 0  # topk+tail / sampled builds: tail ids drawn per position
 
     @property
     def total_tokens(self) -> int:
@@ -91,9 +92,16 @@ class EstimateReport:
             f"{split} {self.split_sequences[split]} sequences / {self.split_tokens[split]} tokens"
             for split in self.split_tokens
         )
+        layout = f"top-{self.top_k}"
+        if self.tail_samples:
+            layout = (
+                f"sampled, {self.tail_samples} draws"
+                if self.top_k == 0
+                else f"{layout} + {self.tail_samples} tail samples"
+            )
         lines = [
-            f"estimate for teacher {self.teacher} on {self.data} (top-{self.top_k}, {self.mode} "
-            f"mode); nothing was written",
+            f"estimate for teacher {self.teacher} on {self.data} ({layout}, "
+            f"{self.mode} mode); nothing was written",
             f"  dataset: {self.num_rows} rows -> {self.total_tokens} tokens ({splits}; {how})",
             f"  projected cache size: {_bytes(self.projected_bytes)} "
             f"({self.bytes_per_token:.1f} B/token measured with the shard encoder on "
@@ -104,6 +112,8 @@ class EstimateReport:
             "positions:",
             "      k' " + "".join(f"{'p' + str(p):>8}" for p in PERCENTILES) + "    mean",
         ]
+        if not self.kept_mass:
+            lines[-2:] = ["  (a sampled build keeps no top-k entries: no kept-mass table)"]
         for k, stats in self.kept_mass.items():
             values = "".join(f"{stats['p' + str(p)]:8.4f}" for p in PERCENTILES)
             lines.append(f"  {k:6d} {values}{stats['mean']:8.4f}")
@@ -133,7 +143,12 @@ def k_primes(top_k: int) -> list[int]:
 
 
 def kept_mass(records: list[SequenceRecord], top_k: int) -> dict[int, dict[str, float]]:
-    """Percentiles and mean of the teacher mass kept by the top k' entries, for each k'."""
+    """Percentiles and mean of the teacher mass kept by the top k' entries, for each k'.
+
+    Empty for a sampled build (top-k 0), which keeps no top-k entries.
+    """
+    if top_k == 0:
+        return {}
     logprobs = np.concatenate([r.topk_logprobs for r in records])  # (N, k), descending
     cumulative = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)  # (N, k)
     report = {}
@@ -173,6 +188,7 @@ def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRec
             vocab_size=vocab_size,
             max_shard_tokens=1 << 62,
             mode=config.mode,
+            tail_samples=config.tail_samples,
         )
         with writer:
             for record in records:
@@ -214,10 +230,14 @@ def estimate_build(
         raise ConfigError(
             f"dataset '{config.data}' gives no training sequences; nothing to estimate"
         )
-    runner = TeacherRunner(model, top_k=config.top_k, temperature=config.temperature)
+    runner = TeacherRunner(
+        model, top_k=config.top_k, temperature=config.temperature, tail_samples=config.tail_samples
+    )
     first_batch = plan_batches([len(s.input_ids) for s in sample], config.batch_tokens)[0]
     runner.run(
-        [sample[i].input_ids for i in first_batch], [sample[i].positions for i in first_batch]
+        [sample[i].input_ids for i in first_batch],
+        [sample[i].positions for i in first_batch],
+        [sample[i].sequence_id for i in first_batch],
     )
     _synchronize(device)
     started = time.perf_counter()  # after a warm-up batch (allocator, kernels, lazy init)
@@ -249,6 +269,7 @@ def estimate_build(
         projected_shards=shards,
         tokens_per_second=sample_tokens / seconds if seconds > 0 else 0.0,
         kept_mass=kept_mass(records, config.top_k),
+        tail_samples=config.tail_samples,
     )
 
 
@@ -261,6 +282,8 @@ def _one_token(record: SequenceRecord) -> SequenceRecord:
         topk_logprobs=record.topk_logprobs[:1],
         tail_mass=record.tail_mass[:1],
         positions=np.zeros(1, dtype=np.int32),
+        tail_ids=None if record.tail_ids is None else record.tail_ids[:1],
+        tail_logprobs=None if record.tail_logprobs is None else record.tail_logprobs[:1],
     )
 
 

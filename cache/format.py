@@ -91,8 +91,10 @@ class BlockCodec:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.top_k < 1:
-            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k < 0 or (self.top_k == 0 and not self.tail_samples):
+            problems.append(
+                f"top_k must be >= 1 (or 0 with tail samples: a sampled cache), got {self.top_k}"
+            )
         if self.vocab_size < 1 or self.top_k > self.vocab_size:
             problems.append(f"vocab_size {self.vocab_size} must be >= top_k {self.top_k}")
         if not 0 <= self.tail_samples <= 255:
@@ -394,7 +396,7 @@ def _drop_small(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray):
     probs = np.exp(logprobs.astype(np.float64))  # (P, k), rows sorted descending
     before = np.cumsum(probs, axis=1) - probs  # mass strictly before each entry
     drop = before >= COMPACT_KEEP_MASS
-    drop[:, 0] = False
+    drop[:, :1] = False  # the top-1 always stays (a sampled cache, k = 0, has no entries)
     if not drop.any():
         return ids, logprobs, tail
     tail = (tail.astype(np.float64) + np.where(drop, probs, 0.0).sum(axis=1)).astype(np.float32)
@@ -458,7 +460,8 @@ def _list_values(array: pa.ListArray, row: int, dtype: type) -> np.ndarray:
 
 def _planes(values: np.ndarray, num_planes: int) -> bytes:
     """Little-endian byte planes: all byte-0s, then all byte-1s ... (first num_planes bytes)."""
-    as_bytes = np.ascontiguousarray(values).view(np.uint8).reshape(values.shape[0], -1)
+    values = np.ascontiguousarray(values)
+    as_bytes = values.view(np.uint8).reshape(values.shape[0], values.dtype.itemsize)
     return np.ascontiguousarray(as_bytes[:, :num_planes].T).tobytes()
 
 

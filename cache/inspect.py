@@ -129,7 +129,8 @@ def inspect_cache(
         seed: seed of the shard order and of the draw of positions.
 
     Returns:
-        A ``CacheReport``; ``report.stats`` is None when the cache holds no positions.
+        A ``CacheReport``; ``report.stats`` is None when the cache holds no positions or is a
+        sampled cache (top-k 0).
     """
     if sample_positions < 1:
         raise ConfigError(f"--sample must be at least 1 position, got {sample_positions}")
@@ -138,7 +139,7 @@ def inspect_cache(
     split_names = _split_names(manifest)
     shards = [(name, info) for name in split_names for info in cache.shards(name)]
     splits = [_split_info(name, [i for n, i in shards if n == name]) for name in split_names]
-    if not manifest.get("top_k"):
+    if manifest.get("top_k") is None:
         raise CacheError(
             f"{path}: the manifest records no top_k; rebuild the cache with kdcache build"
         )
@@ -148,6 +149,8 @@ def inspect_cache(
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(shards)) if not full else np.arange(len(shards))
+    if top_k == 0:  # a sampled cache (tail samples only): no top-k mass to summarize
+        order = order[:0]
     columns: list[np.ndarray] = []  # (M, len(k_primes) + 3) per record, float32
     labels: list[np.ndarray] = []  # (M,) split index per record
     gathered, shards_read = 0, 0

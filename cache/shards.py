@@ -221,7 +221,9 @@ class ShardWriter:
                 f"{record.topk_ids.shape}, {record.topk_logprobs.shape}, "
                 f"{record.tail_mass.shape}, {record.positions.shape}, {record.input_ids.shape}"
             )
-        if m and (record.topk_ids.min() < 0 or record.topk_ids.max() >= self.codec.vocab_size):
+        if record.topk_ids.size and (
+            record.topk_ids.min() < 0 or record.topk_ids.max() >= self.codec.vocab_size
+        ):
             raise ConfigError(
                 f"record {record.sequence_id}: top-k ids must lie in [0, {self.codec.vocab_size})"
             )

@@ -67,6 +67,9 @@ def format_report(report: Any) -> str:
 
     sample, stats = report.sample, report.stats
     lines.append("")
+    if stats is None and report.manifest.get("top_k") == 0:
+        lines.append("statistics: a sampled cache (top-k 0) stores tail samples only, no top-k")
+        return "\n".join(lines)
     if stats is None:
         lines.append("statistics: the cache stores no positions")
         return "\n".join(lines)

@@ -51,6 +51,27 @@ def test_estimate_is_within_20_percent_of_the_real_cache(tiny_llama_dir, tmp_pat
     assert report.kept_mass[16]["mean"] == pytest.approx(1 - tail.mean(), abs=2e-3)
 
 
+@pytest.mark.parametrize("top_k", [8, 0])
+def test_estimate_counts_the_tail_samples(tiny_llama_dir, tmp_path, top_k):
+    """topk+tail and sampled (top-k 0) builds: the estimate writes the samples like the build."""
+    data = write_jsonl(tmp_path / "docs.jsonl", text_rows(40, seed=7))
+    out = tmp_path / "cache"
+    config = BuildConfig(
+        teacher=str(tiny_llama_dir), data=str(data), out=out, progress=False, top_k=top_k,
+        tail_samples=12, max_length=64, holdout=0.0, batch_tokens=512,
+    )  # fmt: skip
+    report = estimate_build(config, sample_sequences=12)
+    build_cache(config)
+    real_bytes = open_cache(out).manifest["bytes"]
+    assert abs(report.projected_bytes - real_bytes) <= 0.2 * real_bytes, (
+        report.projected_bytes,
+        real_bytes,
+    )
+    text = report.text()
+    assert ("sampled, 12 draws" if top_k == 0 else "top-8 + 12 tail samples") in text
+    assert (report.kept_mass == {}) == (top_k == 0)
+
+
 def test_estimate_extrapolates_large_datasets(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", text_rows(40, seed=6))
     config = BuildConfig(

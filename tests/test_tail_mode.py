@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from kdcache.cache.tail_sampling import sample_tail, sequence_uniforms
 from kdcache.trainer.sampled import topk_tail_kd_loss
+from tests import train_helpers as helpers
 
 V, K = 40, 5
 
@@ -196,13 +195,17 @@ def _build(teacher_dir, data, out, **settings):
     return open_cache(out)
 
 
-def test_build_stores_tail_samples_that_follow_the_teacher(tiny_llama_dir, text_jsonl, tmp_path):
+@pytest.mark.parametrize("top_k", [8, 0])
+def test_build_stores_tail_samples_that_follow_the_teacher(
+    tiny_llama_dir, text_jsonl, tmp_path, top_k
+):
     """kdcache build --tail-samples: draws outside the top-k, the teacher's own log p_j, and
-    (aggregated over every position) the frequencies of p_j / p_tail (chi-square vs dense)."""
+    (aggregated over every position) the frequencies of p_j / p_tail (chi-square vs dense).
+    With --top-k 0 (a sampled cache) the "tail" is the whole distribution and p_tail is 1."""
     from transformers import AutoModelForCausalLM
 
-    cache = _build(tiny_llama_dir, text_jsonl, tmp_path / "cache", limit=12)
-    assert cache.manifest["tail_samples"] == 16
+    cache = _build(tiny_llama_dir, text_jsonl, tmp_path / "cache", limit=12, top_k=top_k)
+    assert cache.manifest["tail_samples"] == 16 and cache.manifest["top_k"] == top_k
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     vocab = cache.manifest["vocab_size"]
     observed, expected = (
@@ -216,7 +219,10 @@ def test_build_stores_tail_samples_that_follow_the_teacher(tiny_llama_dir, text_
             ).logits[0]
         log_p = torch.log_softmax(logits.double(), -1)[record.positions]  # (M, V) dense reference
         ids = torch.as_tensor(record.tail_ids, dtype=torch.long)  # (M, s)
+        assert record.topk_ids.shape == (len(record.positions), top_k)
         assert not (ids[:, :, None] == torch.as_tensor(record.topk_ids)[:, None, :]).any()
+        if top_k == 0:
+            np.testing.assert_array_equal(record.tail_mass, 1.0)
         np.testing.assert_allclose(
             record.tail_logprobs, log_p.gather(1, ids).numpy(), atol=2e-3, rtol=1e-3
         )  # fp16 storage
@@ -330,11 +336,6 @@ def test_train_on_a_tail_cache_lowers_heldout_kl(tail_cache, tiny_tokenizer, tmp
     from kdcache.trainer.loop import train
     from kdcache.trainer.student import load_student_model
 
-    spec = importlib.util.spec_from_file_location(
-        "kdcache_tail_train_helpers", Path(__file__).with_name("train_helpers.py")
-    )
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
     student = helpers.student_config(tmp_path / "s.json", tiny_tokenizer)
     cache = open_cache(tail_cache)
 

@@ -33,6 +33,25 @@ def loss_kinds() -> tuple[str, ...]:
     return (*LOSS_KINDS, CE_ONLY)
 
 
+def check_loss_for_cache(loss: str, manifest: dict[str, Any]) -> None:
+    """ConfigError when the cache's layout cannot give ``loss`` (checked before anything is written).
+
+    A topk+tail cache (``tail_samples`` in the manifest) trains with fkl, rkl or akl (or ce); a
+    sampled cache (``top_k`` 0) with fkl (or ce) only.
+    """
+    if loss == CE_ONLY or not manifest.get("tail_samples"):
+        return
+    if int(manifest["top_k"]) == 0 and loss != "fkl":
+        from kdcache.trainer.sampled import SAMPLED_CACHE_LOSSES
+
+        raise ConfigError(f"--loss {loss}: {SAMPLED_CACHE_LOSSES}")
+    if loss not in ("fkl", "rkl", "akl"):
+        raise ConfigError(
+            f"--loss {loss}: a topk+tail cache (--tail-samples) trains with fkl, rkl or akl "
+            "(or ce); the other divergences have no estimator on tail samples"
+        )
+
+
 def _check_device(device: str) -> str | None:
     if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
         return None

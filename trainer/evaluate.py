@@ -4,8 +4,10 @@ Metrics (on the ``holdout`` split by default):
 
 * ``ce`` / ``ppl``: next-token cross-entropy (temperature 1) on the real next tokens and its exp;
 * ``fkl`` / ``rkl``: sparse forward / reverse KL to the cached teacher (bucket tail, at the
-  cache's temperature), mean over distilled positions;
-* ``top1``: how often the student's most likely token is the teacher's most likely token;
+  cache's temperature), mean over distilled positions; on a sampled cache (top-k 0) ``fkl`` is
+  the unbiased estimate from the tail samples and ``rkl`` is absent (it has no estimator there);
+* ``top1``: how often the student's most likely token is the teacher's most likely token (absent
+  on a sampled cache, which does not know the teacher's most likely token);
 * with a teacher model (``--teacher``): ``full_fkl`` / ``full_rkl``, the forward / reverse KL to
   the teacher's full-vocabulary distribution (its own forward on the same sequences), the
   reference a sparse cache is measured against.
@@ -79,6 +81,8 @@ def evaluate_model(
     ``teacher`` (optional, same tokenizer, on ``device``) adds ``full_fkl`` / ``full_rkl``.
     """
     from kdcache.trainer.losses import dense_kd_loss, sparse_kd_loss
+    from kdcache.trainer.sampled import topk_tail_kd_loss
+    from kdcache.trainer.topk_tail import fold_out_of_vocab_samples
 
     device = device or next(model.parameters()).device
     model.eval()
@@ -87,24 +91,45 @@ def evaluate_model(
     teacher_head = None if teacher is None else _head(teacher.eval(), device)
     sums = {"ce": 0.0, "fkl": 0.0, "rkl": 0.0, "top1": 0.0, "full_fkl": 0.0, "full_rkl": 0.0}
     num_positions = num_labels = num_sequences = 0
+    sampled = int(cache.manifest["top_k"]) == 0  # tail samples only: no top-1, no RKL
     for batch in _batches(cache, split, batch_size, max_sequences):
         batch = {key: value.to(device) for key, value in batch.items()}
         rows = batch["distill_mask"].reshape(-1).nonzero().squeeze(-1)  # (N,)
         states = _states(model, head is not None, batch, autocast)[rows]
         if teacher is not None:
             teacher_states = _states(teacher, teacher_head is not None, batch, autocast)[rows]
-        top_k = batch["topk_ids"].shape[-1]
         ids, logprobs, tail = fold_out_of_vocab(
-            batch["topk_ids"].reshape(-1, top_k)[rows],
-            batch["topk_logprobs"].reshape(-1, top_k)[rows],
+            batch["topk_ids"].flatten(0, 1)[rows],  # (N, k)
+            batch["topk_logprobs"].flatten(0, 1)[rows],
             batch["tail_mass"].reshape(-1)[rows],
             vocab_size,
         )
         labels = batch["labels"].reshape(-1)[rows]
+        samples = None
+        if sampled:  # the FKL estimate from the samples
+            samples = fold_out_of_vocab_samples(
+                batch["tail_ids"].flatten(0, 1)[rows],
+                batch["tail_logprobs"].flatten(0, 1)[rows],
+                vocab_size,
+            )
         for start in range(0, rows.numel(), chunk_size):
             part = slice(start, start + chunk_size)
             logits = head.logits(states[part]) if head is not None else states[part].float()
-            for kind in ("fkl", "rkl"):
+            if samples is not None:
+                sums["fkl"] += float(
+                    topk_tail_kd_loss(
+                        logits,
+                        ids[part],
+                        logprobs[part],
+                        tail[part],
+                        samples[0][part],
+                        samples[1][part],
+                        kind="fkl",
+                        reduction="sum",
+                        temperature=temperature,
+                    )
+                )
+            for kind in ("fkl", "rkl") if samples is None else ():
                 sums[kind] += float(
                     sparse_kd_loss(
                         logits,
@@ -126,7 +151,8 @@ def evaluate_model(
                             logits, full, kind=kind, reduction="sum", temperature=temperature
                         )
                     )
-            sums["top1"] += float((logits.argmax(-1) == ids[part, 0]).sum())
+            if not sampled:
+                sums["top1"] += float((logits.argmax(-1) == ids[part, 0]).sum())
             has_label = labels[part] != IGNORE_INDEX
             if bool(has_label.any()):
                 sums["ce"] += float(
@@ -148,6 +174,8 @@ def evaluate_model(
         "label_positions": num_labels,
         "sequences": num_sequences,
     }
+    if sampled:  # no estimator of these on a sampled cache
+        del metrics["rkl"], metrics["top1"]
     if teacher is not None:
         metrics["full_fkl"] = sums["full_fkl"] / num_positions
         metrics["full_rkl"] = sums["full_rkl"] / num_positions

@@ -31,7 +31,7 @@ from kdcache.trainer.checkpoint import (
     start_run_dir,
     truncate_metrics,
 )
-from kdcache.trainer.config import TrainConfig
+from kdcache.trainer.config import TrainConfig, check_loss_for_cache
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.student import (
@@ -154,6 +154,8 @@ class _Run:
         self.config, self.info, self.started = config, info, time.perf_counter()
         self.cache = cache = open_cache(config.cache)
         self.temperature = _cache_temperature(config, cache.manifest)
+        if config.teacher is None:
+            check_loss_for_cache(config.loss, cache.manifest)
         cache.shards(config.split)  # CacheError naming the splits when it is missing
         self.resume_from = check_run_dir(config)
         spec = config.student if self.resume_from is None else str(self.resume_from)

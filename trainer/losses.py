@@ -125,7 +125,7 @@ def akl_head_mask(probs: torch.Tensor, valid: torch.Tensor, mu: float) -> torch.
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # (N, M)
     cumulative = sorted_probs.clamp_min(0.0).cumsum(-1)  # (N, M)
     head_sorted = cumulative <= mu
-    head_sorted[:, 0] = True
+    head_sorted[:, :1] = True  # (no column at all when M = 0)
     head = torch.zeros_like(head_sorted).scatter_(-1, order, head_sorted)
     return head & valid
 

@@ -102,10 +102,9 @@ class DistillObjective(nn.Module):
         rows = ((kd_weight > 0) | (ce_weight > 0)).reshape(-1).nonzero().squeeze(-1)  # (N,)
         if rows.numel() == 0:  # nothing to learn here (e.g. a chat record without assistant)
             return sum(p.sum() for p in self.model.parameters()) * 0.0  # keeps DDP in step
-        top_k = topk_ids.shape[-1]
         ids, logprobs, tail = fold_out_of_vocab(
-            topk_ids.reshape(-1, top_k)[rows],
-            topk_logprobs.reshape(-1, top_k)[rows],
+            topk_ids.flatten(0, 1)[rows],  # (N, k); k may be 0 (a sampled cache)
+            topk_logprobs.flatten(0, 1)[rows],
             tail_mass.reshape(-1)[rows],
             self.vocab_size,
         )
@@ -117,8 +116,8 @@ class DistillObjective(nn.Module):
             from kdcache.trainer.topk_tail import fold_out_of_vocab_samples
 
             samples = fold_out_of_vocab_samples(
-                tail_ids.reshape(-1, tail_ids.shape[-1])[rows],
-                tail_logprobs.reshape(-1, tail_ids.shape[-1])[rows],
+                tail_ids.flatten(0, 1)[rows],
+                tail_logprobs.flatten(0, 1)[rows],
                 self.vocab_size,
             )
             sparse = (ids, logprobs, tail, *samples)

@@ -43,6 +43,13 @@ __all__ = [
 ]
 
 
+SAMPLED_CACHE_LOSSES = (
+    "a sampled cache (top-k 0: tail samples from the whole distribution) supports --loss fkl "
+    "only: RKL and AKL need the teacher's probabilities where the samples are not; build with "
+    "--top-k >= 1 for them"
+)
+
+
 def _check_pair(name: str, ids: torch.Tensor, values: torch.Tensor, rows: int) -> None:
     if ids.dim() != 2 or ids.shape[0] != rows or values.shape != ids.shape:
         raise ConfigError(
@@ -79,6 +86,8 @@ def topk_tail_kd_loss(
     check_loss_options(kind, mu, reduction, temperature)
     if kind not in ("fkl", "rkl", "akl"):
         raise ConfigError(f"the topk+tail mode supports fkl, rkl and akl, not {kind!r}")
+    if topk_ids.shape[-1] == 0 and kind != "fkl":
+        raise ConfigError(SAMPLED_CACHE_LOSSES)
     if kind == "rkl":
         return sparse_kd_loss(
             student_logits, topk_ids, topk_logprobs, tail_mass, "rkl", mu, reduction, temperature
