@@ -60,20 +60,21 @@ class Study:
 
     teacher: str
     seq_len: int = 32
-    batch_size: int = 4
-    steps: int = 80
+    batch_size: int = 8
+    steps: int = 200
     lr: float = 3e-3
-    warmup: int = 8
-    eval_every: int = 10
-    eval_sequences: int = 24
+    warmup: int = 10
+    eval_every: int = 20
+    eval_sequences: int = 32
     ce_mix: float = 0.2
     tail_topk: int = 24
     tail_samples: int = 16
-    rskd_draws: int = 36
+    rskd_draws: int = 64
     mu: float = 0.5
     student_hidden: int = 64
     student_layers: int = 2
-    sharp_temperature: float = 0.5  # sampling temperature of the teacher-written sharp dataset
+    sharp_temperature: float = 0.7  # "sharp": the teacher's distribution at this temperature
+    written_temperature: float = 0.5  # "written": text the teacher wrote at this temperature
     threads: int = 1  # one per process; run the two settings as two processes
 
 
@@ -125,54 +126,64 @@ def run_loss(config: str, logits, labels, teacher_logits, sparse: Sparse, study:
 
 
 @torch.no_grad()
-def evaluate(student, heldout_inputs, heldout_labels, heldout_teacher_logits, mu: float) -> dict:
+def heldout_reference(inputs, labels, teacher_logits, mu: float) -> dict:
+    """The teacher's side of every evaluation, computed once: (N, V) log p, p, AKL head mask."""
+    log_p = torch.log_softmax(teacher_logits.float(), -1)
+    p = log_p.exp()
+    return {
+        "inputs": inputs,
+        "labels": labels.reshape(-1),
+        "log_p": log_p,
+        "p": p,
+        "head": akl_head_mask(p, torch.ones_like(p, dtype=torch.bool), mu),
+        "argmax": teacher_logits.argmax(-1),
+    }
+
+
+@torch.no_grad()
+def evaluate(student, reference: dict) -> dict:
     """Held-out metrics against the full teacher (positions = all of the held-out blocks)."""
     student.eval()
-    logits = (
-        student(input_ids=heldout_inputs)
-        .logits.float()
-        .reshape(-1, heldout_teacher_logits.shape[1])
-    )
+    log_p, p, head = reference["log_p"], reference["p"], reference["head"]
+    logits = student(input_ids=reference["inputs"]).logits.float().reshape(-1, p.shape[1])
     student.train()
     log_q = torch.log_softmax(logits, -1)
-    log_p = torch.log_softmax(heldout_teacher_logits, -1)
-    p, q = log_p.exp(), log_q.exp()
-    labels = heldout_labels.reshape(-1)
-    head = akl_head_mask(p, torch.ones_like(p, dtype=torch.bool), mu)
+    q = log_q.exp()
     gap = (p - q).abs()
-    ce = float(F.cross_entropy(logits, labels))
+    ce = float(F.cross_entropy(logits, reference["labels"]))
     return {
         "kl": float((p * (log_p - log_q)).sum(-1).mean()),
         "rkl": float((q * (log_q - log_p)).sum(-1).mean()),
         "ce": ce,
         "ppl": math.exp(ce),
-        "top1": float((logits.argmax(-1) == heldout_teacher_logits.argmax(-1)).float().mean()),
+        "top1": float((logits.argmax(-1) == reference["argmax"]).float().mean()),
         "head_gap": float((gap * head).sum(-1).mean()),
         "tail_gap": float((gap * ~head).sum(-1).mean()),
     }
 
 
 # Run order (CPU is scarce; results are saved after every run, so the first tiers land first).
-CORE = ("ce", "online-fkl", "online-akl", "top64-fkl", "top64-akl", "tail-akl")
-TIER_1 = (*CORE, "online-rkl", "top64-rkl", "top8-akl")
-TIER_MIX = ("online-akl", "top64-akl", "tail-akl", "online-fkl", "top64-fkl", "tail-fkl",
-            "online-rkl", "top64-rkl", "rskd-fkl", "top8-akl", "top8-fkl", "top8-rkl")  # fmt: skip
-TIER_REST = ("tail-fkl", "top8-fkl", "top8-rkl", "rskd-fkl")
+CORE = ("ce", "online-fkl", "online-akl", "top64-fkl", "top64-akl", "tail-fkl", "tail-akl",
+        "rskd-fkl")  # fmt: skip
+PAPER = ("online-rkl", "top64-rkl", "top8-akl", "top8-fkl")
+MIX_FIRST = ("online-fkl", "top64-fkl", "top64-akl", "tail-fkl", "rskd-fkl")
+MIX_REST = ("online-akl", "tail-akl", "online-rkl", "top64-rkl", "top8-akl", "top8-fkl",
+            "top8-rkl")  # fmt: skip
+REST = ("top8-rkl",)
 
 
 def configurations(study: Study, seeds: list[int]) -> list[tuple[str, float, int]]:
-    """(config name, CE mix, seed) triples of one setting, in run order: the first seed's tier 1,
-    the core configs on the other seeds, the CE-mix runs, then everything else."""
-    first, others = seeds[0], seeds[1:]
+    """(config name, CE mix, seed) triples of one setting, in run order: the core configs on every
+    seed, the paper's RKL / top-8 runs, the most useful CE-mix runs, then everything else."""
 
     def alpha(name: str) -> float:
         return 1.0 if name == "ce" else 0.0
 
-    order = [(name, alpha(name), first) for name in TIER_1]
-    order += [(name, alpha(name), seed) for seed in others for name in CORE]
-    order += [(name, study.ce_mix, seed) for seed in seeds for name in TIER_MIX]
-    order += [(name, 0.0, seed) for seed in others for name in TIER_1 if name not in CORE]
-    order += [(name, 0.0, seed) for seed in seeds for name in TIER_REST]
+    order = [(name, alpha(name), seed) for seed in seeds for name in CORE]
+    order += [(name, 0.0, seed) for seed in seeds for name in PAPER]
+    order += [(name, study.ce_mix, seed) for seed in seeds for name in MIX_FIRST]
+    order += [(name, study.ce_mix, seed) for seed in seeds for name in MIX_REST]
+    order += [(name, 0.0, seed) for seed in seeds for name in REST]
     return order
 
 
@@ -182,11 +193,14 @@ def prepare(setting: str, seed: int, teacher, head, tokenizer, study: Study) -> 
     """Data order, teacher hidden states and sparse targets of one (setting, seed)."""
     length = study.seq_len + 1
     blocks = demo_blocks(tokenizer, length)
-    if setting == "sharp":
+    temperature = study.sharp_temperature if setting == "sharp" else 1.0
+    if setting == "written":
         need = study.steps * study.batch_size + study.eval_sequences
         prompts = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(7))]
         prompts = prompts[: min(need, len(prompts))]
-        blocks = teacher_written_blocks(teacher, prompts, length, study.sharp_temperature, 7)
+        blocks = teacher_written_blocks(teacher, prompts, length, study.written_temperature, 7)
+    elif setting not in ("demo", "sharp"):
+        raise SystemExit(f"unknown setting {setting!r}: use demo, sharp or written")
     heldout = blocks[-study.eval_sequences :]
     train_blocks = blocks[: -study.eval_sequences]
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
@@ -196,7 +210,7 @@ def prepare(setting: str, seed: int, teacher, head, tokenizer, study: Study) -> 
         index = order[(torch.arange(study.batch_size) + step * study.batch_size) % len(order)]
         batch = train_blocks[index]
         h = teacher_targets(teacher, head, batch[:, :-1])
-        logits = head.logits(h).reshape(-1, head.vocab_size)
+        logits = head.logits(h).reshape(-1, head.vocab_size) / temperature
         sparse.append(sparse_targets(logits, study, seed * 100_003 + step))
         if step < 4:
             nbytes.append(measure_bytes(batch[:, :-1], sparse[-1], study, head.vocab_size))
@@ -210,9 +224,13 @@ def prepare(setting: str, seed: int, teacher, head, tokenizer, study: Study) -> 
         "batches": steps,
         "hidden": hidden,
         "sparse": sparse,
-        "heldout_inputs": heldout[:, :-1],
-        "heldout_labels": heldout[:, 1:],
-        "heldout_teacher": head.logits(h_eval).reshape(-1, head.vocab_size),
+        "temperature": temperature,
+        "reference": heldout_reference(
+            heldout[:, :-1],
+            heldout[:, 1:],
+            head.logits(h_eval).reshape(-1, head.vocab_size) / temperature,
+            study.mu,
+        ),
         "bytes_per_token": {key: float(np.mean([b[key] for b in nbytes])) for key in nbytes[0]},
         "teacher_entropy": float(np.mean(entropy)),
         "top64_mass_median": float(top64_mass.median()),
@@ -235,8 +253,7 @@ def train_one(config: str, alpha: float, data: dict, init_state, head, study: St
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    evaluation = (data["heldout_inputs"], data["heldout_labels"], data["heldout_teacher"], study.mu)
-    curve = [{"step": 0, **evaluate(student, *evaluation)}]
+    curve = [{"step": 0, **evaluate(student, data["reference"])}]
     started = time.perf_counter()
     for step in range(study.steps):
         batch = data["batches"][step]
@@ -244,7 +261,7 @@ def train_one(config: str, alpha: float, data: dict, init_state, head, study: St
         teacher_logits = None
         if config.startswith("online"):
             with torch.no_grad():
-                teacher_logits = head.logits(data["hidden"][step])
+                teacher_logits = head.logits(data["hidden"][step]) / data["temperature"]
         labels = batch[:, 1:].reshape(-1)
         loss = run_loss(config, logits, labels, teacher_logits, data["sparse"][step], study, alpha)
         optimizer.zero_grad(set_to_none=True)
@@ -253,7 +270,7 @@ def train_one(config: str, alpha: float, data: dict, init_state, head, study: St
         optimizer.step()
         scheduler.step()
         if (step + 1) % study.eval_every == 0 or step + 1 == study.steps:
-            curve.append({"step": step + 1, **evaluate(student, *evaluation)})
+            curve.append({"step": step + 1, **evaluate(student, data["reference"])})
     return curve, time.perf_counter() - started
 
 
@@ -311,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             prepared[seed] = prepare(setting, seed, teacher, head, tokenizer, study)
             info = {
-                k: v for k, v in prepared[seed].items() if not isinstance(v, list | torch.Tensor)
+                k: v
+                for k, v in prepared[seed].items()
+                if k != "reference" and not isinstance(v, list | torch.Tensor)
             }
             results["settings"][setting] = info
             print(f"[{setting} seed {seed}] prepared in {time.perf_counter() - t0:.0f}s: {info}")

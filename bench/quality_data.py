@@ -113,38 +113,62 @@ def sparse_targets(teacher_logits: torch.Tensor, study, seed: int) -> Sparse:
     )
 
 
-def bytes_per_token(inputs: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, tail, vocab: int):
-    """Exact-mode shard bytes/token of (B*T, w) rows, measured with the real block encoder."""
+def bytes_per_token(
+    inputs: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    tail,
+    vocab: int,
+    tail_ids: torch.Tensor | None = None,
+    tail_lp: torch.Tensor | None = None,
+) -> float:
+    """Exact-mode shard bytes/token of (B*T, w) rows (plus (B*T, s) tail samples), measured with
+    the real block encoder."""
     batch, length = inputs.shape
-    width = ids.shape[1]
+
+    def rows(x: torch.Tensor | None, b: int, dtype) -> np.ndarray | None:
+        if x is None:
+            return None
+        return x.view(batch, length, x.shape[1])[b].numpy().astype(dtype)
+
     records = [
         SequenceRecord(
             sequence_id=b,
             input_ids=inputs[b].numpy().astype(np.int32),
-            topk_ids=ids.view(batch, length, width)[b].numpy().astype(np.int32),
-            topk_logprobs=lp.view(batch, length, width)[b].numpy().astype(np.float32),
+            topk_ids=rows(ids, b, np.int32),
+            topk_logprobs=rows(lp, b, np.float32),
             tail_mass=tail.view(batch, length)[b].numpy().astype(np.float32),
             positions=np.arange(length, dtype=np.int32),
+            tail_ids=rows(tail_ids, b, np.int32),
+            tail_logprobs=rows(tail_lp, b, np.float32),
         )
         for b in range(batch)
     ]
-    encoded = BlockCodec("exact", top_k=width, vocab_size=vocab).encode(records)
-    return encoded.nbytes / inputs.numel()
+    samples = 0 if tail_ids is None else tail_ids.shape[1]
+    codec = BlockCodec("exact", top_k=ids.shape[1], vocab_size=vocab, tail_samples=samples)
+    return codec.encode(records).nbytes / inputs.numel()
 
 
 def measure_bytes(inputs: torch.Tensor, sparse: Sparse, study, vocab: int) -> dict:
     """Bytes/token of each stored mode on one batch of sequences (same encoder for all)."""
     k = study.tail_topk
-    ids = torch.cat([sparse.top_ids[:, :k], sparse.tail_ids], 1)
-    lp = torch.cat([sparse.top_lp[:, :k], sparse.tail_lp], 1)
     rs_lp = torch.where(sparse.rs_counts > 0, sparse.rs_lp, -math.inf)
     rs = bytes_per_token(inputs, sparse.rs_ids, rs_lp, sparse.tail64, vocab)
     rs += sparse.rs_counts.numel() / inputs.numel() * 0.25  # uint8 counts, zstd ~4x (estimate)
+    tail = bytes_per_token(
+        inputs,
+        sparse.top_ids[:, :k],
+        sparse.top_lp[:, :k],
+        sparse.tailk,
+        vocab,
+        sparse.tail_ids,
+        sparse.tail_lp,
+    )
     return {
         "top8": bytes_per_token(
             inputs, sparse.top_ids[:, :8], sparse.top_lp[:, :8], sparse.tail8, vocab
         ),
         "top64": bytes_per_token(inputs, sparse.top_ids, sparse.top_lp, sparse.tail64, vocab),
-        "tail": bytes_per_token(inputs, ids, lp, sparse.tailk, vocab),
+        "tail": tail,
         "rskd": rs,
     }
