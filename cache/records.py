@@ -20,12 +20,13 @@ class SequenceRecord:
 
     sequence_id: int  # stable id in the build's record order (unique within a split)
     input_ids: np.ndarray  # (T,) int32
-    topk_ids: np.ndarray  # (M, k) int32, most probable first
+    topk_ids: np.ndarray  # (M, k) int32, most probable first (k = 0: a sampled cache)
     topk_logprobs: np.ndarray  # (M, k) float32, log p_teacher, descending
     tail_mass: np.ndarray  # (M,) float32, 1 - sum(exp(topk_logprobs)), >= 0
     positions: np.ndarray  # (M,) int32, strictly increasing positions in [0, T)
     # topk+tail mode only (None otherwise): s ids per row drawn with replacement from the
-    # teacher's tail p_j / p_tail (j outside the top-k), and the teacher's log p_j of them
+    # teacher's tail p_j / p_tail (j outside the top-k; the whole distribution when k = 0), and
+    # the teacher's log p_j of them
     tail_ids: np.ndarray | None = None  # (M, s) int32; id 0 with log-prob -inf = absent
     tail_logprobs: np.ndarray | None = None  # (M, s) float32, full-distribution log p_j
 

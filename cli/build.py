@@ -58,7 +58,9 @@ def build(
     messages_field: str | None = typer.Option(
         None, help="Column of chat messages (rendered with the chat template; assistant only)."
     ),
-    top_k: int | None = typer.Option(None, help="Top-k entries stored per position (default 64)."),
+    top_k: int | None = typer.Option(
+        None, help="Top-k entries stored per position (default 64; 0 with --tail-samples: sampled)."
+    ),
     temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
     max_length: int | None = typer.Option(None, help="Tokens per sequence (default 1024)."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack documents into blocks."),
@@ -73,7 +75,8 @@ def build(
     tail_samples: int = typer.Option(
         0,
         help="topk+tail mode: also store N tail ids per position drawn from the teacher's tail "
-        "(unbiased FKL; docs/QUALITY.md). 0 = off.",
+        "(unbiased FKL; docs/QUALITY.md); with --top-k 0, N draws from the whole distribution "
+        "(RS-KD). 0 = off.",
     ),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
     estimate: bool = typer.Option(

@@ -53,7 +53,7 @@ def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[
     * ``labels`` (B, T) int64: the next token at distilled positions that have one, else -100
       (the last token of a record has a teacher distribution but no label)
     * ``topk_ids`` (B, T, k) int64 (0 where absent), ``topk_logprobs`` (B, T, k) float32
-      (-inf where absent), ``tail_mass`` (B, T) float32 (1.0 where no distribution is stored,
+      (-inf where absent; k = 0 for a sampled cache), ``tail_mass`` (B, T) float32 (1.0 where no distribution is stored,
       so every row is a valid distribution)
     * ``distill_mask`` (B, T) bool: True where the teacher's distribution is stored
     * ``sequence_ids`` (B,) int64
