@@ -97,8 +97,9 @@ def _teacher(directory: Path, hidden: int, layers: int, vocab: int):
     fast.save_pretrained(directory)
 
 
-def _planned_batches(config) -> tuple[list[tuple[list, list]], int]:
-    """The batches ``build_cache`` plans (same windows, same sorting): (ids, positions) lists."""
+def _planned_batches(config) -> tuple[list[tuple[list, list, list]], int]:
+    """The batches ``build_cache`` plans (same windows, same sorting): (ids, positions, sequence
+    ids) lists."""
     from kdcache.cache.data import RecordStream
     from kdcache.cache.teacher import load_tokenizer, plan_batches, windows
 
@@ -108,7 +109,11 @@ def _planned_batches(config) -> tuple[list[tuple[list, list]], int]:
         for window in windows(stream.sequences(split), 4 * config.batch_tokens):
             for batch in plan_batches([len(s.input_ids) for s in window], config.batch_tokens):
                 batches.append(
-                    ([window[i].input_ids for i in batch], [window[i].positions for i in batch])
+                    (
+                        [window[i].input_ids for i in batch],
+                        [window[i].positions for i in batch],
+                        [window[i].sequence_id for i in batch],
+                    )
                 )
                 tokens += sum(len(window[i].input_ids) for i in batch)
     return batches, tokens
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--tail-samples", type=int, default=0, help="topk+tail: draws per position")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = _stdlib_text(int(args.tokens * 3.5))
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    runner = TeacherRunner(model, top_k=args.top_k)
+    runner = TeacherRunner(model, top_k=args.top_k, tail_samples=args.tail_samples)
 
     def config_for(repeat: int) -> BuildConfig:
         return BuildConfig(
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             data=str(data),
             out=root / f"cache{repeat}",
             top_k=args.top_k,
+            tail_samples=args.tail_samples,
             max_length=args.max_length,
             batch_tokens=args.batch_tokens,
             device="cpu",
@@ -176,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         bare = [0.0, 0.0]
         teacher_side = [0.0, 0.0]
         with torch.inference_mode():
-            for sequences, positions in batches:  # interleaved batch by batch: shared noise
+            for sequences, positions, sequence_ids in batches:  # interleaved: shared noise
                 start = _clock()
                 _ = model(input_ids=_padded(sequences)).logits
                 bare = [a + b for a, b in zip(bare, _since(start), strict=True)]
                 start = _clock()
-                runner.run(sequences, positions)
+                runner.run(sequences, positions, sequence_ids)
                 teacher_side = [a + b for a, b in zip(teacher_side, _since(start), strict=True)]
         config = config_for(repeat)
         start = _clock()
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"teacher: llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-        f"top-k {args.top_k}; {tokens} tokens in {len(batches)} batches; "
+        f"top-k {args.top_k}, {args.tail_samples} tail samples; {tokens} tokens in "
+        f"{len(batches)} batches; "
         f"{args.threads} CPU thread(s); best of {args.repeats}"
     )
     for clock, name in ((0, "wall-clock"), (1, "CPU time")):

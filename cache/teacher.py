@@ -204,17 +204,25 @@ class TeacherRunner:
         if self.head is not None:
             hidden = body_of(self.model)(**inputs).last_hidden_state  # (B, L, H)
             selected = hidden[row_index, col_index]  # (N, H)
-            ids, logprobs, tail = topk_from_hidden(
-                selected, self.head, self.top_k, self.temperature, self.chunk_elements
-            )
         else:
             logits = self.model(**inputs).logits  # (B, L, V)
             selected = logits[row_index, col_index]  # (N, V)
             del logits
+        samples = None
+        if self.tail_samples:  # top-k and tail draws from one pass of the head
+            ids, logprobs, tail, *samples = self._topk_and_samples(
+                selected, positions, sequence_ids
+            )
+        elif self.head is not None:
+            ids, logprobs, tail = topk_from_hidden(
+                selected, self.head, self.top_k, self.temperature, self.chunk_elements
+            )
+        else:
             ids, logprobs, tail = topk_from_logit_rows(
                 selected, self.top_k, self.temperature, self.chunk_elements
             )
-        samples = self._tail_samples(selected, ids, positions, sequence_ids)
+        if samples is not None:
+            samples = [samples[0].to(torch.int32).cpu().numpy(), samples[1].cpu().numpy()]
         ids_host = ids.to(torch.int32).cpu().numpy()  # only (N, k) values cross to the host
         logprobs_host = logprobs.cpu().numpy()
         tail_host = tail.cpu().numpy()
@@ -228,11 +236,9 @@ class TeacherRunner:
             start = end
         return out
 
-    def _tail_samples(self, selected, topk_ids, positions, sequence_ids):
-        """topk+tail mode: (N, s) draws from each row's tail, seeded per sequence (host arrays)."""
-        if not self.tail_samples:
-            return None
-        from kdcache.cache.tail_sampling import sequence_uniforms, tail_samples_for_rows
+    def _topk_and_samples(self, selected, positions, sequence_ids):
+        """topk+tail mode: top-k plus (N, s) draws from each row's tail, seeded per sequence."""
+        from kdcache.cache.tail_sampling import sequence_uniforms, topk_and_tail_samples
 
         if sequence_ids is None:
             raise ValueError("tail samples need the sequence ids (they seed the draws)")
@@ -252,11 +258,10 @@ class TeacherRunner:
             def logits_of(start: int, end: int):
                 return selected[start:end]
 
-        ids, logprobs = tail_samples_for_rows(
-            logits_of, topk_ids.shape[0], output_vocab_size(self.model), topk_ids, uniforms,
+        return topk_and_tail_samples(
+            logits_of, selected.shape[0], output_vocab_size(self.model), self.top_k, uniforms,
             self.temperature, self.chunk_elements,
         )  # fmt: skip
-        return ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

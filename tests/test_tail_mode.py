@@ -50,6 +50,24 @@ def test_draws_follow_the_teacher_tail_distribution():
     torch.testing.assert_close(logprobs[0], log_probs[0, ids[0]])  # the teacher's own log p_j
 
 
+@pytest.mark.parametrize("vocab", [40, 256, 1000, 1027])
+def test_two_level_search_equals_one_level_float64_inverse_cdf(vocab):
+    """The block-wise sampler picks the id of a plain float64 inverse CDF over the whole row
+    (up to rare rounding at a boundary), also when V is not a multiple of the block."""
+    gen = torch.Generator().manual_seed(vocab)
+    log_probs = torch.log_softmax(3 * torch.randn(64, vocab, generator=gen), -1)
+    log_probs[:, ::7] = -math.inf  # zero-probability runs inside blocks
+    log_probs = torch.log_softmax(log_probs, -1)
+    topk_ids = log_probs.topk(5, -1).indices
+    uniforms = torch.from_numpy(sequence_uniforms(1, vocab, 64, 200))
+    probs = log_probs.double().exp().scatter(1, topk_ids, 0.0)
+    cdf = probs.cumsum(-1)
+    reference = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    ids, _ = sample_tail(log_probs, topk_ids, uniforms)
+    assert (ids != reference).float().mean() < 1e-3
+    assert (probs.gather(1, ids) > 0).all()  # never a top-k id, never a zero-probability id
+
+
 def test_same_samples_whatever_the_batch():
     """Rows of a sequence get the same draws alone, inside a bigger batch, or as a prefix."""
     log_probs, topk_ids = teacher(1, rows=6)
@@ -236,6 +254,17 @@ def test_build_stores_tail_samples_that_follow_the_teacher(
         exp = torch.cat([exp, expected[~keep].sum()[None]])
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     assert chi2 < _chi2_quantile_999(len(obs) - 1), (chi2, len(obs))
+
+
+def test_tail_samples_leave_the_top_k_unchanged(tiny_llama_dir, text_jsonl, tmp_path):
+    """The fused top-k + sampling pass stores the same top-k rows as a build without samples."""
+    with_samples = _build(tiny_llama_dir, text_jsonl, tmp_path / "a", limit=6)
+    plain = _build(tiny_llama_dir, text_jsonl, tmp_path / "b", limit=6, tail_samples=0)
+    for a, b in zip(with_samples.sequences("train"), plain.sequences("train"), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        np.testing.assert_array_equal(a.tail_mass, b.tail_mass)
+        assert a.tail_ids is not None and b.tail_ids is None
 
 
 def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp_path):
