@@ -37,6 +37,10 @@ from kdcache.cache.teacher import DTYPE_NAMES
 MODES = ("exact", "compact")
 
 
+DEFAULT_TOP_K = 24  # with DEFAULT_TAIL_SAMPLES: the study's best mode at fewer bytes than top-64
+DEFAULT_TAIL_SAMPLES = 16
+
+
 @dataclass
 class BuildConfig:
     """Settings of one ``kdcache build`` (validated on creation; all problems in one ConfigError)."""
@@ -48,7 +52,7 @@ class BuildConfig:
     data_config: str | None = None  # dataset configuration name (hub datasets)
     text_field: str = "text"  # column holding the documents
     messages_field: str | None = None  # column of chat messages (then only assistant tokens)
-    top_k: int = 64  # entries kept per position
+    top_k: int | None = None  # entries kept per position (None: see DEFAULT_TOP_K)
     temperature: float = 1.0  # softmax temperature of the stored distributions
     max_length: int = 1024  # tokens per sequence
     pack: bool = True  # pack documents into max_length blocks (EOS between) vs one per row
@@ -58,12 +62,19 @@ class BuildConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     batch_tokens: int = 16384  # padded tokens per teacher batch
     mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
-    tail_samples: int = 0  # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off)
+    # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
+    tail_samples: int | None = None
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file
     progress: bool = True  # show a tqdm bar
 
     def __post_init__(self) -> None:
+        # Defaults (docs/QUALITY.md): neither set -> topk+tail, top-24 + 16 tail samples; only
+        # top_k set -> a plain top-k cache; only tail_samples set -> top-24 + that many samples.
+        if self.tail_samples is None:
+            self.tail_samples = DEFAULT_TAIL_SAMPLES if self.top_k is None else 0
+        if self.top_k is None:
+            self.top_k = DEFAULT_TOP_K
         self.out = Path(self.out).expanduser()
         problems = []
         if not self.teacher:

@@ -59,7 +59,9 @@ def build(
         None, help="Column of chat messages (rendered with the chat template; assistant only)."
     ),
     top_k: int | None = typer.Option(
-        None, help="Top-k entries stored per position (default 64; 0 with --tail-samples: sampled)."
+        None,
+        help="Top-k entries stored per position [default: 24, with 16 tail samples; demo: 64]. "
+        "Alone it gives a plain top-k cache; 0 with --tail-samples: a sampled cache.",
     ),
     temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
     max_length: int | None = typer.Option(None, help="Tokens per sequence (default 1024)."),
@@ -72,11 +74,11 @@ def build(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch."),
     mode: str = typer.Option("exact", help="Storage mode: exact or compact."),
-    tail_samples: int = typer.Option(
-        0,
+    tail_samples: int | None = typer.Option(
+        None,
         help="topk+tail mode: also store N tail ids per position drawn from the teacher's tail "
         "(unbiased FKL; docs/QUALITY.md); with --top-k 0, N draws from the whole distribution "
-        "(RS-KD). 0 = off.",
+        "(RS-KD). 0 = off [default: 16 when --top-k is not given, else 0].",
     ),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
     estimate: bool = typer.Option(
@@ -87,7 +89,7 @@ def build(
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
     from kdcache.cache.build import BuildConfig, build_cache
 
-    defaults: dict[str, int | float] = {"top_k": 64, "max_length": 1024, "holdout": 0.01}
+    defaults: dict[str, int | float] = {"max_length": 1024, "holdout": 0.01}
     if teacher is None and data is None:
         from kdcache.demo import DEMO_BUILD_SETTINGS
 
@@ -106,7 +108,7 @@ def build(
         data_config=data_config,
         text_field=text_field,
         messages_field=messages_field,
-        top_k=int(defaults["top_k"]) if top_k is None else top_k,
+        top_k=int(defaults["top_k"]) if top_k is None and "top_k" in defaults else top_k,
         temperature=temperature,
         max_length=int(defaults["max_length"]) if max_length is None else max_length,
         pack=pack,

@@ -276,6 +276,39 @@ def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp
         np.testing.assert_array_equal(np.sort(a.tail_ids, 1), np.sort(b.tail_ids, 1))
 
 
+@pytest.mark.parametrize(
+    ("given", "resolved"),
+    [
+        ({}, (24, 16)),  # the default: topk+tail (docs/QUALITY.md)
+        ({"top_k": 64}, (64, 0)),  # --top-k alone: a plain top-k cache, as before
+        ({"tail_samples": 8}, (24, 8)),
+        ({"top_k": 0, "tail_samples": 32}, (0, 32)),  # a sampled cache
+        ({"top_k": 16, "tail_samples": 0}, (16, 0)),
+    ],
+)
+def test_build_defaults(tmp_path, given, resolved):
+    from kdcache.cache.build import BuildConfig
+
+    config = BuildConfig(teacher="t", data="d", out=tmp_path, **given)
+    assert (config.top_k, config.tail_samples) == resolved
+
+
+def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, text_jsonl, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cache.reader import open_cache
+    from kdcache.cli.app import app
+    from kdcache.demo import DEMO_BUILD_SETTINGS
+
+    out = tmp_path / "c"
+    args = ["build", "--teacher", str(tiny_llama_dir), "--data", str(text_jsonl), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--limit", "4", "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    manifest = open_cache(out).manifest
+    assert (manifest["top_k"], manifest["tail_samples"]) == (24, 16)
+    assert DEMO_BUILD_SETTINGS["top_k"] == 64  # the demo passes its k: a plain top-64 cache
+
+
 def test_build_refuses_bad_tail_samples(tmp_path):
     from kdcache.cache.build import BuildConfig
     from kdcache.cache.errors import ConfigError
