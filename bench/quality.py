@@ -1,7 +1,13 @@
 """The distillation-quality study (issue 7): does a sparse cache keep what full KD gives?
 
-    python bench/quality.py --out bench/quality-results        # the whole study (~40 min, 2 cores)
-    python bench/quality.py --quick --out /tmp/q                # smoke run (seconds)
+    python bench/quality.py --settings demo --out bench/quality-results &   # one core each,
+    python bench/quality.py --settings sharp --out bench/quality-results &  # ~45 min per setting
+    python bench/quality.py --quick --out /tmp/q                             # smoke run (seconds)
+
+Settings: ``demo`` (the held-out demo split, teacher at temperature 1), ``sharp`` (the same data,
+teacher at ``Study.sharp_temperature`` = 0.7: a sharper teacher), ``written`` (text the teacher
+wrote itself at 0.5, scored at temperature 1; the previous study's "sharp"). The student has
+untied embeddings unless ``--tied``.
 
 One process, side by side, same student init, same data order and same steps for every
 configuration of a (setting, seed):
@@ -73,6 +79,7 @@ class Study:
     mu: float = 0.5
     student_hidden: int = 64
     student_layers: int = 2
+    student_tied: bool = False  # tied input/output embeddings (--tied; see docs/QUALITY.md)
     sharp_temperature: float = 0.7  # "sharp": the teacher's distribution at this temperature
     written_temperature: float = 0.5  # "written": text the teacher wrote at this temperature
     threads: int = 1  # one per process; run the two settings as two processes
@@ -80,7 +87,7 @@ class Study:
 
 # ----------------------------------------------------------------------------- student
 def make_student(study: Study, vocab: int, seed: int):
-    """A tiny Llama student (tied embeddings) seeded by ``seed``; same init for every config."""
+    """A tiny Llama student seeded by ``seed``; the same init for every config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -91,7 +98,7 @@ def make_student(study: Study, vocab: int, seed: int):
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=study.student_tied,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -281,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="demo,sharp")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    parser.add_argument("--tied", action="store_true", help="student with tied embeddings")
     parser.add_argument("--only", default=None, help="comma-separated config names to run")
     parser.add_argument("--alphas", default=None, help="comma-separated CE mixes to run (e.g. 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps, a few configs")
@@ -298,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(teacher=teacher_dir)
     if args.steps:
         study.steps = args.steps
+    if args.batch_size:
+        study.batch_size = args.batch_size
+    study.student_tied = args.tied
     for name in ("tail_topk", "tail_samples", "rskd_draws"):
         if getattr(args, name) is not None:
             setattr(study, name, getattr(args, name))

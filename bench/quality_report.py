@@ -46,16 +46,34 @@ def bytes_of(config: str, info: dict) -> str:
     return "-" if mode == "ce" else "(online)"
 
 
+REFERENCE = "online-fkl"  # the ceiling: online full-vocabulary FKL, no CE mix
+
+
+def shares(runs: dict, setting: str, curves: dict) -> tuple[float, list[float]] | None:
+    """Share of online FKL's gain over CE-only, ``(KL_ce - KL) / (KL_ce - KL_online)``, on the
+    seeds this row, CE-only and online FKL all have: (share of the means, per-seed shares)."""
+    ce_runs = runs.get((setting, "ce", 1.0), {})
+    online_runs = runs.get((setting, REFERENCE, 0.0), {})
+    seeds = [seed for seed in curves if seed in ce_runs and seed in online_runs]
+    if not seeds:
+        return None
+
+    def kl(group: dict, seed: int) -> float:
+        return group[seed][-1]["kl"]
+
+    ce = np.array([kl(ce_runs, seed) for seed in seeds])
+    online = np.array([kl(online_runs, seed) for seed in seeds])
+    mine = np.array([kl(curves, seed) for seed in seeds])
+    per_seed = ((ce - mine) / (ce - online)).tolist()
+    return float((ce.mean() - mine.mean()) / (ce.mean() - online.mean())), per_seed
+
+
 def table(runs: dict, settings: dict, setting: str) -> str:
     """Markdown: one row per (config, alpha), sorted by final held-out KL."""
     info = settings[setting]
-    ce = final(runs[(setting, "ce", 1.0)], "kl")[0] if (setting, "ce", 1.0) in runs else None
-    online = [final(c, "kl")[0] for (s, name, _), c in runs.items()
-              if s == setting and name.startswith("online")]  # fmt: skip
-    best_online = min(online) if online else None
     lines = [
         "| config | CE mix | seeds | held-out KL(teacher‖student) | next-token CE | ppl | top-1 "
-        "agree | bytes/token | % of online gain |",
+        "agree | bytes/token | % of online FKL gain [seed range] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [(key, curves) for key, curves in runs.items() if key[0] == setting]
@@ -64,8 +82,11 @@ def table(runs: dict, settings: dict, setting: str) -> str:
         kl, spread, n = final(curves, "kl")
         ce_value = final(curves, "ce")[0]
         gain = "-"
-        if ce is not None and best_online is not None and config != "ce":
-            gain = f"{100 * (ce - kl) / (ce - best_online):.0f}%"
+        share = shares(runs, setting, curves) if config != "ce" else None
+        if share is not None:
+            gain = f"{100 * share[0]:.0f}%"
+            if len(share[1]) > 1:
+                gain += f" [{100 * min(share[1]):.0f}, {100 * max(share[1]):.0f}]"
         lines.append(
             f"| {config} | {'-' if config == 'ce' else f'{alpha:g}'} | {n} | {kl:.3f} ± {spread:.3f} "
             f"| {ce_value:.3f} | {np.exp(ce_value):.0f} | {final(curves, 'top1')[0]:.3f} "
@@ -131,6 +152,28 @@ def plot_head_tail(runs: dict, settings: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def head_tail_table(runs: dict, setting: str) -> str:
+    """Markdown: online FKL / RKL / AKL head and tail gaps at step 0, the first eval, the end."""
+    lines = [
+        "| online loss | head gap | tail gap | held-out KL at the end |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("fkl", "rkl", "akl"):
+        curves = runs.get((setting, f"online-{kind}", 0.0))
+        if not curves:
+            continue
+        steps, head = mean_curve(curves, "head_gap")
+        _, tail = mean_curve(curves, "tail_gap")
+        _, kl = mean_curve(curves, "kl")
+        picks = [0, 1, len(steps) - 1]
+
+        def cells(values: np.ndarray, picks: list[int] = picks) -> str:
+            return " → ".join(f"{values[i]:.3f}" for i in picks)
+
+        lines.append(f"| {kind.upper()} | {cells(head)} | {cells(tail)} | {kl[-1]:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("bench/quality-results"))
@@ -147,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{info['train_sequences']} training sequences\n"
         )
         print(table(runs, settings, setting) + "\n")
+        print("head / tail gaps of the online runs (steps 0 → first eval → last):\n")
+        print(head_tail_table(runs, setting) + "\n")
         plot_kl(runs, setting, args.img / f"quality_kl_{setting}.png")
     plot_head_tail(runs, list(settings), args.img / "quality_headtail.png")
     return 0
