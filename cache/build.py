@@ -14,7 +14,6 @@ manifest is written last by rank 0, after a barrier, from the complete shards of
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.data import SPLITS, DataSpec, RecordStream
+from kdcache.cache.build_config import (  # noqa: F401 (BuildConfig, MODES: re-exported here)
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    MODES,
+    BuildConfig,
+)
+from kdcache.cache.data import SPLITS, RecordStream
 from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 from kdcache.cache.fingerprint import (
     data_fingerprint,
@@ -32,99 +37,6 @@ from kdcache.cache.fingerprint import (
 )
 from kdcache.cache.lock import TOKENIZER_DIR, BuildLock, prepare_directory
 from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
-from kdcache.cache.teacher import DTYPE_NAMES
-
-MODES = ("exact", "compact")
-
-
-DEFAULT_TOP_K = 24  # with DEFAULT_TAIL_SAMPLES: the study's best mode at fewer bytes than top-64
-DEFAULT_TAIL_SAMPLES = 16
-
-
-@dataclass
-class BuildConfig:
-    """Settings of one ``kdcache build`` (validated on creation; all problems in one ConfigError)."""
-
-    teacher: str  # local save_pretrained directory or Hugging Face model id
-    data: str  # hub dataset id, local jsonl/json/parquet/csv/txt file, or a directory of them
-    out: str | Path  # cache directory
-    split: str = "train"  # dataset split to read
-    data_config: str | None = None  # dataset configuration name (hub datasets)
-    text_field: str = "text"  # column holding the documents
-    messages_field: str | None = None  # column of chat messages (then only assistant tokens)
-    top_k: int | None = None  # entries kept per position (None: see DEFAULT_TOP_K)
-    temperature: float = 1.0  # softmax temperature of the stored distributions
-    max_length: int = 1024  # tokens per sequence
-    pack: bool = True  # pack documents into max_length blocks (EOS between) vs one per row
-    limit: int | None = None  # use only the first rows
-    holdout: float = 0.01  # fraction of rows (by content hash) in the "holdout" split
-    dtype: str = "auto"  # teacher dtype: auto = bf16 on CUDA, fp32 on CPU
-    device: str = "auto"  # auto = cuda if available, else cpu
-    batch_tokens: int = 16384  # padded tokens per teacher batch
-    mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
-    # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
-    tail_samples: int | None = None
-    overwrite: bool = False  # replace an existing different cache in ``out``
-    shard_tokens: int = 1 << 20  # tokens per shard file
-    progress: bool = True  # show a tqdm bar
-
-    def __post_init__(self) -> None:
-        # Defaults (docs/QUALITY.md): neither set -> topk+tail, top-24 + 16 tail samples; only
-        # top_k set -> a plain top-k cache; only tail_samples set -> top-24 + that many samples.
-        if self.tail_samples is None:
-            self.tail_samples = DEFAULT_TAIL_SAMPLES if self.top_k is None else 0
-        if self.top_k is None:
-            self.top_k = DEFAULT_TOP_K
-        self.out = Path(self.out).expanduser()
-        problems = []
-        if not self.teacher:
-            problems.append("--teacher is empty: pass a model directory or hub id")
-        if not self.data:
-            problems.append("--data is empty: pass a dataset id, file or directory")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"--top-k must be >= 1 (got {self.top_k})")
-        elif self.top_k == 0 and not self.tail_samples:
-            problems.append(
-                "--top-k must be >= 1 (got 0): --top-k 0 stores no teacher entries, only for a "
-                "sampled cache with --tail-samples N (N draws from the whole distribution)"
-            )
-        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
-            problems.append(f"--temperature must be a finite number (got {self.temperature})")
-        elif self.temperature <= 0:
-            problems.append(f"--temperature must be > 0 (got {self.temperature})")
-        if self.max_length < 2:
-            problems.append(f"--max-length must be >= 2 (got {self.max_length})")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"--limit must be >= 1 (got {self.limit})")
-        if not 0.0 <= self.holdout < 1.0:
-            problems.append(f"--holdout must be in [0, 1) (got {self.holdout})")
-        if self.dtype not in DTYPE_NAMES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype})")
-        if self.batch_tokens < 1 or self.shard_tokens < 1:
-            problems.append("--batch-tokens and shard tokens must be >= 1")
-        if self.mode not in MODES:
-            problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
-        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
-            problems.append(f"--tail-samples must be in [0, 255] (got {self.tail_samples})")
-        if not self.text_field and not self.messages_field:
-            problems.append("--text-field is empty: name the column holding the text")
-        if self.out.exists() and not self.out.is_dir():
-            problems.append(f"--out {self.out} is a file: pass a directory path")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec(
-            data=self.data,
-            split=self.split,
-            data_config=self.data_config,
-            text_field=self.text_field,
-            messages_field=self.messages_field,
-            max_length=self.max_length,
-            pack=self.pack,
-            limit=self.limit,
-            holdout=self.holdout,
-        )
 
 
 @dataclass
