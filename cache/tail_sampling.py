@@ -8,8 +8,8 @@ their teacher log-probs, which makes the tail part of the forward KL unbiased
 Determinism: the uniforms behind the draws are a pure function of ``(seed, sequence_id, row,
 sample)`` (numpy's counter-based Philox keyed by the seed and the sequence id), made on the host
 (only (M, s) numbers) and turned into ids on the device by a two-level inverse-CDF search over the
-full distribution (blocks of 256 ids in float64, then inside one block in float32). A sequence therefore gets the same samples whatever batch, chunk, rank or resumed
-run it is computed in. The full (N, V) probabilities never leave the device.
+full distribution (blocks of 256 ids in float64, then inside one block in float32). A sequence
+therefore gets the same samples whatever batch, chunk, rank or resumed run it is computed in. The full (N, V) probabilities never leave the device.
 """
 
 from __future__ import annotations
@@ -107,17 +107,14 @@ def topk_and_tail_samples(
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, sample ids (N, s)
         int64 and sample log-probs (N, s) float32, on the logits' device.
     """
-    from kdcache.cache.topk import chunk_rows, topk_of_log_probs
+    from kdcache.cache.topk import chunk_rows, tempered_log_probs, topk_of_log_probs
 
     rows = chunk_rows(vocab_size, chunk_elements)
     draws = torch.from_numpy(np.ascontiguousarray(uniforms))
     parts = []
     for start in range(0, num_rows, rows):
         end = min(num_rows, start + rows)
-        scaled = logits_of(start, end).float()
-        if temperature != 1.0:
-            scaled = scaled / temperature
-        log_probs = torch.log_softmax(scaled, dim=-1)  # (C, V)
+        log_probs = tempered_log_probs(logits_of(start, end), temperature)  # (C, V)
         ids, logprobs, tail = topk_of_log_probs(log_probs, top_k)
         samples = sample_tail(log_probs, ids, draws[start:end].to(log_probs.device))
         parts.append((ids, logprobs, tail, *samples))

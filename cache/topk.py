@@ -37,12 +37,17 @@ def topk_from_logits(
         ``(ids, logprobs, tail_mass)``: ids (N, k) int64 most probable first, logprobs (N, k) float32
         descending, tail_mass (N,) float32 in [0, 1], the mass outside the top-k.
     """
-    scaled = logits.float()  # (N, V), no copy for float32 logits
-    if temperature != 1.0:
-        scaled = scaled / temperature
     # one fused log-softmax pass, then top-k of the log-probs (measured ~10% faster on the CPU
     # than logsumexp + top-k of the logits; same values to float32 rounding)
-    return topk_of_log_probs(torch.log_softmax(scaled, dim=-1), top_k)
+    return topk_of_log_probs(tempered_log_probs(logits, temperature), top_k)
+
+
+def tempered_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(N, V) float32 ``log_softmax(logits / temperature)`` (no copy for float32 logits at T 1)."""
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1)
 
 
 def topk_of_log_probs(

@@ -388,6 +388,37 @@ def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunk
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_divergences_without_a_sample_estimator_use_the_bucket(tail_cache):
+    """--loss js on a topk+tail cache: the plain top-k + bucket loss (samples ignored)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcache.cache.reader import open_cache
+    from kdcache.trainer.data import collate_records
+    from kdcache.trainer.losses import sparse_kd_loss
+    from kdcache.trainer.objective import DistillObjective
+
+    batch = collate_records(list(open_cache(tail_cache).sequences("train"))[:3])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
+    objective = DistillObjective(model, kind="js", mu=0.5, temperature=1.0, alpha=0.0,
+                                 chunk_size=7, chunked=False)  # fmt: skip
+    mask = batch["distill_mask"]
+    loss = objective(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
+        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), 1.0,
+        tail_ids=batch["tail_ids"], tail_logprobs=batch["tail_logprobs"],
+    )  # fmt: skip
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = sparse_kd_loss(
+        logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask],
+        batch["tail_mass"][mask], kind="js",
+    )  # fmt: skip
+    torch.testing.assert_close(loss, reference.mean(), atol=1e-5, rtol=1e-5)
+
+
 def test_train_on_a_tail_cache_lowers_heldout_kl(tail_cache, tiny_tokenizer, tmp_path):
     """kdcache train on a topk+tail cache (FKL, chunked path) runs and the held-out KL falls."""
     from transformers import AutoModelForCausalLM

@@ -36,8 +36,8 @@ def loss_kinds() -> tuple[str, ...]:
 def check_loss_for_cache(loss: str, manifest: dict[str, Any]) -> None:
     """ConfigError when the cache's layout cannot give ``loss`` (checked before anything is written).
 
-    A topk+tail cache (``tail_samples`` in the manifest) trains with fkl, rkl or akl (or ce); a
-    sampled cache (``top_k`` 0) with fkl (or ce) only.
+    A sampled cache (``top_k`` 0) trains with fkl (or ce) only. (On a topk+tail cache the other
+    divergences use the top-k + bucket and ignore the samples.)
     """
     if loss == CE_ONLY or not manifest.get("tail_samples"):
         return
@@ -45,11 +45,6 @@ def check_loss_for_cache(loss: str, manifest: dict[str, Any]) -> None:
         from kdcache.trainer.sampled import SAMPLED_CACHE_LOSSES
 
         raise ConfigError(f"--loss {loss}: {SAMPLED_CACHE_LOSSES}")
-    if loss not in ("fkl", "rkl", "akl"):
-        raise ConfigError(
-            f"--loss {loss}: a topk+tail cache (--tail-samples) trains with fkl, rkl or akl "
-            "(or ce); the other divergences have no estimator on tail samples"
-        )
 
 
 def _check_device(device: str) -> str | None:

@@ -15,6 +15,8 @@ from torch.nn import functional as F
 from kdcache.cache.heads import body_of, split_head
 from kdcache.trainer.data import IGNORE_INDEX
 
+TAIL_SAMPLE_KINDS = ("fkl", "rkl", "akl")  # losses that use a cache's tail samples
+
 
 def fold_out_of_vocab(
     topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_mass: torch.Tensor, vocab_size: int
@@ -112,7 +114,9 @@ class DistillObjective(nn.Module):
         kd_rows, ce_rows = kd_weight.reshape(-1)[rows], ce_weight.reshape(-1)[rows]
         if self._teacher and self.alpha < 1.0:
             return self._online_loss(input_ids, attention_mask, rows, row_labels, kd_rows, ce_rows)
-        if tail_ids is not None and self.alpha < 1.0:  # topk+tail cache: unbiased FKL tail
+        # topk+tail cache: unbiased FKL tail (the other divergences have no sample estimator
+        # and use the top-k + bucket like a plain cache)
+        if tail_ids is not None and self.alpha < 1.0 and self.kind in TAIL_SAMPLE_KINDS:
             from kdcache.trainer.topk_tail import fold_out_of_vocab_samples
 
             samples = fold_out_of_vocab_samples(
