@@ -98,36 +98,22 @@ def _counts(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int):
     return torch.arange(vocab).expand(ids.shape[0], vocab), counts, torch.where(counts > 0, lp, 0.0)
 
 
-def _tiny_student(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("chunked", [True, False])
 def test_objective_on_a_sampled_cache_is_the_rskd_estimate(sampled_cache, chunked):
     """DistillObjective (fkl) on a sampled cache == sampled_kd_loss on unique ids + counts."""
     from kdcache.trainer.data import collate_records
-    from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.objective import DistillObjective, batch_loss
 
     cache = open_cache(sampled_cache)
     vocab = cache.manifest["vocab_size"]
     batch = collate_records(list(cache.sequences("train"))[:3])
     assert batch["topk_ids"].shape[-1] == 0
-    model = _tiny_student(vocab)
+    model = helpers.tiny_llama(vocab)
     objective = DistillObjective(
         model, kind="fkl", mu=0.5, temperature=1.0, alpha=0.0, chunk_size=7, chunked=chunked
     )
     mask = batch["distill_mask"]
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), 1.0,
-        tail_ids=batch["tail_ids"], tail_logprobs=batch["tail_logprobs"],
-    )  # fmt: skip
+    loss = batch_loss(objective, batch, float(mask.sum()), 1.0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     reference = sampled_kd_loss(
         logits[mask], *_counts(batch["tail_ids"][mask], batch["tail_logprobs"][mask], vocab)

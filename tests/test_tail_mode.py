@@ -356,27 +356,17 @@ def test_collate_pads_tail_samples(tail_cache):
 @pytest.mark.parametrize("kind", ["fkl", "akl"])
 def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunked):
     """DistillObjective with tail samples == mean of topk_tail_kd_loss over full logits (+ CE)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.data import collate_records
-    from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.objective import DistillObjective, batch_loss
 
     batch = collate_records(list(open_cache(tail_cache).sequences("train"))[:3])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
-    )  # fmt: skip
+    model = helpers.tiny_llama(384)
     objective = DistillObjective(
         model, kind=kind, mu=0.5, temperature=1.0, alpha=0.25, chunk_size=7, chunked=chunked
     )
     mask, labelled = batch["distill_mask"], batch["labels"] != -100
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), float(labelled.sum()),
-        tail_ids=batch["tail_ids"], tail_logprobs=batch["tail_logprobs"],
-    )  # fmt: skip
+    loss = batch_loss(objective, batch, float(mask.sum()), float(labelled.sum()))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     kd = topk_tail_kd_loss(
         logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask],
@@ -390,27 +380,17 @@ def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunk
 
 def test_divergences_without_a_sample_estimator_use_the_bucket(tail_cache):
     """--loss js on a topk+tail cache: the plain top-k + bucket loss (samples ignored)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import sparse_kd_loss
-    from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.objective import DistillObjective, batch_loss
 
     batch = collate_records(list(open_cache(tail_cache).sequences("train"))[:3])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
-    )  # fmt: skip
+    model = helpers.tiny_llama(384)
     objective = DistillObjective(model, kind="js", mu=0.5, temperature=1.0, alpha=0.0,
                                  chunk_size=7, chunked=False)  # fmt: skip
     mask = batch["distill_mask"]
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), 1.0,
-        tail_ids=batch["tail_ids"], tail_logprobs=batch["tail_logprobs"],
-    )  # fmt: skip
+    loss = batch_loss(objective, batch, float(mask.sum()), 1.0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     reference = sparse_kd_loss(
         logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask],

@@ -118,3 +118,14 @@ def student_config(path: Path, tokenizer, hidden: int = 32, layers: int = 1) -> 
 
 def read_texts(jsonl: Path) -> list[str]:
     return [json.loads(line)["text"] for line in jsonl.read_text(encoding="utf-8").splitlines()]
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """A one-layer Llama (hidden 16) for loss / objective tests, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
