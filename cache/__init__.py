@@ -7,9 +7,9 @@ The names below are imported lazily (PEP 562), so reading a cache, ``kdcache ver
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kdcache.cache._lazy import lazy_exports
 from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 
 _LAZY = {
@@ -49,18 +49,7 @@ if TYPE_CHECKING:
     from kdcache.cache.verify import verify_cache
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kdcache.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kdcache.cache.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
+__getattr__, __dir__ = lazy_exports("kdcache.cache", _LAZY, globals())
 
 __all__ = [
     "FORMAT_VERSION",

@@ -8,15 +8,25 @@ from pathlib import Path
 
 from kdcache.cache.data import DataSpec
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.teacher import DTYPE_NAMES
 
-__all__ = ["DEFAULT_TAIL_SAMPLES", "DEFAULT_TOP_K", "MODES", "BuildConfig"]
+__all__ = [
+    "DEFAULT_TAIL_SAMPLES",
+    "DEFAULT_TOP_K",
+    "DTYPE_NAMES",
+    "ESTIMATE_SAMPLE_SEQUENCES",
+    "MODES",
+    "BuildConfig",
+]
 
 MODES = ("exact", "compact")
+# teacher dtypes (cache.teacher maps them to torch dtypes; this module stays torch-free so that
+# `kdcache --help` can read the defaults below without importing torch)
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 DEFAULT_TOP_K = 24  # with DEFAULT_TAIL_SAMPLES: the study's best mode at fewer bytes than top-64
 DEFAULT_TAIL_SAMPLES = 16
+ESTIMATE_SAMPLE_SEQUENCES = 64  # sequences `kdcache build --estimate` runs the teacher on
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kdcache.cache.build import BuildConfig
+from kdcache.cache.build_config import ESTIMATE_SAMPLE_SEQUENCES
 from kdcache.cache.data import SPLITS, RecordStream
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.records import SequenceRecord
@@ -197,7 +198,10 @@ def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRec
 
 
 def estimate_build(
-    config: BuildConfig, *, sample_sequences: int = 64, count_rows: int = 20000
+    config: BuildConfig,
+    *,
+    sample_sequences: int = ESTIMATE_SAMPLE_SEQUENCES,
+    count_rows: int = 20000,
 ) -> EstimateReport:
     """Measure a sample of the build described by ``config`` and project the whole (writes nothing)."""
     from kdcache.cache.teacher import (

@@ -21,10 +21,10 @@ from typing import Any
 
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.fingerprint import differences
+from kdcache.cache.manifest import BUILD_STATE_NAME as STATE_NAME
 from kdcache.cache.manifest import manifest_path, read_manifest
 from kdcache.cache.shards import SHARDS_DIR, atomic_write_bytes
 
-STATE_NAME = "build_state.json"  # the fingerprints of an unfinished build, written before shards
 TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved with the cache
 
 

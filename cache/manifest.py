@@ -22,6 +22,8 @@ from kdcache.cache.errors import CacheError
 from kdcache.cache.format import FORMAT_VERSION, MODES, SUPPORTED_FORMAT_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
+BUILD_STATE_NAME = "build_state.json"  # fingerprints of an unfinished build, written before shards
+SHARDS_DIR = "shards"
 TEMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 22
 REQUIRED_KEYS = (
@@ -182,6 +184,25 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     return path
 
 
+def _no_manifest_message(directory: Path) -> str:
+    """Why ``directory`` has no manifest: an unfinished build, or no cache at all."""
+    traces = [directory / BUILD_STATE_NAME, directory / SHARDS_DIR, *directory.glob(".lock*")]
+    if any(trace.exists() for trace in traces):
+        return (
+            f"{directory} has no manifest.json: the build did not finish; "
+            "re-run the same `kdcache build` to resume"
+        )
+    if not any(directory.iterdir()):
+        return (
+            f"{directory} is an empty directory, not a cache: no `kdcache build` ran there; "
+            f"write one with `kdcache build --out {directory}` or pass a cache directory"
+        )
+    return (
+        f"{directory} is not a kdcache cache (no manifest.json and no trace of a build); "
+        "pass the directory that `kdcache build --out` wrote"
+    )
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``manifest.json``; CacheError when missing, unreadable or unknown."""
     directory = Path(cache_dir)
@@ -191,10 +212,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
         raise CacheError(f"{directory} is a file, not a cache directory")
     path = manifest_path(directory)
     if not path.is_file():
-        raise CacheError(
-            f"{directory} has no manifest.json: the build did not finish; "
-            "re-run the same `kdcache build` to resume"
-        )
+        raise CacheError(_no_manifest_message(directory))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

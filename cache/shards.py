@@ -29,6 +29,7 @@ import pyarrow as pa
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.format import BlockCodec
 from kdcache.cache.manifest import (
+    SHARDS_DIR,
     TEMP_PREFIX,
     ShardInfo,
     atomic_write_bytes,
@@ -37,7 +38,6 @@ from kdcache.cache.manifest import (
 )
 from kdcache.cache.records import SequenceRecord
 
-SHARDS_DIR = "shards"
 DEFAULT_MAX_SHARD_TOKENS = 1 << 20
 DEFAULT_BLOCK_POSITIONS = 8192
 DEFAULT_QUEUE_SIZE = 64

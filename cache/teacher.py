@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcache.cache.build_config import DTYPE_NAMES
 from kdcache.cache.data import SequenceInput
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.heads import OutputHead, body_of, resolve_head
@@ -39,7 +40,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-DTYPE_NAMES = ("auto", *_DTYPES)
 
 
 @dataclass

@@ -13,8 +13,21 @@ from pathlib import Path
 
 import typer
 
+from kdcache.cache.build_config import (
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    ESTIMATE_SAMPLE_SEQUENCES,
+    BuildConfig,
+)
 from kdcache.cache.errors import ConfigError
+from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
+from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
+from kdcache.demo import DEMO_BUILD_SETTINGS
+
+
+def _build(name: str):
+    return field_default(BuildConfig, name)
 
 
 def _demo_defaults(out: Path | None) -> tuple[str, str, Path]:
@@ -49,50 +62,94 @@ def _distributed() -> tuple[int, int]:
 
 @handle_errors
 def build(
-    teacher: str | None = typer.Option(None, help="Teacher: model directory or hub id."),
-    data: str | None = typer.Option(None, help="Dataset: hub id, jsonl/json/parquet/csv/txt, dir."),
-    out: Path | None = typer.Option(None, help="Cache directory to write."),
-    split: str = typer.Option("train", help="Dataset split to read."),
-    data_config: str | None = typer.Option(None, help="Dataset configuration name (hub)."),
-    text_field: str = typer.Option("text", help="Column holding the text."),
+    teacher: str | None = typer.Option(
+        None,
+        help="Teacher: model directory or hub id (default: with --data also left out, the "
+        "shipped demo teacher on the demo data).",
+    ),
+    data: str | None = typer.Option(
+        None,
+        help="Dataset: hub id, jsonl/json/parquet/csv/txt file or a directory of them (default: "
+        "with --teacher also left out, the demo data).",
+    ),
+    out: Path | None = typer.Option(
+        None, help=resolved("Cache directory to write", "required", demo=DEMO_CACHE_DIR)
+    ),
+    split: str = typer.Option(_build("split"), help="Dataset split to read."),
+    data_config: str | None = typer.Option(
+        None, help="Dataset configuration name of a hub dataset (default: none)."
+    ),
+    text_field: str = typer.Option(_build("text_field"), help="Column holding the text."),
     messages_field: str | None = typer.Option(
-        None, help="Column of chat messages (rendered with the chat template; assistant only)."
+        None,
+        help="Column of chat messages, rendered with the chat template; only assistant tokens "
+        "are distilled (default: none, use --text-field).",
     ),
     top_k: int | None = typer.Option(
         None,
-        help="Top-k entries stored per position [default: 24, with 16 tail samples; demo: 64]. "
-        "Alone it gives a plain top-k cache; 0 with --tail-samples: a sampled cache.",
+        help=resolved(
+            "Top-k entries stored per position. Alone it gives a plain top-k cache; 0 with "
+            "--tail-samples: a sampled cache",
+            f"{DEFAULT_TOP_K}, with {DEFAULT_TAIL_SAMPLES} tail samples",
+            demo=DEMO_BUILD_SETTINGS["top_k"],
+        ),
     ),
-    temperature: float = typer.Option(1.0, help="Softmax temperature of the stored distributions."),
-    max_length: int | None = typer.Option(None, help="Tokens per sequence (default 1024)."),
-    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack documents into blocks."),
-    limit: int | None = typer.Option(None, help="Use only the first N rows."),
+    temperature: float = typer.Option(
+        _build("temperature"), help="Softmax temperature of the stored distributions."
+    ),
+    max_length: int | None = typer.Option(
+        None,
+        help=resolved(
+            "Tokens per sequence", _build("max_length"), demo=DEMO_BUILD_SETTINGS["max_length"]
+        ),
+    ),
+    pack: bool = typer.Option(
+        _build("pack"), "--pack/--no-pack", help="Pack documents into blocks (EOS between)."
+    ),
+    limit: int | None = typer.Option(None, help="Use only the first N rows (default: all rows)."),
     holdout: float | None = typer.Option(
-        None, help="Fraction of rows in the 'holdout' split (default 0.01; demo 0.1)."
+        None,
+        help=resolved(
+            "Fraction of rows in the 'holdout' split",
+            _build("holdout"),
+            demo=DEMO_BUILD_SETTINGS["holdout"],
+        ),
     ),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch."),
-    mode: str = typer.Option("exact", help="Storage mode: exact or compact."),
+    dtype: str = typer.Option(
+        _build("dtype"), help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+    ),
+    device: str = typer.Option(_build("device"), help="auto, cpu, cuda, cuda:N."),
+    batch_tokens: int = typer.Option(
+        _build("batch_tokens"), help="Padded tokens per teacher batch."
+    ),
+    mode: str = typer.Option(_build("mode"), help="Storage encoding: exact or compact."),
     tail_samples: int | None = typer.Option(
         None,
-        help="topk+tail mode: also store N tail ids per position drawn from the teacher's tail "
-        "(unbiased FKL; docs/QUALITY.md); with --top-k 0, N draws from the whole distribution "
-        "(RS-KD). 0 = off [default: 16 when --top-k is not given, else 0].",
+        help=resolved(
+            "topk+tail mode: also store N tail ids per position drawn from the teacher's tail "
+            "(unbiased FKL; docs/QUALITY.md); with --top-k 0, N draws from the whole "
+            "distribution (RS-KD); 0 = off",
+            f"{DEFAULT_TAIL_SAMPLES} when --top-k is not given, else 0",
+        ),
     ),
-    overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
+    overwrite: bool = typer.Option(
+        _build("overwrite"), help="Replace a different cache already in --out."
+    ),
     estimate: bool = typer.Option(
         False, help="Only estimate size, run time and top-k mass; write nothing."
     ),
-    sample_sequences: int = typer.Option(64, help="Sequences the --estimate runs the teacher on."),
+    sample_sequences: int = typer.Option(
+        ESTIMATE_SAMPLE_SEQUENCES, help="Sequences the --estimate runs the teacher on."
+    ),
 ) -> None:
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build import build_cache
 
-    defaults: dict[str, int | float] = {"max_length": 1024, "holdout": 0.01}
+    defaults: dict[str, int | float] = {
+        "max_length": _build("max_length"),
+        "holdout": _build("holdout"),
+    }
     if teacher is None and data is None:
-        from kdcache.demo import DEMO_BUILD_SETTINGS
-
         defaults.update(DEMO_BUILD_SETTINGS)  # the same cache as `kdcache demo` builds
         teacher, data, out = _demo_defaults(out)
         typer.echo(f"Using the demo defaults: teacher {teacher}, data {data}, out {out}")

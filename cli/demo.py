@@ -6,19 +6,30 @@ from pathlib import Path
 
 import typer
 
+from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
+from kdcache.demo import DEFAULT_DEMO_DIR
+from kdcache.demo.run import QUICK, DemoSettings
 
 
 @handle_errors
 def demo(
     out: Path = typer.Option(
-        Path("kdcache-demo"), "--out", help="Directory for the demo's data, cache and runs."
+        DEFAULT_DEMO_DIR, "--out", help="Directory for the demo's data, cache and runs."
     ),
     steps: int | None = typer.Option(
-        None, "--steps", help="Optimizer steps of each student (default: the demo's 100)."
+        None,
+        "--steps",
+        help=resolved(
+            "Optimizer steps of each student",
+            field_default(DemoSettings, "steps"),
+            quick=QUICK.steps,
+        ),
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="Tiny sizes (a few steps on a few KB): checks the path in seconds."
+        False,
+        "--quick",
+        help="Tiny sizes (a few steps on a few KB): checks the path in seconds (default: off).",
     ),
     threads: int = typer.Option(
         2, "--threads", help="CPU threads for torch (the demo is sized for 2 cores)."

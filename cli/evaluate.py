@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
+from kdcache.cli._defaults import field_default
 from kdcache.cli._errors import handle_errors
+from kdcache.trainer.config import EvalConfig
+
+
+def _eval(name: str):
+    return field_default(EvalConfig, name)
 
 
 @handle_errors
@@ -15,22 +21,27 @@ def evaluate(
     student: list[str] = typer.Option(
         ..., help="Student checkpoint dir or hub id; repeat to compare several side by side."
     ),
-    split: str = typer.Option("holdout", help="Cache split to evaluate on."),
+    split: str = typer.Option(_eval("split"), help="Cache split to evaluate on."),
     json_path: Path | None = typer.Option(
         None, "--json", help="Write the results here (default: <student>/eval-<split>.json)."
     ),
-    batch_size: int = typer.Option(8, help="Sequences per batch."),
-    max_sequences: int | None = typer.Option(None, help="Evaluate the first N sequences only."),
-    chunk_size: int = typer.Option(1024, help="Positions per lm_head chunk."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+    batch_size: int = typer.Option(_eval("batch_size"), help="Sequences per batch."),
+    max_sequences: int | None = typer.Option(
+        None, help="Evaluate the first N sequences only (default: all of the split)."
+    ),
+    chunk_size: int = typer.Option(_eval("chunk_size"), help="Positions per lm_head chunk."),
+    device: str = typer.Option(_eval("device"), help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option(
+        _eval("dtype"), help="auto (bf16 autocast on CUDA), float32, bfloat16."
+    ),
     teacher: str | None = typer.Option(
-        None, help="Also report KL to this teacher's full distribution (its own forward)."
+        None,
+        help="Also report KL to this teacher's full distribution, its own forward (default: none).",
     ),
 ) -> None:
     """Evaluate students on the cache's held-out split and print them side by side."""
-    from kdcache.trainer import EvalConfig, format_table
     from kdcache.trainer import evaluate as run_evaluation
+    from kdcache.trainer import format_table
 
     config = EvalConfig(
         cache=str(cache),

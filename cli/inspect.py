@@ -11,22 +11,34 @@ import typer
 from kdcache.cli._errors import handle_errors
 
 
+def _inspect_default(name: str) -> Any:
+    """A default of ``inspect_cache``, which defines the sampling settings."""
+    import inspect as signatures
+
+    from kdcache.cache.inspect import inspect_cache
+
+    return signatures.signature(inspect_cache).parameters[name].default
+
+
 @handle_errors
 def inspect(
     cache: Annotated[Path, typer.Argument(help="Cache directory written by kdcache build.")],
     full: Annotated[
-        bool, typer.Option("--full", help="Read every position instead of a sample.")
+        bool, typer.Option("--full", help="Read every position instead of a sample (default: off).")
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print machine-readable JSON only.")
+        bool, typer.Option("--json", help="Print machine-readable JSON only (default: off).")
     ] = False,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Also draw the statistics to this .png file.")
+        Path | None,
+        typer.Option("--plot", help="Also draw the statistics to this .png file (default: none)."),
     ] = None,
     sample: Annotated[
         int, typer.Option("--sample", help="Positions to sample when not --full.")
-    ] = 100_000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    ] = _inspect_default("sample_positions"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = _inspect_default(
+        "seed"
+    ),
 ) -> None:
     """Show the manifest and the top-k mass, entropy and kept mass at smaller k of a cache."""
     from kdcache.cache.errors import ConfigError

@@ -11,7 +11,20 @@ from pathlib import Path
 import typer
 
 from kdcache.cache.errors import ConfigError
+from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
+from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
+from kdcache.demo import DEFAULT_RUN_DIR as DEMO_RUN_DIR
+from kdcache.demo.run import DemoSettings
+from kdcache.trainer.config import TrainConfig
+
+
+def _train(name: str):
+    return field_default(TrainConfig, name)
+
+
+def _demo(name: str):
+    return field_default(DemoSettings, name)
 
 
 def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
@@ -22,67 +35,119 @@ def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
 
 def resolve_defaults(demo: bool, given: dict) -> dict:
     """Flags the user left out: TrainConfig's defaults, or the demo's training settings."""
-    from kdcache.trainer import TrainConfig
-
-    fields = TrainConfig.__dataclass_fields__
     names = (
         "steps", "batch_size", "lr", "warmup_steps", "eval_every", "eval_sequences", "ce_weight"
     )  # fmt: skip
-    defaults = {name: fields[name].default for name in names}
-    if demo:
-        from kdcache.demo.run import DemoSettings
-
-        demo_settings = DemoSettings()
-        defaults.update({name: getattr(demo_settings, name) for name in names})
+    source = DemoSettings if demo else TrainConfig
+    defaults = {name: field_default(source, name) for name in names}
     return {name: defaults[name] if given.get(name) is None else given[name] for name in names}
 
 
 @handle_errors
 def train(
-    cache: Path | None = typer.Option(None, help="Cache directory written by `kdcache build`."),
-    student: str | None = typer.Option(
-        None, help="Student: save_pretrained dir, hub id, or config .json / dir (random init)."
+    cache: Path | None = typer.Option(
+        None,
+        help="Cache directory written by `kdcache build` (default: with --student also left out, "
+        f"the demo cache {DEMO_CACHE_DIR}).",
     ),
-    out: Path | None = typer.Option(None, help="Run directory (checkpoints, metrics.jsonl)."),
-    loss: str = typer.Option("akl", help="fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce."),
-    mu: float = typer.Option(0.5, help="AKL head mass, in (0, 1)."),
+    student: str | None = typer.Option(
+        None,
+        help="Student: save_pretrained dir, hub id, or config .json / dir (random init) "
+        "(default: with --cache also left out, the demo student config).",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help=resolved(
+            "Run directory (checkpoints, metrics.jsonl)", "required", demo=f"{DEMO_RUN_DIR}/LOSS"
+        ),
+    ),
+    loss: str = typer.Option(
+        _train("loss"), help="fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce."
+    ),
+    mu: float = typer.Option(_train("mu"), help="AKL head mass, in (0, 1)."),
     ce_weight: float | None = typer.Option(
-        None, help="Share of next-token CE in the loss, in [0, 1] [default: 0; demo: its own]."
+        None,
+        help=resolved(
+            "Share of next-token CE in the loss, in [0, 1]; --loss ce is CE only",
+            _train("ce_weight"),
+            demo=_demo("ce_weight"),
+        ),
     ),
     temperature: float | None = typer.Option(
         None, help="Must equal the cache's temperature (default: the cache's)."
     ),
-    steps: int | None = typer.Option(None, help="Optimizer steps (exclusive with --epochs)."),
-    epochs: int | None = typer.Option(None, help="Passes over the train split (default 1)."),
+    steps: int | None = typer.Option(
+        None,
+        help=resolved(
+            "Optimizer steps (exclusive with --epochs)", "one epoch", demo=_demo("steps")
+        ),
+    ),
+    epochs: int | None = typer.Option(
+        None, help="Passes over the train split (default: 1 when --steps is not given)."
+    ),
     batch_size: int | None = typer.Option(
-        None, help="Sequences per micro-batch per rank [default: 8; demo: its own]."
+        None,
+        help=resolved(
+            "Sequences per micro-batch per rank", _train("batch_size"), demo=_demo("batch_size")
+        ),
     ),
-    max_tokens: int | None = typer.Option(None, help="Optional padded-token budget per batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    max_tokens: int | None = typer.Option(
+        None, help="Padded-token budget per micro-batch (default: none, --batch-size only)."
+    ),
+    grad_accum: int = typer.Option(_train("grad_accum"), help="Micro-batches per optimizer step."),
     lr: float | None = typer.Option(
-        None, help="Peak AdamW learning rate [default: 1e-4; ~1e-3 for small random-init students]."
+        None,
+        help=resolved(
+            "Peak AdamW learning rate (~1e-3 for small random-init students)",
+            _train("lr"),
+            demo=_demo("lr"),
+        ),
     ),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    weight_decay: float = typer.Option(_train("weight_decay"), help="AdamW weight decay."),
     warmup_steps: int | None = typer.Option(
-        None, help="Linear warmup steps before the cosine decay [default: 0]."
+        None,
+        help=resolved(
+            "Linear warmup steps before the cosine decay",
+            _train("warmup_steps"),
+            demo=_demo("warmup_steps"),
+        ),
     ),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
-    seed: int = typer.Option(0, help="Seed of the student init, data order and RNGs."),
-    workers: int = typer.Option(0, help="DataLoader workers decoding shards."),
-    chunk_size: int = typer.Option(1024, help="Positions per lm_head + loss chunk."),
-    save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = final only)."),
+    max_grad_norm: float = typer.Option(
+        _train("max_grad_norm"), help="Gradient clipping norm (0 = off)."
+    ),
+    seed: int = typer.Option(_train("seed"), help="Seed of the student init, data order and RNGs."),
+    workers: int = typer.Option(_train("num_workers"), help="DataLoader workers decoding shards."),
+    chunk_size: int = typer.Option(
+        _train("chunk_size"), help="Positions per lm_head + loss chunk."
+    ),
+    save_every: int = typer.Option(
+        _train("save_every"), help="Checkpoint every N steps (0 = final only)."
+    ),
     eval_every: int | None = typer.Option(
-        None, help="Held-out KL/CE every N steps (0 = off) [default: 0]."
+        None,
+        help=resolved(
+            "Held-out KL/CE every N steps (0 = off)",
+            _train("eval_every"),
+            demo=_demo("eval_every"),
+        ),
     ),
-    log_every: int = typer.Option(10, help="Metrics line every N steps."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace a different run in --out."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+    log_every: int = typer.Option(_train("log_every"), help="Metrics line every N steps."),
+    resume: bool = typer.Option(
+        _train("resume"), help="Continue the run in --out from its last checkpoint."
+    ),
+    overwrite: bool = typer.Option(_train("overwrite"), help="Replace a different run in --out."),
+    device: str = typer.Option(_train("device"), help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option(
+        _train("dtype"), help="auto (bf16 autocast on CUDA), float32, bfloat16."
+    ),
     teacher: str | None = typer.Option(
-        None, help="Online: run this teacher in the loop (full-vocabulary KD, no top-k)."
+        None,
+        help="Online: run this teacher in the loop (full-vocabulary KD, no top-k) "
+        "(default: none, the cache is the teacher).",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(
+        _train("progress"), "--progress/--no-progress", help="Show a progress bar."
+    ),
 ) -> None:
     """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""
     from kdcache.trainer import TrainConfig

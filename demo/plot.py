@@ -22,12 +22,36 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot_runs(runs: dict[str, Path], path: Path, *, title: str = "kdcache demo") -> Path:
+def plot_runs(
+    runs: dict[str, Path],
+    path: Path,
+    *,
+    title: str = "kdcache demo",
+    final: dict[str, dict] | None = None,
+) -> Path:
     """Draw held-out FKL / RKL to the teacher and held-out CE against the step for every run.
 
-    ``runs`` maps a label ("AKL student") to its run directory. Panels without data (no
-    eval-during-training metrics) fall back to the training loss. Returns ``path``.
+    ``runs`` maps a label ("AKL student") to its run directory. The curves are the runs'
+    eval-during-training points, over the first held-out positions (``eval_sequences``); each
+    panel says how many. ``final`` (label -> metrics of the final evaluation, with
+    ``positions``) adds that evaluation as a star at the last step, labelled with its own
+    position count, so the plot and the final table can be read together. Panels without data
+    (no eval-during-training metrics) fall back to the training loss. Returns ``path``.
     """
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(runs, title=title, final=final)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_runs(
+    runs: dict[str, Path], *, title: str = "kdcache demo", final: dict[str, dict] | None = None
+):
+    """The matplotlib figure of ``plot_runs`` (same arguments), not saved."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,12 +70,21 @@ def plot_runs(runs: dict[str, Path], path: Path, *, title: str = "kdcache demo")
     )
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.6 * (len(panels) + 1), 3.8))
     axes = list(axes) if len(panels) else [axes]
+    curve_positions = {e.get("positions") for _, evals in data.values() for e in evals}
+    curve_note = _positions_note(curve_positions)
     for ax, (key, ylabel) in zip(axes, panels, strict=False):
-        for label, (_, evals) in data.items():
+        for label, (train, evals) in data.items():
             points = [(e["step"], e[key]) for e in evals if key in e]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+                (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{label}{curve_note}")
+                done = final.get(label) if final else None
+                if done is not None and key in done:
+                    last = max([xs[-1], *(e["step"] for e in train)])
+                    ax.plot(
+                        [last], [done[key]], marker="*", markersize=11, color=line.get_color(),
+                        linestyle="none", label=f"{label}, final eval{_positions_note({done.get('positions')})}",
+                    )  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -68,8 +101,10 @@ def plot_runs(runs: dict[str, Path], path: Path, *, title: str = "kdcache demo")
     ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _positions_note(counts: set) -> str:
+    """' (N held-out positions)' when every entry counted the same N, else ''."""
+    counts = {count for count in counts if count is not None}
+    return f" ({counts.pop():,} held-out positions)" if len(counts) == 1 else ""

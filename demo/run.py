@@ -196,6 +196,7 @@ def run_demo(
         {labels[name]: runs / name for name in STUDENTS},
         runs / "loss_curves.png",
         title=f"kdcache demo: same student, same data, {s.steps} steps",
+        final={labels[name]: metrics for name, metrics in results.items()},
     )
     seconds = time.perf_counter() - started
     summary_json = {
@@ -211,7 +212,10 @@ def run_demo(
         f"({results['akl']['positions']} held-out positions; both students "
         f"{s.steps} steps x {s.batch_size} sequences x {s.max_length} tokens, same init and order)"
     )
-    echo(f"loss curves: {plot}")
+    echo(
+        f"loss curves: {plot} (curves: every {s.eval_every} steps on the first "
+        f"{s.eval_sequences} held-out sequences; stars: this table's final evaluation)"
+    )
     echo(f"results: {eval_json}; students: {finals['akl']}, {finals['ce']}")
     echo(f"done in {seconds:.0f}s")
     return {

@@ -160,6 +160,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(
         build_cache(_config(tiny_gpt2_dir, docs_jsonl, out))
     monkeypatch.setattr(ShardWriter, "write", original_write)
     assert not (out / "manifest.json").exists() and (out / STATE_NAME).exists()
+    with pytest.raises(CacheError, match="the build did not finish; re-run the same"):
+        open_cache(out)  # an interrupted build is told apart from a directory that is no cache
     partial = list_complete_shards(out)
     assert 0 < len(partial) < len(list_complete_shards(fresh))
     summary = build_cache(_config(tiny_gpt2_dir, docs_jsonl, out))

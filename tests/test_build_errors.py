@@ -106,14 +106,23 @@ def test_bad_out_is_refused(built, tiny_llama_dir, tmp_path):
     _assert_refused(result, "pass both --teacher and --data")
 
 
-def test_unwritable_out_is_refused(built, tiny_llama_dir, tmp_path):
+def test_unwritable_out_is_refused(built, tiny_llama_dir, tmp_path, monkeypatch):
     data, _ = built
     locked = tmp_path / "readonly"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(locked, os.W_OK):
-            pytest.skip("running as root: chmod does not remove write permission")
+            # root (as in CI) may write anywhere: the permission check then sees what an
+            # ordinary user would, a directory that access(2) reports as not writable
+            real_access = os.access
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda path, mode, **kw: (
+                    False if Path(path) == locked and mode & os.W_OK else real_access(path, mode)
+                ),
+            )
         _assert_refused(_build(tiny_llama_dir, data, locked / "cache"), "no write permission")
         assert not (locked / "cache").exists()
     finally:

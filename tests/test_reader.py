@@ -76,9 +76,13 @@ def test_missing_paths_and_manifest_are_refused(tmp_path):
     with pytest.raises(CacheError, match="is a file, not a cache directory"):
         open_cache(tmp_path / "file")
     with pytest.raises(
-        CacheError, match=r"has no manifest\.json: the build did not finish; re-run"
+        CacheError, match=r"is not a kdcache cache \(no manifest\.json and no trace"
     ):
-        open_cache(tmp_path)
+        open_cache(tmp_path)  # a directory with other files: no build ever ran there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CacheError, match="is an empty directory, not a cache: no `kdcache build`"):
+        open_cache(empty)
 
 
 def test_bad_manifests_are_refused(tmp_path):

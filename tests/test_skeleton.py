@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -23,14 +27,43 @@ def test_every_subpackage_folder_is_listed_in_pyproject():
         importlib.import_module(name)
 
 
-def test_version_and_no_generic_top_level_names():
+GENERIC_NAMES = ("cache", "trainer", "cli", "demo")
+
+# Run from a folder outside the checkout, so that the repository root (where folders named
+# cache/, cli/ ... exist) is not on sys.path: what is importable there is what the installed
+# distribution gives a user, whatever the checkout's folder is called.
+_FIND_GENERIC = """
+import importlib.util, json, sys
+found = {}
+for name in sys.argv[1:]:
+    spec = importlib.util.find_spec(name)
+    found[name] = None if spec is None else (spec.origin or "namespace")
+print(json.dumps(found))
+"""
+
+
+def test_version_and_no_generic_top_level_names(tmp_path):
     assert importlib.metadata.version("kdcache")
-    for generic in ("cache", "trainer", "cli"):
-        try:
-            module = importlib.import_module(generic)
-        except ImportError:
-            continue
-        assert "kdcache" not in str(getattr(module, "__file__", "")), generic
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FIND_GENERIC, *GENERIC_NAMES],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    for name, origin in json.loads(result.stdout).items():
+        if origin is None:
+            continue  # the usual case: nothing of that name on a user's path
+        # something else on this machine may own the name; it must not be our sub-package
+        ours = ROOT / name / "__init__.py"
+        assert origin == "namespace" or not (
+            Path(origin).name == "__init__.py" and Path(origin).read_bytes() == ours.read_bytes()
+        ), f"the kdcache distribution installs a top-level '{name}' package ({origin})"
+    top_level = importlib.metadata.distribution("kdcache").read_text("top_level.txt")
+    if top_level is not None:  # setuptools' record of the names the distribution installs
+        assert set(top_level.split()) <= {"kdcache"}, top_level
 
 
 def test_cli_help_lists_commands():
@@ -44,15 +77,14 @@ def test_cli_help_lists_commands():
 
 def test_reading_side_does_not_import_torch():
     """`kdcache --help`, `kdcache verify` and cache readers stay fast: torch loads on first use."""
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "import kdcache.cli.app\n"
         "from kdcache.cache import open_cache, verify_cache, CacheError\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "from kdcache.cache import BuildConfig\n"
+        "from kdcache.cache.build_config import BuildConfig\n"
+        "assert 'torch' not in sys.modules, 'BuildConfig imported torch'\n"
+        "import kdcache.cache.teacher\n"
         "assert 'torch' in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

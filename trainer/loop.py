@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from kdcache.trainer.student import (
     load_student_model,
     load_student_tokenizer,
     load_teacher,
+    vocab_coverage_notice,
 )
 
 
@@ -165,6 +167,12 @@ class _Run:
         self.tokenizer = load_student_tokenizer(spec, config.cache)
         check_tokenizer(self.tokenizer, config.cache, cache.manifest)
         check_vocab_size(self.model, self.tokenizer)
+        notice = vocab_coverage_notice(
+            int(self.model.get_output_embeddings().weight.shape[0]),
+            int(cache.manifest["vocab_size"]),
+        )
+        if notice is not None and info.is_main:
+            print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
         self.autocast = autocast_dtype(config.dtype, self.device)
         teacher = None

@@ -191,6 +191,27 @@ def check_vocab_size(model: torch.nn.Module, tokenizer: Any) -> None:
         )
 
 
+def vocab_coverage_notice(student_rows: int, cache_rows: int) -> str | None:
+    """One start-up line when the student's and the cache's vocabulary rows differ, else None.
+
+    ``student_rows``: the student's lm_head rows; ``cache_rows``: the cache's ``vocab_size`` (the
+    teacher's). Same tokenizer, padded differently: rows only one side has are handled, not refused.
+    """
+    if student_rows > cache_rows:
+        return (
+            f"the student has {student_rows} vocabulary rows, the cache {cache_rows}: the "
+            f"{student_rows - cache_rows} rows the teacher never covers (ids {cache_rows}.."
+            f"{student_rows - 1}) get teacher probability 0 (no id of the tokenizer maps there)"
+        )
+    if student_rows < cache_rows:
+        return (
+            f"the cache has {cache_rows} vocabulary rows, the student {student_rows}: teacher "
+            f"entries with ids {student_rows}..{cache_rows - 1} (padding rows the tokenizer never "
+            "emits) are folded into the tail bucket"
+        )
+    return None
+
+
 def load_teacher(spec: str, cache_dir: str | Path, manifest: dict[str, Any], dtype: torch.dtype):
     """The online teacher, frozen, checked against the cache's tokenizer (same ids)."""
     from transformers import AutoModelForCausalLM
