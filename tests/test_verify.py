@@ -67,10 +67,13 @@ def test_verify_cli_exit_codes(cache_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("not_a_cache")
     result = runner.invoke(app, ["verify", str(empty)])
     assert result.exit_code == 2
-    assert "error:" in result.output and "has no manifest.json" in result.output
+    assert "error:" in result.output and "is an empty directory, not a cache" in result.output
     assert "Traceback" not in result.output
 
 
 def test_verify_refuses_a_non_cache(tmp_path):
-    with pytest.raises(CacheError, match=r"has no manifest\.json"):
+    with pytest.raises(CacheError, match="is an empty directory, not a cache"):
+        verify_cache(tmp_path)
+    (tmp_path / "build_state.json").write_text("{}")  # what an interrupted build leaves
+    with pytest.raises(CacheError, match=r"has no manifest\.json: the build did not finish"):
         verify_cache(tmp_path)
