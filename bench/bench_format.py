@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from kdcache.cache.format import SCHEMA, BlockCodec, _planes, _to_id_order
+from kdcache.cache.codecs.base import planes
+from kdcache.cache.codecs.topk import _to_id_order
+from kdcache.cache.format import BlockCodec
 from kdcache.cache.records import SequenceRecord
 
 KS = (8, 32, 64, 128)
@@ -235,7 +237,7 @@ def kdcache_codec(records, codec: BlockCodec) -> tuple[int, float, float, list]:
     t0 = time.perf_counter()
     batches = [codec.encode(block) for block in blocks_of(records)]
     encode_s = time.perf_counter() - t0
-    with pa.ipc.new_file(sink, SCHEMA.with_metadata(codec.schema_metadata())) as writer:
+    with pa.ipc.new_file(sink, codec.schema.with_metadata(codec.schema_metadata())) as writer:
         for batch in batches:
             writer.write_batch(batch)
     data = sink.getvalue()
@@ -268,10 +270,10 @@ def explicit_permutation_bytes(records, codec: BlockCodec) -> int:
         total += sum(
             len(pack(blob))
             for blob in (
-                _planes(deltas.astype("<u4"), codec.id_planes),
+                planes(deltas.astype("<u4"), codec.id_planes),
                 rank.tobytes(),
-                _planes(lp_deltas.reshape(-1), 2),
-                _planes(tail.view("<u4"), 4),
+                planes(lp_deltas.reshape(-1), 2),
+                planes(tail.view("<u4"), 4),
                 inputs.tobytes(),
             )
         )

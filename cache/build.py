@@ -35,6 +35,7 @@ from kdcache.cache.fingerprint import (
     teacher_fingerprint,
     tokenizer_details,
 )
+from kdcache.cache.format import BlockCodec
 from kdcache.cache.lock import TOKENIZER_DIR, BuildLock, prepare_directory
 from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
 
@@ -81,16 +82,27 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
 
 
-def fingerprints_for(config: BuildConfig, model, tokenizer, rows, dtype) -> dict[str, Any]:
-    """The four fingerprints of a build (teacher, tokenizer, data, settings)."""
+def storage_settings(config: BuildConfig, vocab_size: int) -> dict[str, Any]:
+    """The manifest's storage settings (mode, top_k, vocab_size, tail_samples ...): those of the
+    column groups the codec registry gives for ``config`` (a group's key only when it is on)."""
+    codec = BlockCodec(config.mode, config.top_k, vocab_size, tail_samples=config.tail_samples)
+    return codec.settings()
+
+
+def fingerprints_for(
+    config: BuildConfig, model, tokenizer, rows, dtype, vocab_size: int
+) -> dict[str, Any]:
+    """The four fingerprints of a build (teacher, tokenizer, data, settings).
+
+    The settings hash leaves out vocab_size (the teacher fingerprint holds it) so that caches
+    built before the codec registry, whose hash did not have it, still resume.
+    """
+    storage = storage_settings(config, vocab_size)
     settings = {
-        "top_k": config.top_k,
+        **{key: value for key, value in storage.items() if key != "vocab_size"},
         "temperature": float(config.temperature),
-        "mode": config.mode,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if config.tail_samples:  # only when on: caches built before the topk+tail mode still resume
-        settings["tail_samples"] = config.tail_samples
     return {
         "teacher": teacher_fingerprint(config.teacher, model),
         "tokenizer": tokenizer_details(tokenizer),
@@ -158,7 +170,7 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
             f"dataset '{config.data}' gives no training sequences ({len(stream.rows)} rows, "
             f"holdout {config.holdout}); use more data or a smaller --holdout"
         )
-    fingerprints = fingerprints_for(config, model, tokenizer, stream.rows, dtype)
+    fingerprints = fingerprints_for(config, model, tokenizer, stream.rows, dtype, vocab_size)
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -291,11 +303,8 @@ def _write_manifest(
     manifest = {
         **summary,
         "teacher": config.teacher,
-        "vocab_size": vocab_size,
-        "top_k": config.top_k,
+        **storage_settings(config, vocab_size),  # mode, top_k, vocab_size, tail_samples ...
         "temperature": float(config.temperature),
-        "mode": config.mode,
-        **({"tail_samples": config.tail_samples} if config.tail_samples else {}),
         "tokenizer_fingerprint": fingerprints["tokenizer"]["hash"],
         "data": f"{config.data} (split {config.split}, field {field_name})",
         "fingerprints": fingerprints,

@@ -6,8 +6,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcache.cache.codecs import MODES
+from kdcache.cache.codecs.tail_samples import MAX_TAIL_SAMPLES
+from kdcache.cache.codecs.topk_compact import compact_tail_samples_problem
 from kdcache.cache.data import DataSpec
-from kdcache.cache.errors import ConfigError
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.modes import storage_mode
 
 __all__ = [
     "DEFAULT_TAIL_SAMPLES",
@@ -18,7 +22,6 @@ __all__ = [
     "BuildConfig",
 ]
 
-MODES = ("exact", "compact")
 # teacher dtypes (cache.teacher maps them to torch dtypes; this module stays torch-free so that
 # `kdcache --help` can read the defaults below without importing torch)
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -71,7 +74,7 @@ class BuildConfig:
             problems.append("--data is empty: pass a dataset id, file or directory")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"--top-k must be >= 1 (got {self.top_k})")
-        elif self.top_k == 0 and not self.tail_samples:
+        elif isinstance(self.tail_samples, int) and not self._stores_a_teacher():
             problems.append(
                 "--top-k must be >= 1 (got 0): --top-k 0 stores no teacher entries, only for a "
                 "sampled cache with --tail-samples N (N draws from the whole distribution)"
@@ -92,14 +95,28 @@ class BuildConfig:
             problems.append("--batch-tokens and shard tokens must be >= 1")
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
-        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= 255:
-            problems.append(f"--tail-samples must be in [0, 255] (got {self.tail_samples})")
+        if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
+            problems.append(
+                f"--tail-samples must be in [0, {MAX_TAIL_SAMPLES}] (got {self.tail_samples})"
+            )
+        elif isinstance(self.top_k, int) and (
+            compact := compact_tail_samples_problem(self.mode, self.top_k, self.tail_samples)
+        ):
+            problems.append(compact)
         if not self.text_field and not self.messages_field:
             problems.append("--text-field is empty: name the column holding the text")
         if self.out.exists() and not self.out.is_dir():
             problems.append(f"--out {self.out} is a file: pass a directory path")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _stores_a_teacher(self) -> bool:
+        """Whether top_k and tail_samples name a storage mode (``cache.modes``)."""
+        try:
+            storage_mode({"top_k": self.top_k, "tail_samples": self.tail_samples})
+        except CacheError:
+            return False
+        return True
 
     def data_spec(self) -> DataSpec:
         return DataSpec(

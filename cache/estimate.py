@@ -27,6 +27,8 @@ from kdcache.cache.build import BuildConfig
 from kdcache.cache.build_config import ESTIMATE_SAMPLE_SEQUENCES
 from kdcache.cache.data import SPLITS, RecordStream
 from kdcache.cache.errors import ConfigError
+from kdcache.cache.inspect import kprime_values as k_primes
+from kdcache.cache.modes import describe_storage
 from kdcache.cache.records import SequenceRecord
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -93,13 +95,7 @@ class EstimateReport:
             f"{split} {self.split_sequences[split]} sequences / {self.split_tokens[split]} tokens"
             for split in self.split_tokens
         )
-        layout = f"top-{self.top_k}"
-        if self.tail_samples:
-            layout = (
-                f"sampled, {self.tail_samples} draws"
-                if self.top_k == 0
-                else f"{layout} + {self.tail_samples} tail samples"
-            )
+        layout = describe_storage({"top_k": self.top_k, "tail_samples": self.tail_samples})
         lines = [
             f"estimate for teacher {self.teacher} on {self.data} ({layout}, "
             f"{self.mode} mode); nothing was written",
@@ -137,19 +133,11 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def k_primes(top_k: int) -> list[int]:
-    """1, 2, 4, ... up to ``top_k`` (``top_k`` itself always included)."""
-    values = [1 << i for i in range(top_k.bit_length()) if (1 << i) < top_k]
-    return [*values, top_k]
-
-
 def kept_mass(records: list[SequenceRecord], top_k: int) -> dict[int, dict[str, float]]:
     """Percentiles and mean of the teacher mass kept by the top k' entries, for each k'.
 
     Empty for a sampled build (top-k 0), which keeps no top-k entries.
     """
-    if top_k == 0:
-        return {}
     logprobs = np.concatenate([r.topk_logprobs for r in records])  # (N, k), descending
     cumulative = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)  # (N, k)
     report = {}

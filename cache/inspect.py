@@ -149,7 +149,7 @@ def inspect_cache(
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(shards)) if not full else np.arange(len(shards))
-    if top_k == 0:  # a sampled cache (tail samples only): no top-k mass to summarize
+    if not k_primes:  # no top-k entries stored (a sampled cache): no top-k mass to summarize
         order = order[:0]
     columns: list[np.ndarray] = []  # (M, len(k_primes) + 3) per record, float32
     labels: list[np.ndarray] = []  # (M,) split index per record
@@ -198,12 +198,12 @@ def inspect_cache(
 
 
 def kprime_values(top_k: int) -> list[int]:
-    """k' = 1, 2, 4, ... below ``top_k``, then ``top_k`` itself."""
+    """k' = 1, 2, 4, ... below ``top_k``, then ``top_k`` itself (none when no entries are stored)."""
     values, k = [], 1
     while k < top_k:
         values.append(k)
         k *= 2
-    return [*values, top_k]
+    return [*values, top_k] if top_k else []
 
 
 def position_rows(record: SequenceRecord, k_primes: list[int], vocab_size: int) -> np.ndarray:

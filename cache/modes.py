@@ -18,9 +18,15 @@ from typing import Any
 
 from kdcache.cache.errors import CacheError
 
-__all__ = ["STORAGE_MODES", "storage_mode"]
+__all__ = ["STORAGE_MODES", "describe_storage", "storage_mode"]
 
 STORAGE_MODES: tuple[str, ...] = ("topk_bucket", "topk_samples", "samples")
+# how a person reads each mode's settings (``describe_storage``)
+_LAYOUTS = {
+    "topk_bucket": "top-{top_k}",
+    "topk_samples": "top-{top_k} + {tail_samples} tail samples",
+    "samples": "sampled, {tail_samples} draws",
+}
 
 
 def storage_mode(manifest: Mapping[str, Any]) -> str:
@@ -34,4 +40,11 @@ def storage_mode(manifest: Mapping[str, Any]) -> str:
     raise CacheError(
         "the manifest stores neither top-k entries nor samples (top_k = 0, tail_samples = 0); "
         "rebuild the cache with `kdcache build --top-k K` or `--top-k 0 --tail-samples N`"
+    )
+
+
+def describe_storage(manifest: Mapping[str, Any]) -> str:
+    """The storage mode in words, e.g. ``top-24 + 16 tail samples`` or ``sampled, 32 draws``."""
+    return _LAYOUTS[storage_mode(manifest)].format(
+        top_k=int(manifest.get("top_k") or 0), tail_samples=int(manifest.get("tail_samples") or 0)
     )

@@ -30,6 +30,7 @@ class Cache:
         self.path = Path(path)
         self.manifest = manifest
         self._shards = [ShardInfo.from_dict(entry) for entry in manifest["shards"]]
+        self._expected = BlockCodec.from_manifest(manifest).settings()  # every shard's settings
 
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, splits={self.splits})"
@@ -74,12 +75,7 @@ class Cache:
             raise
         except Exception as error:  # pyarrow raises several types for damaged files
             raise _corrupt(path, error) from None
-        if (codec.top_k, codec.vocab_size) != (self.top_k, self.vocab_size):
-            raise CacheError(
-                f"shard {info.name} holds top_k {codec.top_k} over vocab_size {codec.vocab_size}, "
-                f"the manifest says {self.top_k} over {self.vocab_size}: the shard belongs to "
-                "another build; rebuild the cache"
-            )
+        _check_settings(codec, self._expected, info.name)
         for batch_index in range(reader.num_record_batches):
             try:
                 batch = reader.get_batch(batch_index)
@@ -140,6 +136,22 @@ def _read_checked(path: Path, info: ShardInfo, verify: bool) -> mmap.mmap:
         if hashlib.sha256(data).hexdigest() != expected:
             raise _BadShard(info, "fails its sha256 checksum (corrupt)")
     return data
+
+
+def _check_settings(codec: BlockCodec, expected: dict[str, Any], shard: str) -> None:
+    """CacheError when a shard's column groups were written with other settings than the
+    manifest's (top_k, vocab_size, mode, tail_samples ...: whatever each group stands for)."""
+    found = codec.settings()
+    differ = sorted(
+        key for key in found.keys() | expected.keys() if found.get(key) != expected.get(key)
+    )
+    if differ:
+        held = ", ".join(f"{key} {found.get(key, 'none')}" for key in differ)
+        said = ", ".join(f"{key} {expected.get(key, 'none')}" for key in differ)
+        raise CacheError(
+            f"shard {shard} holds {held}, the manifest says {said}: the shard belongs to "
+            "another build; rebuild the cache"
+        )
 
 
 def _corrupt(path: Path, error: Exception) -> CacheError:

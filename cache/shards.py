@@ -23,7 +23,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from kdcache.cache.errors import CacheError, ConfigError
@@ -161,7 +160,7 @@ class ShardWriter:
             raise CacheError("ShardWriter.write after close(): open a new writer")
         if self._error is not None:
             self.close()  # re-raises the thread's error
-        self._check(record)
+        self.codec.check(record)  # every column group checks its own arrays
         while True:
             try:
                 self._queue.put(record, timeout=0.5)
@@ -206,70 +205,7 @@ class ShardWriter:
         else:
             self.close()
 
-    def _check(self, record: SequenceRecord) -> None:
-        m, k = record.topk_ids.shape if record.topk_ids.ndim == 2 else (-1, -1)
-        if (
-            k != self.codec.top_k
-            or record.topk_logprobs.shape != (m, k)
-            or record.tail_mass.shape != (m,)
-            or record.positions.shape != (m,)
-            or record.input_ids.ndim != 1
-        ):
-            raise ConfigError(
-                f"record {record.sequence_id}: expected topk arrays (M, {self.codec.top_k}), "
-                f"tail_mass and positions (M,), input_ids (T,); got "
-                f"{record.topk_ids.shape}, {record.topk_logprobs.shape}, "
-                f"{record.tail_mass.shape}, {record.positions.shape}, {record.input_ids.shape}"
-            )
-        if record.topk_ids.size and (
-            record.topk_ids.min() < 0 or record.topk_ids.max() >= self.codec.vocab_size
-        ):
-            raise ConfigError(
-                f"record {record.sequence_id}: top-k ids must lie in [0, {self.codec.vocab_size})"
-            )
-        self._check_tail(record, m)
-        if np.isnan(record.topk_logprobs).any() or np.isnan(record.tail_mass).any():
-            raise ConfigError(
-                f"record {record.sequence_id}: log-probs and tail mass must not be NaN"
-            )
-        if k > 1 and m and np.any(record.topk_logprobs[:, 1:] > record.topk_logprobs[:, :-1]):
-            raise ConfigError(
-                f"record {record.sequence_id}: top-k rows must be sorted by log-prob, descending "
-                "(absent entries last as id 0, log-prob -inf)"
-            )
-        if m and (
-            record.positions[0] < 0
-            or record.positions[-1] >= record.num_tokens
-            or (m > 1 and np.any(np.diff(record.positions) <= 0))
-        ):
-            raise ConfigError(
-                f"record {record.sequence_id}: positions must increase strictly within [0, T)"
-            )
-
     # ------------------------------------------------------------------ thread side
-    def _check_tail(self, record: SequenceRecord, m: int) -> None:
-        """topk+tail mode: (M, s) tail samples with ids in the vocabulary; none otherwise."""
-        s = self.codec.tail_samples
-        ids, logprobs = record.tail_ids, record.tail_logprobs
-        if not s:
-            if ids is not None or logprobs is not None:
-                raise ConfigError(
-                    f"record {record.sequence_id} has tail samples but the writer stores none; "
-                    "open the ShardWriter with tail_samples=s"
-                )
-            return
-        if ids is None or logprobs is None or ids.shape != (m, s) or logprobs.shape != (m, s):
-            raise ConfigError(
-                f"record {record.sequence_id}: expected tail_ids and tail_logprobs (M, {s}), got "
-                f"{None if ids is None else ids.shape}, "
-                f"{None if logprobs is None else logprobs.shape}"
-            )
-        if m and (ids.min() < 0 or ids.max() >= self.codec.vocab_size or np.isnan(logprobs).any()):
-            raise ConfigError(
-                f"record {record.sequence_id}: tail ids must lie in [0, {self.codec.vocab_size}) "
-                "and their log-probs must not be NaN"
-            )
-
     def _run(self) -> None:
         shard: _OpenShard | None = None
         block: list[SequenceRecord] = []

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import kdcache.cache.format as fmt
 from kdcache.cache import CacheError, ConfigError, ShardWriter, canonical_order
+from kdcache.cache.codecs import ENCODINGS
 from kdcache.cache.format import (
     COMPACT_GROWTH,
     COMPACT_KEEP_MASS,
@@ -145,8 +145,9 @@ def test_compact_levels_quantize_to_the_nearest_level_with_bounded_error():
     top = np.float32(-0.5)  # exactly representable in fp16
     logprobs = (top - below).astype(np.float32)  # (N,) one row, most probable first
     counts = np.array([logprobs.shape[0]])
-    blob = fmt._compact_logprobs(counts, logprobs)
-    decoded, levels = fmt._decode_compact_logprobs(blob, counts, logprobs.shape[0])
+    compact = ENCODINGS["compact"]
+    blob = compact.encode_logprobs(counts, logprobs)
+    decoded, levels = compact.decode_logprobs(blob, counts, logprobs.shape[0])
     reference = np.abs((top - logprobs)[:, None] - COMPACT_LEVELS).argmin(-1)
     np.testing.assert_array_equal(levels, reference)
     np.testing.assert_array_equal(decoded, top - COMPACT_LEVELS[reference])

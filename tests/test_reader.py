@@ -167,5 +167,8 @@ def test_shard_from_another_build_is_refused(tmp_path):
     write_manifest(tmp_path, {**manifest, "top_k": TOP_K + 1})
     cache = open_cache(tmp_path)
     info = cache.shards("train")[0]
-    with pytest.raises(CacheError, match=f"shard {info.name} holds top_k {TOP_K} over vocab_size"):
+    with pytest.raises(
+        CacheError,
+        match=f"shard {info.name} holds top_k {TOP_K}, the manifest says top_k {TOP_K + 1}",
+    ):
         list(cache.read_shard(info))
