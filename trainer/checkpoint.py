@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.cache.errors import ConfigError
+from kdcache.cache.manifest import fsync_dir
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -51,19 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def save_checkpoint(
     out_dir: Path, name: str, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any]
 ) -> Path:
@@ -78,7 +66,7 @@ def save_checkpoint(
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_dir(temporary)
+    fsync_dir(temporary)
     if final.exists():  # a re-saved checkpoint (e.g. final after a resume): swap, then drop
         old = out_dir / f".old-{name}-{os.getpid()}"
         final.rename(old)
@@ -86,7 +74,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         temporary.rename(final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return final
 
 
