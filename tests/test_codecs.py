@@ -179,3 +179,26 @@ def test_compact_drops_mass_into_the_tail_that_samples_would_not_see():
     dropped = np.exp(record.topk_logprobs[0, kept:].astype(np.float64)).sum()
     assert kept == 1 and dropped > 10 * record.tail_mass[0]  # the tail grew 40-fold
     np.testing.assert_allclose(decoded.tail_mass, record.tail_mass + dropped, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, "9f9f7e17ac757ab0"),  # the default: top-24 + 16 tail samples
+        ({"top_k": 64}, "e2e8866846868dc0"),
+        ({"top_k": 0, "tail_samples": 8}, "f594d3af799109c1"),
+        ({"top_k": 16, "mode": "compact"}, "215a544d1807a2b3"),
+    ],
+)
+def test_build_settings_hash_is_the_one_older_caches_recorded(
+    monkeypatch, tmp_path, settings, expected
+):
+    """The settings fingerprint now comes from the codecs' settings; the hashes (first 16 hex
+    digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume."""
+    from kdcache.cache import build
+
+    for name in ("teacher_fingerprint", "tokenizer_details", "data_fingerprint"):
+        monkeypatch.setattr(build, name, lambda *args: {})
+    config = build.BuildConfig(teacher="t", data="d", out=tmp_path, **settings)
+    fingerprints = build.fingerprints_for(config, None, None, [], "torch.float32", 1000)
+    assert fingerprints["settings"]["hash"][:16] == expected
