@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from kdcache.cache.codecs.base import planes
+from kdcache.cache.codecs.base import planes, sorted_id_deltas
 from kdcache.cache.codecs.topk import _to_id_order
 from kdcache.cache.format import BlockCodec
 from kdcache.cache.records import SequenceRecord
@@ -259,9 +259,7 @@ def explicit_permutation_bytes(records, codec: BlockCodec) -> int:
         ids = np.concatenate([r.topk_ids for r in block])
         lp = np.concatenate([r.topk_logprobs for r in block])
         counts, flat_ids, _ = _to_id_order(ids, lp)
-        deltas = np.diff(flat_ids, prepend=0)
-        starts = (np.cumsum(counts) - counts)[counts > 0]
-        deltas[starts] = flat_ids[starts]
+        deltas = sorted_id_deltas(flat_ids, counts)
         rank = np.argsort(np.argsort(ids, axis=1, kind="stable"), axis=1).astype(np.uint8)
         bits = lp.astype(np.float16).view(np.uint16)
         lp_deltas = np.diff(bits, axis=1, prepend=np.uint16(0))

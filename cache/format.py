@@ -76,8 +76,8 @@ class BlockCodec:
         settings = ShardSettings(
             self.mode, self.top_k, self.vocab_size, self.tail_samples, self._metadata
         )
-        try:
-            storage_mode(settings.__dict__)
+        try:  # the storage mode: what a cache with these settings stores at all
+            storage_mode({"top_k": self.top_k, "tail_samples": self.tail_samples})
         except CacheError:
             raise ConfigError(
                 f"top_k must be >= 1 (or 0 with tail samples: a sampled cache), got {self.top_k}"
@@ -117,7 +117,7 @@ class BlockCodec:
 
     @classmethod
     def from_schema_metadata(cls, metadata: dict[bytes, bytes] | None, shard: str) -> BlockCodec:
-        """The codec of a shard; CacheError naming the shard for settings this kdcache cannot read."""
+        """The codec of a shard; CacheError naming the shard for settings it cannot read."""
         meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
         version = meta.get("format_version")
         if version is None or int(version) not in SUPPORTED_FORMAT_VERSIONS:

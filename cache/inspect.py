@@ -198,7 +198,7 @@ def inspect_cache(
 
 
 def kprime_values(top_k: int) -> list[int]:
-    """k' = 1, 2, 4, ... below ``top_k``, then ``top_k`` itself (none when no entries are stored)."""
+    """k' = 1, 2, 4, ... below ``top_k``, then ``top_k`` itself (none for top_k = 0)."""
     values, k = [], 1
     while k < top_k:
         values.append(k)

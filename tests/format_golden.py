@@ -3,14 +3,19 @@
 ``tests/format_golden.json`` was written by ``python tests/format_golden.py --write`` with the
 encoder of commit b7736fd (``cache/format.py`` before it was split into ``cache/codecs/``), and
 ``tests/test_codecs.py`` recomputes the digests with the current encoder. A digest covers, for
-each case below, the Arrow schema (names and types), the schema metadata (keys in order), the list columns and
-the sha256 of every binary column *after* zstd decompression: the compressed bytes also depend
-on the installed libzstd, the payload only on kdcache. Every blob is checked to be one zstd frame
+each case below, the Arrow schema (names and types), the schema metadata (keys in order), the
+list columns and the sha256 of every binary column *after* zstd decompression: the compressed
+bytes also depend on the installed libzstd, the payload only on kdcache. Every blob is checked to be one zstd frame
 with a content size and a checksum (what FORMAT.md specifies).
 
 The inputs use only ``Generator.integers`` and exactly representable values (log-probs on a grid
 of 1/128 nat, tail mass on 1/4096), so that they are the same on every platform; their own sha256
 is stored too, so a changed input generator fails with its own message, not as a format change.
+
+``--shard-files`` prints the sha256 of whole shard files instead. To compare them byte for byte
+with the old encoder in one environment: ``git archive b7736fd | tar -x -C /tmp/old``, copy this
+file to ``/tmp/old/tests/``, link ``/tmp/ns/kdcache/cache`` to ``/tmp/old/cache`` and run it from
+``/tmp/old`` with ``PYTHONPATH=/tmp/ns:/tmp/old``; then run it here and diff the outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +142,40 @@ def compute_golden() -> dict:
     return golden
 
 
+def shard_file_digests() -> dict[str, list[str]]:
+    """sha256 of the whole shard files ``ShardWriter`` writes for each case (blocks of 7
+    positions). Equal across encoders only with the same pyarrow and libzstd: compare the
+    output of two checkouts run in one environment."""
+    from kdcache.cache.shards import SHARDS_DIR, ShardWriter
+
+    digests = {}
+    for name, (mode, top_k, vocab_size, tail_samples) in CASES.items():
+        with tempfile.TemporaryDirectory() as directory:
+            with ShardWriter(
+                directory,
+                "train",
+                top_k=top_k,
+                vocab_size=vocab_size,
+                mode=mode,
+                tail_samples=tail_samples,
+                block_positions=7,
+            ) as writer:
+                for record in golden_records(top_k, vocab_size, tail_samples):
+                    writer.write(record)
+            files = [Path(directory) / SHARDS_DIR / info.name for info in writer.close()]
+            digests[name] = [_sha(path.read_bytes()) for path in files]
+    return digests
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"write {GOLDEN_PATH.name}")
+    parser.add_argument(
+        "--shard-files", action="store_true", help="print whole-file digests of written shards"
+    )
     args = parser.parse_args()
-    text = json.dumps(compute_golden(), indent=1, sort_keys=True) + "\n"
-    if args.write:
+    golden = shard_file_digests() if args.shard_files else compute_golden()
+    text = json.dumps(golden, indent=1, sort_keys=True) + "\n"
+    if args.write and not args.shard_files:
         GOLDEN_PATH.write_text(text, encoding="utf-8")
     print(text)

@@ -87,7 +87,7 @@ class CompactEncoding(TopkEncoding):
         return np.where(drop, 0, ids), np.where(drop, -np.inf, logprobs).astype(np.float32), tail
 
     def encode_logprobs(self, counts: np.ndarray, flat_logprobs: np.ndarray) -> bytes:
-        """top-1 log-prob per non-empty row as fp16 (2 planes), then the uint8 level of each entry."""
+        """The top-1 log-prob of each non-empty row as fp16 (2 planes), then each entry's level."""
         nonempty = counts > 0
         starts = (np.cumsum(counts) - counts)[nonempty]
         top16 = (
