@@ -21,7 +21,11 @@ def test_every_subpackage_folder_is_listed_in_pyproject():
     mapping = config["tool"]["setuptools"]["package-dir"]
     packages = set(config["tool"]["setuptools"]["packages"])
     assert packages == set(mapping)
-    folders = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    folders = {
+        p.parent.relative_to(ROOT).as_posix()
+        for p in ROOT.glob("**/__init__.py")
+        if p.parts[len(ROOT.parts)] in GENERIC_NAMES  # the package folders, sub-packages too
+    }
     assert folders == {folder for folder in mapping.values()}
     for name in packages:
         importlib.import_module(name)
