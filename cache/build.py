@@ -36,15 +36,15 @@ from kdcache.cache.fingerprint import (
     tokenizer_details,
 )
 from kdcache.cache.format import BlockCodec
-from kdcache.cache.lock import TOKENIZER_DIR, BuildLock, prepare_directory
-from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
+from kdcache.cache.lock import TOKENIZER_DIR
+from kdcache.cache.manifest import ShardInfo, read_manifest, shard_summary, write_manifest
 
 
 @dataclass
 class BuildSummary:
     """What a build did (``status``: built, resumed or complete) and the cache's totals."""
 
-    out: Path
+    out: Path | str  # the cache directory or URL
     status: str
     num_sequences: int
     num_tokens: int
@@ -142,9 +142,11 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
     """Build (or resume, or confirm) the cache described by ``config``; see the module docstring.
 
     ``rank`` / ``world_size``: this process's slice of the data under torchrun (sequences with
-    ``sequence_id % world_size == rank``); rank 0 writes the manifest after a barrier.
+    ``sequence_id % world_size == rank``); rank 0 writes the manifest after a barrier. A URL
+    ``out`` builds in a local staging directory and uploads (cache/build_target.py): each rank
+    its own shards, rank 0 the manifest, last.
     """
-    from kdcache.cache.shards import list_complete_shards
+    from kdcache.cache.build_target import build_target
     from kdcache.cache.teacher import (
         TeacherRunner,
         load_model,
@@ -158,7 +160,8 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
         raise ConfigError(f"rank {rank} is outside world size {world_size}")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    check_writable(config.out)
+    target = build_target(config.location, rank, config.staging_dir and Path(config.staging_dir))
+    target.check_writable()
     tokenizer = load_tokenizer(config.teacher)
     stream = RecordStream(config.data_spec(), tokenizer)
     model = load_model(config.teacher, dtype, device)
@@ -172,20 +175,20 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
         )
     fingerprints = fingerprints_for(config, model, tokenizer, stream.rows, dtype, vocab_size)
 
-    out = config.out
+    out = target.local_dir  # the cache directory, or the staging directory of a URL
     out.mkdir(parents=True, exist_ok=True)
-    with BuildLock(out, rank):
+    with target.lock():
         status = (
-            _attempt(prepare_directory, out, fingerprints, config.overwrite, world_size)
+            _attempt(target.prepare, fingerprints, config.overwrite, world_size)
             if rank == 0
             else ""
         )
         _together(world_size, status)  # rank 0 has cleaned up / written the build state
         if rank != 0:
-            status = _attempt(prepare_directory, out, fingerprints, False, world_size, False)
+            status = _attempt(target.prepare, fingerprints, False, world_size)
         _together(world_size, status)
         if status == "complete":
-            return _summary(out, "complete", read_manifest(out))
+            return _summary(config.out, "complete", read_manifest(out))
         runner = TeacherRunner(
             model,
             top_k=config.top_k,
@@ -197,17 +200,19 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
         resumed = False
         with _progress_bar(config.progress and rank == 0) as bar:
             for split in SPLITS:
-                done = [s for s in list_complete_shards(out) if s.split == split and s.rank == rank]
+                done = [s for s in target.complete_shards() if s.split == split and s.rank == rank]
                 resumed = resumed or bool(done)
                 tokens_this_run += _run_split(
-                    config, runner, stream, split, rank, world_size, vocab_size, done, bar
+                    config, target, runner, stream, split, rank, world_size, vocab_size, done, bar
                 )
+        target.flush()
         seconds = time.perf_counter() - started
-        mine = [s.name for s in list_complete_shards(out) if s.rank == rank]
+        mine = [s.name for s in target.complete_shards() if s.rank == rank]
         written = _together(world_size, mine)
         if rank != 0:
-            return BuildSummary(out, "written", 0, 0, 0, 0, seconds, tokens_this_run)
-        unseen = sorted(set().union(*written) - {s.name for s in list_complete_shards(out)})
+            return BuildSummary(config.out, "written", 0, 0, 0, 0, seconds, tokens_this_run)
+        complete = target.complete_shards()
+        unseen = sorted(set().union(*written) - {s.name for s in complete})
         if unseen:
             raise CacheError(
                 f"rank 0 cannot see {len(unseen)} shards the other ranks wrote ({unseen[0]} ...): "
@@ -215,9 +220,11 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
             )
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
         manifest = _write_manifest(
-            out, config, fingerprints, vocab_size, world_size, seconds, tokens_this_run
+            out, complete, config, fingerprints, vocab_size, world_size, seconds, tokens_this_run
         )
-        return _summary(out, "resumed" if resumed else "built", manifest, seconds, tokens_this_run)
+        target.commit()
+        status = "resumed" if resumed else "built"
+        return _summary(config.out, status, manifest, seconds, tokens_this_run)
 
 
 def _progress_bar(enabled: bool):
@@ -230,6 +237,7 @@ def _progress_bar(enabled: bool):
 
 def _run_split(
     config: BuildConfig,
+    target,
     runner,
     stream: RecordStream,
     split: str,
@@ -250,14 +258,14 @@ def _run_split(
     indices = sorted(info.index for info in done)
     if indices != list(range(len(indices))):
         raise CacheError(
-            f"{config.out}: shards of split {split} rank {rank} are not contiguous ({indices}); "
+            f"{target.display}: shards of split {split} rank {rank} are not contiguous ({indices}); "
             "pass --overwrite to rebuild"
         )
     skip = sum(info.num_sequences for info in done)
     tokens = positions = 0
     sequences = stream.sequences(split, rank, world_size)
     with ShardWriter(
-        config.out,
+        target.local_dir,
         split,
         rank=rank,
         top_k=config.top_k,
@@ -266,6 +274,7 @@ def _run_split(
         max_shard_tokens=config.shard_tokens,
         mode=config.mode,
         tail_samples=config.tail_samples,
+        on_shard=target.publish,
     ) as writer:
         for record in run_sequences(runner, sequences, config.batch_tokens, skip=skip):
             writer.write(record)
@@ -274,6 +283,10 @@ def _run_split(
             bar.update(record.num_tokens)
             bar.set_postfix(split=split, positions=positions, refresh=False)
     return tokens
+
+
+# BuildConfig fields that are not build settings (storage options may hold credentials)
+_NOT_SETTINGS = ("out", "progress", "storage_options", "staging_dir")
 
 
 def _kdcache_version() -> str:
@@ -287,6 +300,7 @@ def _kdcache_version() -> str:
 
 def _write_manifest(
     out: Path,
+    shards: list[ShardInfo],
     config: BuildConfig,
     fingerprints: dict[str, Any],
     vocab_size: int,
@@ -294,9 +308,7 @@ def _write_manifest(
     seconds: float,
     tokens_this_run: int,
 ) -> dict[str, Any]:
-    from kdcache.cache.shards import list_complete_shards
-
-    summary = shard_summary(list_complete_shards(out))
+    summary = shard_summary(shards)
     if not summary["shards"]:
         raise CacheError(f"the build of {out} wrote no complete shards; re-run it")
     field_name = config.messages_field or config.text_field
@@ -309,7 +321,7 @@ def _write_manifest(
         "data": f"{config.data} (split {config.split}, field {field_name})",
         "fingerprints": fingerprints,
         "settings": {
-            **{k: v for k, v in asdict(config).items() if k not in ("out", "progress")},
+            **{k: v for k, v in asdict(config).items() if k not in _NOT_SETTINGS},
             "dtype": fingerprints["settings"]["dtype"],
         },
         "world_size": world_size,
@@ -327,7 +339,7 @@ def _write_manifest(
 
 
 def _summary(
-    out: Path, status: str, manifest: dict[str, Any], seconds: float = 0.0, tokens: int = 0
+    out: Path | str, status: str, manifest: dict[str, Any], seconds: float = 0.0, tokens: int = 0
 ) -> BuildSummary:
     return BuildSummary(
         out=out,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kdcache.cache.codecs import MODES
 from kdcache.cache.codecs.tail_samples import MAX_TAIL_SAMPLES
@@ -12,6 +13,7 @@ from kdcache.cache.codecs.topk_compact import compact_tail_samples_problem
 from kdcache.cache.data import DataSpec
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.modes import storage_mode
+from kdcache.cache.storage import Location, resolve_location
 
 __all__ = [
     "DEFAULT_TAIL_SAMPLES",
@@ -38,7 +40,7 @@ class BuildConfig:
 
     teacher: str  # local save_pretrained directory or Hugging Face model id
     data: str  # hub dataset id, local jsonl/json/parquet/csv/txt file, or a directory of them
-    out: str | Path  # cache directory
+    out: str | Path  # cache directory or fsspec URL (s3://bucket/prefix); a URL stays a str
     split: str = "train"  # dataset split to read
     data_config: str | None = None  # dataset configuration name (hub datasets)
     text_field: str = "text"  # column holding the documents
@@ -58,6 +60,9 @@ class BuildConfig:
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file
     progress: bool = True  # show a tqdm bar
+    # fsspec options of a URL --out (endpoint, credentials); never written into the manifest
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    staging_dir: str | None = None  # URL --out: local staging root (default <cache home>/staging)
 
     def __post_init__(self) -> None:
         # Defaults (docs/QUALITY.md): neither set -> topk+tail, top-24 + 16 tail samples; only
@@ -66,7 +71,8 @@ class BuildConfig:
             self.tail_samples = DEFAULT_TAIL_SAMPLES if self.top_k is None else 0
         if self.top_k is None:
             self.top_k = DEFAULT_TOP_K
-        self.out = Path(self.out).expanduser()
+        location = resolve_location(self.out, self.storage_options)
+        self.out = location.url if location.is_remote else location.local_path
         problems = []
         if not self.teacher:
             problems.append("--teacher is empty: pass a model directory or hub id")
@@ -105,7 +111,7 @@ class BuildConfig:
             problems.append(compact)
         if not self.text_field and not self.messages_field:
             problems.append("--text-field is empty: name the column holding the text")
-        if self.out.exists() and not self.out.is_dir():
+        if isinstance(self.out, Path) and self.out.exists() and not self.out.is_dir():
             problems.append(f"--out {self.out} is a file: pass a directory path")
         if problems:
             raise ConfigError("; ".join(problems))
@@ -117,6 +123,11 @@ class BuildConfig:
         except CacheError:
             return False
         return True
+
+    @property
+    def location(self) -> Location:
+        """Where the cache goes: a local directory or a URL (``Location.is_remote``)."""
+        return resolve_location(self.out, self.storage_options)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +13,38 @@ from kdcache.cache.errors import CacheError
 from kdcache.cache.format import BlockCodec
 from kdcache.cache.manifest import read_manifest
 from kdcache.cache.records import SequenceRecord
-from kdcache.cache.shards import ShardInfo, shard_path
+from kdcache.cache.shard_sources import ADVICE, DEFAULT_PREFETCH, LocalShards
+from kdcache.cache.shards import ShardInfo
+from kdcache.cache.storage import resolve_location
 
 
 class Cache:
-    """A validated cache directory (use ``open_cache``).
+    """A validated cache (use ``open_cache``), local or remote.
 
     ``manifest`` is the parsed manifest.json, ``splits`` the split names, ``shards(split)`` the
     shards of a split in stored order (by rank, then index), ``read_shard(info)`` the records of
-    one shard and ``sequences(split)`` all records of a split in stored order.
+    one shard, ``read_shards(infos)`` those of several in order (a remote cache fetches ahead)
+    and ``sequences(split)`` all records of a split in stored order. ``location`` is the path or
+    URL it was opened from; ``path`` a local directory holding its manifest.json and tokenizer/
+    (the cache itself, or for a remote cache its copy in the read-through directory).
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        manifest: dict[str, Any],
+        source: Any = None,
+        location: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self.location = location or str(self.path)
+        self.source = source if source is not None else LocalShards(self.path)
         self._shards = [ShardInfo.from_dict(entry) for entry in manifest["shards"]]
         self._expected = BlockCodec.from_manifest(manifest).settings()  # every shard's settings
 
     def __repr__(self) -> str:
-        return f"Cache({str(self.path)!r}, splits={self.splits})"
+        return f"Cache({self.location!r}, splits={self.splits})"
 
     @property
     def splits(self) -> list[str]:
@@ -51,7 +62,7 @@ class Cache:
         """Shards of ``split`` sorted by (rank, index); CacheError for an unknown split."""
         if split not in self.manifest["splits"]:
             raise CacheError(
-                f"cache {self.path} has no split {split!r}; its splits are: "
+                f"cache {self.location} has no split {split!r}; its splits are: "
                 f"{', '.join(self.splits) or '(none)'}"
             )
         return sorted(
@@ -62,80 +73,77 @@ class Cache:
     def read_shard(self, info: ShardInfo, verify: bool = True) -> Iterator[SequenceRecord]:
         """Records of one shard in stored order.
 
-        With ``verify`` (default) the whole file's size and sha256 are checked before decoding;
-        without it only the zstd frame checksums inside the blocks guard the data (faster). A bad
-        shard raises CacheError naming the file.
+        With ``verify`` (default) the whole file's size and sha256 are checked before decoding
+        (a remote shard is checked as it downloads); without it only the zstd frame checksums
+        inside the blocks guard the data (faster). A bad shard raises CacheError naming it.
         """
-        path = shard_path(self.path, info.name)
-        data = _read_checked(path, info, verify)
+        yield from self._decode(info, self.source.load(info, verify))
+
+    def read_shards(
+        self, infos: Iterable[ShardInfo], verify: bool = True
+    ) -> Iterator[Iterator[SequenceRecord]]:
+        """One record iterator per shard of ``infos``, in that order; a remote cache downloads
+        the next shards in the background while the current one is read."""
+        for info, data in self.source.load_many(infos, verify):
+            yield self._decode(info, data)
+
+    def check_shard(self, info: ShardInfo) -> str | None:
+        """None when the stored shard is sound, else a short reason (missing, size, checksum)."""
+        return self.source.check(info)
+
+    def _decode(self, info: ShardInfo, data: Any) -> Iterator[SequenceRecord]:
         try:
             reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(data)))
             codec = BlockCodec.from_schema_metadata(reader.schema.metadata, info.name)
         except CacheError:
             raise
         except Exception as error:  # pyarrow raises several types for damaged files
-            raise _corrupt(path, error) from None
+            raise _corrupt(info, error) from None
         _check_settings(codec, self._expected, info.name)
         for batch_index in range(reader.num_record_batches):
             try:
                 batch = reader.get_batch(batch_index)
                 records = [r for row in range(batch.num_rows) for r in codec.decode(batch, row)]
             except Exception as error:
-                raise _corrupt(path, error) from None
+                raise _corrupt(info, error) from None
             yield from records
 
     def sequences(self, split: str = "train", verify: bool = True) -> Iterator[SequenceRecord]:
         """All records of ``split``, streaming shard by shard in stored order."""
-        for info in self.shards(split):
-            yield from self.read_shard(info, verify=verify)
+        for records in self.read_shards(self.shards(split), verify=verify):
+            yield from records
 
 
-def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a finished cache directory; CacheError when it is missing, unfinished or unknown."""
-    return Cache(path, read_manifest(path))
+def open_cache(
+    path: str | os.PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: str | int | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Cache:
+    """Open a finished cache: a local directory or an fsspec URL (``s3://bucket/prefix``).
 
+    CacheError when it is missing, unfinished or unknown; ConfigError for an unknown URL scheme or
+    a filesystem that is not installed. For a URL: ``storage_options`` go to fsspec (endpoint,
+    credentials), shards are read through ``cache_dir`` (default ``~/.cache/kdcache/remote``)
+    bounded by ``cache_limit`` (bytes or e.g. "20GiB"), ``prefetch`` shards ahead.
+    """
+    location = resolve_location(path, storage_options)
+    if not location.is_remote:
+        return Cache(location.local_path, read_manifest(location.local_path))
+    from kdcache.cache.remote_cache import open_remote
 
-_ADVICE = "run `kdcache verify` and rebuild the cache"
-
-
-class _BadShard(CacheError):
-    """A shard that fails a check; ``problem`` is the short reason (for ``kdcache verify``)."""
-
-    def __init__(self, info: ShardInfo, problem: str) -> None:
-        super().__init__(f"shard {info.name} {problem}: {_ADVICE}")
-        self.problem = problem
+    return open_remote(location, cache_dir, cache_limit, prefetch)
 
 
 def check_shard(cache_dir: str | os.PathLike, info: ShardInfo) -> str | None:
-    """None when the shard file is sound, else a short reason (missing, size, checksum)."""
-    try:
-        _read_checked(shard_path(cache_dir, info.name), info, verify=True)
-    except _BadShard as error:
-        return error.problem
-    return None
+    """None when the shard file of a local cache is sound, else a short reason."""
+    return LocalShards(Path(cache_dir)).check(info)
 
 
-def _read_checked(path: Path, info: ShardInfo, verify: bool) -> mmap.mmap:
-    """The shard's bytes, memory-mapped (page cache, shared between DataLoader workers)."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size != info.bytes:
-                raise _BadShard(
-                    info, f"is {size} bytes, the manifest says {info.bytes} (truncated or replaced)"
-                )
-            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        raise _BadShard(info, f"is missing from {path.parent}") from None
-    except (OSError, ValueError) as error:
-        raise _BadShard(info, f"cannot be read ({error})") from None
-    if verify:
-        algorithm, _, expected = info.checksum.partition(":")
-        if algorithm != "sha256":
-            raise _BadShard(info, f"has an unknown checksum type {algorithm!r}")
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise _BadShard(info, "fails its sha256 checksum (corrupt)")
-    return data
+def _corrupt(info: ShardInfo, error: Exception) -> CacheError:
+    return CacheError(f"shard {info.name} is corrupt ({type(error).__name__}: {error}): {ADVICE}")
 
 
 def _check_settings(codec: BlockCodec, expected: dict[str, Any], shard: str) -> None:
@@ -153,6 +161,3 @@ def _check_settings(codec: BlockCodec, expected: dict[str, Any], shard: str) -> 
             "another build; rebuild the cache"
         )
 
-
-def _corrupt(path: Path, error: Exception) -> CacheError:
-    return CacheError(f"shard {path.name} is corrupt ({type(error).__name__}: {error}): {_ADVICE}")

@@ -21,6 +21,7 @@ import queue
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,6 +106,8 @@ class ShardWriter:
     the ``with`` block by an exception still writes the records already handed over (shards
     they fill are completed) and drops the last, unfinished shard (its temp file is removed);
     complete shards and their journal entries stay, so a resumed build can skip them.
+    ``on_shard(info)``, if given, runs on the writer thread after each shard is complete (a
+    remote build queues its upload there).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class ShardWriter:
         mode: str = "exact",
         block_positions: int = DEFAULT_BLOCK_POSITIONS,
         tail_samples: int = 0,
+        on_shard: Callable[[ShardInfo], None] | None = None,
     ) -> None:
         problems = []
         if not _SPLIT_NAME.match(split):
@@ -143,6 +147,7 @@ class ShardWriter:
         self._abort = threading.Event()
         self._closed = False
         self._written: list[ShardInfo] = []
+        self._on_shard = on_shard  # called on the writer thread after each complete shard
         self.directory.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(
             target=self._run, name=f"kdcache-shards-{split}-r{rank}", daemon=True
@@ -226,13 +231,11 @@ class ShardWriter:
                 if shard.num_tokens >= self.max_shard_tokens:
                     shard.write_block(block)
                     block, block_positions = [], 0
-                    self._written.append(shard.finish())
-                    self._next_index += 1
+                    self._finished(shard.finish())
                     shard = None
             if shard is not None and not self._abort.is_set():
                 shard.write_block(block)
-                self._written.append(shard.finish())
-                self._next_index += 1
+                self._finished(shard.finish())
                 shard = None
         except BaseException as error:  # handed to the caller by close()/write()
             self._error = error
@@ -240,6 +243,12 @@ class ShardWriter:
         finally:
             if shard is not None:
                 shard.discard()
+
+    def _finished(self, info: ShardInfo) -> None:
+        self._written.append(info)
+        self._next_index += 1
+        if self._on_shard is not None:
+            self._on_shard(info)
 
     def _drain(self) -> None:
         """After an error: consume the queue until the sentinel so a producer never blocks."""

@@ -54,6 +54,9 @@ class FakeCache:
     def read_shard(self, info):
         yield from self._records[info.name]
 
+    def read_shards(self, infos):  # Cache.read_shards without prefetch
+        return (self.read_shard(info) for info in infos)
+
 
 def _ids(batches) -> list[int]:
     return [int(i) for batch in batches for i in batch["sequence_ids"]]

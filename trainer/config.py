@@ -23,7 +23,19 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 # result); every other field must match the stored run.json.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
+    | {"storage_options", "cache_dir", "cache_limit"}
 )
+# Fields never written into run.json (storage options may hold credentials)
+_NOT_STORED = ("storage_options",)
+
+
+def reader_options(config: Any) -> dict[str, Any]:
+    """``open_cache`` keywords of a Train/EvalConfig: how a URL cache is reached and cached."""
+    return {
+        "storage_options": config.storage_options,
+        "cache_dir": config.cache_dir,
+        "cache_limit": config.cache_limit,
+    }
 
 
 def loss_kinds() -> tuple[str, ...]:
@@ -73,7 +85,7 @@ def _raise(problems: list[str]) -> None:
 class TrainConfig:
     """One student training run from a cache (``kdcache train``)."""
 
-    cache: str  # cache directory written by `kdcache build`
+    cache: str  # cache directory or URL (s3://bucket/prefix) written by `kdcache build`
     student: str  # save_pretrained dir, hub id, config .json file or config-only dir (random init)
     out: str  # run directory: run.json, metrics.jsonl, step-N/ and final/ checkpoints
     loss: str = "akl"  # divergence to the teacher (losses.LOSS_KINDS) or "ce" (tokens only)
@@ -105,6 +117,9 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     split: str = "train"  # cache split to train on
     eval_split: str = "holdout"  # cache split used by eval_every
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
+    cache_dir: str | None = None  # URL cache: local read-through dir (None: ~/.cache/kdcache)
+    cache_limit: str | None = None  # size limit of cache_dir, LRU eviction (None: 32GiB)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -154,8 +169,9 @@ class TrainConfig:
         return 1.0 if self.loss == CE_ONLY else self.ce_weight
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (stored as <out>/run.json)."""
-        return dataclasses.asdict(self)
+        """JSON-ready fields (stored as <out>/run.json; storage options left out)."""
+        fields = dataclasses.asdict(self)
+        return {name: value for name, value in fields.items() if name not in _NOT_STORED}
 
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """Fields (other than RESUMABLE_CHANGES) whose value differs from a stored run.json.
@@ -183,7 +199,7 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation of one or several students against a cache (``kdcache eval``)."""
 
-    cache: str  # cache directory
+    cache: str  # cache directory or URL
     students: list[str] = field(default_factory=list)  # checkpoints / hub ids, side by side
     split: str = "holdout"  # cache split to evaluate on
     json_path: str | None = None  # write all results here (default: <student>/eval-<split>.json)
@@ -193,6 +209,9 @@ class EvalConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
     teacher: str | None = None  # also report KL to this teacher's full distribution
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
+    cache_dir: str | None = None  # URL cache: local read-through dir (None: ~/.cache/kdcache)
+    cache_limit: str | None = None  # size limit of cache_dir, LRU eviction (None: 32GiB)
 
     def __post_init__(self) -> None:
         problems: list[str] = []

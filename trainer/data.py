@@ -40,7 +40,7 @@ class _CacheLike(Protocol):
 
     def shards(self, split: str) -> list[Any]: ...
 
-    def read_shard(self, info: Any) -> Iterator[SequenceRecord]: ...
+    def read_shards(self, infos: Sequence[Any]) -> Iterator[Iterator[SequenceRecord]]: ...
 
 
 def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -214,8 +214,8 @@ class CacheDataset(IterableDataset):
     def _records(self, epoch: int, stream: int) -> Iterator[SequenceRecord]:
         shards, stride, offset = self._stream_plan(epoch, stream)
         counter = 0
-        for info in shards:
-            for record in self.cache.read_shard(info):
+        for shard_records in self.cache.read_shards(shards):  # a remote cache fetches ahead
+            for record in shard_records:
                 if counter % stride == offset:
                     yield record
                 counter += 1

@@ -188,6 +188,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     Returns ``{"cache", "split", "students": {student: metrics}, "json": [paths written]}``.
     """
     from kdcache.cache import open_cache
+    from kdcache.trainer.config import reader_options
     from kdcache.trainer.student import (
         autocast_dtype,
         check_tokenizer,
@@ -198,7 +199,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         resolve_device,
     )
 
-    cache = open_cache(config.cache)
+    cache = open_cache(config.cache, **reader_options(config))
     if config.split not in cache.manifest["splits"]:
         raise CacheError(
             f"cache {config.cache} has no {config.split!r} split (it has "
@@ -209,15 +210,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     temperature = float(cache.manifest["temperature"])
     teacher = None
     if config.teacher is not None:
-        teacher = load_teacher(config.teacher, config.cache, cache.manifest, torch.float32)
+        teacher = load_teacher(config.teacher, cache.path, cache.manifest, torch.float32)
         teacher.to(device)
     for student in config.students:  # cheap checks of every student before any evaluation
-        tokenizer = load_student_tokenizer(student, config.cache)
-        check_tokenizer(tokenizer, config.cache, cache.manifest)
+        tokenizer = load_student_tokenizer(student, cache.path)  # cache.path: a local copy
+        check_tokenizer(tokenizer, cache.path, cache.manifest)
     results: dict[str, dict[str, float]] = {}
     for student in config.students:  # one model in memory at a time
         model, _ = load_student_model(student)
-        check_vocab_size(model, load_student_tokenizer(student, config.cache))
+        check_vocab_size(model, load_student_tokenizer(student, cache.path))
         results[student] = evaluate_model(
             model.to(device),
             cache,

@@ -32,7 +32,7 @@ from kdcache.trainer.checkpoint import (
     start_run_dir,
     truncate_metrics,
 )
-from kdcache.trainer.config import TrainConfig, check_loss_for_cache
+from kdcache.trainer.config import TrainConfig, check_loss_for_cache, reader_options
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.student import (
@@ -154,7 +154,7 @@ class _Run:
         from kdcache.cache import open_cache
 
         self.config, self.info, self.started = config, info, time.perf_counter()
-        self.cache = cache = open_cache(config.cache)
+        self.cache = cache = open_cache(config.cache, **reader_options(config))
         self.temperature = _cache_temperature(config, cache.manifest)
         if config.teacher is None:
             check_loss_for_cache(config.loss, cache.manifest)
@@ -164,8 +164,8 @@ class _Run:
         self.model, self.source = load_student_model(spec, seed=config.seed)
         if self.resume_from is not None:
             self.source = "checkpoint"
-        self.tokenizer = load_student_tokenizer(spec, config.cache)
-        check_tokenizer(self.tokenizer, config.cache, cache.manifest)
+        self.tokenizer = load_student_tokenizer(spec, cache.path)  # cache.path: a local copy
+        check_tokenizer(self.tokenizer, cache.path, cache.manifest)
         check_vocab_size(self.model, self.tokenizer)
         notice = vocab_coverage_notice(
             int(self.model.get_output_embeddings().weight.shape[0]),
@@ -178,7 +178,7 @@ class _Run:
         teacher = None
         if config.teacher is not None:
             dtype = self.autocast or torch.float32
-            teacher = load_teacher(config.teacher, config.cache, cache.manifest, dtype)
+            teacher = load_teacher(config.teacher, cache.path, cache.manifest, dtype)
         self.dataset = CacheDataset(
             cache,
             config.split,

@@ -1,0 +1,236 @@
+"""Where ``build_cache`` writes: a local directory, or a URL through a local staging directory.
+
+``LocalTarget`` is the cache directory itself (what the build always did). ``RemoteTarget`` builds
+in a local staging directory (one per URL and rank, under ``<cache home>/staging``) with the same
+writer, journal and lock, and uploads as it goes::
+
+    shard finished locally (temp + fsync + rename + journal, checksummed)
+      -> upload <url>/shards/<name>.arrow, then its journal <url>/shards/<name>.json
+      -> delete the staged copy
+    all ranks done (barrier) -> rank 0 uploads tokenizer/, then manifest.json last (commit point)
+
+A remote shard counts as complete only when its journal exists and the object has the journal's
+size; the journal is uploaded after the object and deleted before an object is replaced, so a
+build killed at any moment (during an upload too) resumes from the remote's complete shards plus
+any staged shards not yet uploaded, and ends with the records of an uninterrupted build. The
+remote is the truth: a staging directory whose build state differs from the remote's is reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.lock import (
+    STATE_NAME,
+    TOKENIZER_DIR,
+    BuildLock,
+    prepare_directory,
+    remove_cache_files,
+)
+from kdcache.cache.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
+from kdcache.cache.remote_lock import RemoteLock
+from kdcache.cache.shards import SHARDS_DIR, list_complete_shards
+from kdcache.cache.storage import Location, cache_home, check_bucket, remote_errors, upload_tree
+
+UPLOAD_PAUSE_ENV = "KDCACHE_TEST_PAUSE_IN_UPLOAD"  # tests: seconds between a shard and its journal
+
+
+class LocalTarget:
+    """A build into a local directory: every method is what the build did before URLs."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.local_dir, self.display, self.rank = out, str(out), rank
+
+    def check_writable(self) -> None:
+        from kdcache.cache.build import check_writable
+
+        check_writable(self.local_dir)
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        return BuildLock(self.local_dir, self.rank)
+
+    def prepare(self, fingerprints: dict[str, Any], overwrite: bool, world_size: int) -> str:
+        first = self.rank == 0
+        return prepare_directory(
+            self.local_dir, fingerprints, overwrite and first, world_size, write_state=first
+        )
+
+    def complete_shards(self) -> list[ShardInfo]:
+        return list_complete_shards(self.local_dir)
+
+    def publish(self, info: ShardInfo) -> None:
+        """Called by the shard writer after each complete shard (nothing to do locally)."""
+
+    def flush(self) -> None:
+        """Wait until every published shard is where readers look for it."""
+
+    def commit(self) -> None:
+        """After manifest.json is written into ``local_dir``: make it visible (local: it is)."""
+
+
+class RemoteTarget(LocalTarget):
+    """A build into ``location`` (a URL), staged in ``staging/<url hash>/rank<r>``."""
+
+    def __init__(self, location: Location, rank: int, staging: Path | None = None) -> None:
+        key = hashlib.sha256(location.url.encode()).hexdigest()[:16]
+        root = staging if staging is not None else cache_home() / "staging"
+        super().__init__(root / key / f"rank{rank}", rank)
+        self.location, self.display = location, location.url
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-upload")
+        self._pending: list[Future] = []
+
+    def check_writable(self) -> None:
+        check_bucket(self.location, "checking the build's --out")
+        super().check_writable()
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(BuildLock(self.local_dir, self.rank))  # builders on this machine
+        stack.enter_context(RemoteLock(self.location, self.rank))  # builders anywhere
+        return stack
+
+    def prepare(self, fingerprints: dict[str, Any], overwrite: bool, world_size: int) -> str:
+        """Mirror the remote's manifest / build state into staging, then decide as locally."""
+        overwrite = overwrite and self.rank == 0
+        self._sync_down(overwrite)
+        status = super().prepare(fingerprints, overwrite, world_size)
+        if self.rank == 0 and status == "fresh":
+            self._reset_remote()
+            self._put_file(self.local_dir / STATE_NAME, STATE_NAME)
+        if status == "resume":
+            self._upload_staged()
+        return status
+
+    def complete_shards(self) -> list[ShardInfo]:
+        """Remote shards whose journal exists and whose object has the journal's size."""
+        fs = self.location.filesystem()
+        directory = self.location.child(SHARDS_DIR)
+        with remote_errors(self.location, "listing shards"):
+            if not fs.exists(directory):
+                return []
+            entries = fs.ls(directory, detail=True, refresh=True)
+            sizes = {entry["name"].rsplit("/", 1)[-1]: entry["size"] for entry in entries}
+            journals = [entry["name"] for entry in entries if entry["name"].endswith(".json")]
+            contents = fs.cat(journals) if journals else {}
+        shards = []
+        for raw in contents.values():
+            with contextlib.suppress(ValueError, CacheError):
+                info = ShardInfo.from_dict(json.loads(raw))
+                if sizes.get(info.name) == info.bytes:
+                    shards.append(info)
+        return sorted(shards, key=lambda info: (info.split, info.rank, info.index))
+
+    def publish(self, info: ShardInfo) -> None:
+        self._pending.append(self._uploads.submit(self._upload_shard, info))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises an upload's CacheError
+
+    def commit(self) -> None:
+        """Upload tokenizer/ then manifest.json, last: the commit point."""
+        upload_tree(self.location, self.local_dir / TOKENIZER_DIR, TOKENIZER_DIR)
+        self._put_file(manifest_path(self.local_dir), MANIFEST_NAME)
+        self.clean_staging()
+
+    # ------------------------------------------------------------------ internals
+    def _upload_shard(self, info: ShardInfo) -> None:
+        """Object first, then its journal (a journal always describes a whole object)."""
+        local = self.local_dir / SHARDS_DIR / info.name
+        journal = local.with_suffix(".json")
+        fs = self.location.filesystem()
+        remote_journal = self.location.child(SHARDS_DIR, journal.name)
+        with remote_errors(self.location, f"uploading shard {info.name}"):
+            if fs.exists(remote_journal):
+                fs.rm_file(remote_journal)  # a stale entry must never describe new data
+            fs.put_file(str(local), self.location.child(SHARDS_DIR, info.name))
+            if pause := float(os.environ.get(UPLOAD_PAUSE_ENV, "0") or 0):
+                time.sleep(pause)
+            fs.pipe_file(remote_journal, journal.read_bytes())
+        local.unlink()
+        journal.unlink()
+
+    def _upload_staged(self) -> None:
+        """Upload staged shards of this rank a killed run finished but did not upload."""
+        remote = {info.name: info for info in self.complete_shards()}
+        for info in list_complete_shards(self.local_dir):
+            if info.rank != self.rank:
+                continue
+            staged = self.local_dir / SHARDS_DIR / info.name
+            if remote.get(info.name) == info:
+                staged.unlink()
+                staged.with_suffix(".json").unlink()
+            elif file_checksum(staged) == info.checksum:
+                self._upload_shard(info)
+            else:
+                staged.unlink()  # damaged on disk: the build computes it again
+
+    def _sync_down(self, overwrite: bool) -> None:
+        """Make the staging directory's manifest and build state those of the remote."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        fs = self.location.filesystem()
+        with remote_errors(self.location, "reading the build state"):
+            remote = {
+                name: fs.cat_file(self.location.child(name))
+                if fs.exists(self.location.child(name))
+                else None
+                for name in (MANIFEST_NAME, STATE_NAME)
+            }
+            orphans = remote[STATE_NAME] is None and fs.exists(self.location.child(SHARDS_DIR))
+        if remote[MANIFEST_NAME] is None and orphans and not overwrite:
+            raise ConfigError(
+                f"the shards in {self.location.url} carry no build fingerprints, so this build "
+                "cannot resume them; use another --out or pass --overwrite to replace them"
+            )
+        staged_state = self.local_dir / STATE_NAME
+        if (staged_state.read_bytes() if staged_state.is_file() else None) != remote[STATE_NAME]:
+            remove_cache_files(self.local_dir)  # staged work of another (or no) remote build
+            if remote[STATE_NAME] is not None:
+                staged_state.write_bytes(remote[STATE_NAME])
+        manifest = manifest_path(self.local_dir)
+        manifest.unlink(missing_ok=True)
+        if remote[MANIFEST_NAME] is not None:
+            manifest.write_bytes(remote[MANIFEST_NAME])
+
+    def _reset_remote(self) -> None:
+        """Delete kdcache's own objects under the URL (manifest first); nothing else."""
+        fs = self.location.filesystem()
+        with remote_errors(self.location, "removing the previous build"):
+            if fs.exists(self.location.child(MANIFEST_NAME)):
+                fs.rm_file(self.location.child(MANIFEST_NAME))
+            doomed = [
+                path
+                for sub in (SHARDS_DIR, TOKENIZER_DIR)
+                if fs.exists(self.location.child(sub))
+                for path in fs.find(self.location.child(sub))
+            ]
+            if fs.exists(self.location.child(STATE_NAME)):
+                doomed.append(self.location.child(STATE_NAME))
+            if doomed:
+                fs.rm(doomed)
+
+    def _put_file(self, local: Path, *parts: str) -> None:
+        fs = self.location.filesystem()
+        with remote_errors(self.location, f"uploading {'/'.join(parts)}"):
+            fs.put_file(str(local), self.location.child(*parts))
+
+    def clean_staging(self) -> None:
+        """Remove the staging directory after a committed build."""
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+def build_target(location: Location, rank: int, staging: Path | None = None) -> LocalTarget:
+    """The target of a build's ``--out``: ``RemoteTarget`` for a URL, else ``LocalTarget``."""
+    if location.is_remote:
+        return RemoteTarget(location, rank, staging)
+    return LocalTarget(location.local_path, rank)
