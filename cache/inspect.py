@@ -179,7 +179,7 @@ def inspect_cache(
         if part is not None:
             split_stats[name] = part
     return CacheReport(
-        path=str(getattr(cache, "path", path)),
+        path=str(getattr(cache, "location", getattr(cache, "path", path))),
         summary=manifest_summary(manifest, splits),
         splits=splits,
         sample={

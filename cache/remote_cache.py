@@ -19,8 +19,9 @@ from typing import Any
 
 from kdcache.cache.errors import CacheError
 from kdcache.cache.manifest import MANIFEST_NAME, TEMP_PREFIX, validate_manifest
-from kdcache.cache.shard_sources import DEFAULT_CACHE_LIMIT, RemoteShards, file_lock, parse_size
+from kdcache.cache.shard_sources import RemoteShards, file_lock, parse_size
 from kdcache.cache.storage import (
+    DEFAULT_CACHE_LIMIT,
     Location,
     cache_home,
     check_bucket,

@@ -38,7 +38,6 @@ from kdcache.cache.manifest import TEMP_PREFIX, ShardInfo, fsync_dir
 from kdcache.cache.shards import SHARDS_DIR, shard_path
 from kdcache.cache.storage import Location, remote_errors
 
-DEFAULT_CACHE_LIMIT = "32GiB"
 DEFAULT_PREFETCH = 2
 DOWNLOAD_ATTEMPTS = 3
 _CHUNK = 1 << 22

@@ -35,6 +35,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
 }
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):(?P<slashes>/*)")
 _CACHE_HOME_ENV = "KDCACHE_CACHE_HOME"
+DEFAULT_CACHE_LIMIT = "32GiB"  # size limit of the read-through cache of a remote cache
 
 
 def cache_home() -> Path:

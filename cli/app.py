@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from kdcache.cli import build, demo, evaluate, inspect, train, verify
+from kdcache.cli import build, demo, evaluate, inspect, train, transfer, verify
 
 app = typer.Typer(
     name="kdcache",
@@ -24,6 +24,8 @@ app.command("inspect")(inspect.inspect)
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("demo")(demo.demo)
+app.command("push")(transfer.push)
+app.command("pull")(transfer.pull)
 
 
 def main() -> None:

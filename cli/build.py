@@ -20,6 +20,7 @@ from kdcache.cache.build_config import (
     BuildConfig,
 )
 from kdcache.cache.errors import ConfigError
+from kdcache.cli import _storage
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
@@ -30,13 +31,16 @@ def _build(name: str):
     return field_default(BuildConfig, name)
 
 
-def _demo_defaults(out: Path | None) -> tuple[str, str, Path]:
+def _demo_defaults(out: str | None) -> tuple[str, str, str]:
     """(teacher, data, out) of the embedded demo; writes the demo dataset next to the cache."""
+    from kdcache.cache.storage import resolve_location
     from kdcache.demo import DEFAULT_CACHE_DIR, demo_teacher_dir, write_demo_dataset
 
-    out = out or DEFAULT_CACHE_DIR
-    data = write_demo_dataset(Path(out).parent / "data" / "demo.jsonl")
-    return str(demo_teacher_dir()), str(data), Path(out)
+    out = out or str(DEFAULT_CACHE_DIR)
+    location = resolve_location(out)  # the demo data goes next to a local cache only
+    parent = Path(DEFAULT_CACHE_DIR).parent if location.is_remote else location.local_path.parent
+    data = write_demo_dataset(parent / "data" / "demo.jsonl")
+    return str(demo_teacher_dir()), str(data), out
 
 
 # Build ranks meet only at the start and at the end, to exchange a few small Python objects (gloo
@@ -72,8 +76,13 @@ def build(
         help="Dataset: hub id, jsonl/json/parquet/csv/txt file or a directory of them (default: "
         "with --teacher also left out, the demo data).",
     ),
-    out: Path | None = typer.Option(
-        None, help=resolved("Cache directory to write", "required", demo=DEMO_CACHE_DIR)
+    out: str | None = typer.Option(
+        None,
+        help=resolved(
+            "Cache directory or URL (s3://bucket/prefix, gs://, az://, file://) to write",
+            "required",
+            demo=DEMO_CACHE_DIR,
+        ),
     ),
     split: str = typer.Option(_build("split"), help="Dataset split to read."),
     data_config: str | None = typer.Option(
@@ -141,9 +150,18 @@ def build(
     sample_sequences: int = typer.Option(
         ESTIMATE_SAMPLE_SEQUENCES, help="Sequences the --estimate runs the teacher on."
     ),
+    storage_option: list[str] = _storage.storage_option(),
+    staging_dir: str | None = typer.Option(
+        None,
+        help=resolved(
+            "URL --out: local directory where shards are written before upload",
+            f"{_storage.CACHE_HOME_TEXT}/staging",
+        ),
+    ),
 ) -> None:
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
     from kdcache.cache.build import build_cache
+    from kdcache.cache.storage import parse_storage_options
 
     defaults: dict[str, int | float] = {
         "max_length": _build("max_length"),
@@ -160,7 +178,7 @@ def build(
     config = BuildConfig(
         teacher=teacher,
         data=data,
-        out=out if out is not None else Path("kdcache-estimate-unused"),
+        out=out if out is not None else "kdcache-estimate-unused",
         split=split,
         data_config=data_config,
         text_field=text_field,
@@ -177,6 +195,8 @@ def build(
         mode=mode,
         tail_samples=tail_samples,
         overwrite=overwrite,
+        storage_options=parse_storage_options(storage_option),
+        staging_dir=staging_dir,
     )
     if estimate:
         from kdcache.cache.estimate import estimate_build

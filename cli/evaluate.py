@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from kdcache.cli import _storage
 from kdcache.cli._defaults import field_default
 from kdcache.cli._errors import handle_errors
 from kdcache.trainer.config import EvalConfig
@@ -17,7 +18,7 @@ def _eval(name: str):
 
 @handle_errors
 def evaluate(
-    cache: Path = typer.Option(..., help="Cache directory written by `kdcache build`."),
+    cache: str = typer.Option(..., help="Cache directory or URL written by `kdcache build`."),
     student: list[str] = typer.Option(
         ..., help="Student checkpoint dir or hub id; repeat to compare several side by side."
     ),
@@ -38,13 +39,16 @@ def evaluate(
         None,
         help="Also report KL to this teacher's full distribution, its own forward (default: none).",
     ),
+    storage_option: list[str] = _storage.storage_option(),
+    cache_dir: str | None = _storage.cache_dir_option(),
+    cache_limit: str = _storage.cache_limit_option(),
 ) -> None:
     """Evaluate students on the cache's held-out split and print them side by side."""
     from kdcache.trainer import evaluate as run_evaluation
     from kdcache.trainer import format_table
 
     config = EvalConfig(
-        cache=str(cache),
+        cache=cache,
         students=list(student),
         split=split,
         json_path=None if json_path is None else str(json_path),
@@ -54,6 +58,7 @@ def evaluate(
         device=device,
         dtype=dtype,
         teacher=teacher,
+        **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
     report = run_evaluation(config)
     typer.echo(format_table(report))

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kdcache.cli import _storage
 from kdcache.cli._errors import handle_errors
 
 
@@ -22,7 +23,7 @@ def _inspect_default(name: str) -> Any:
 
 @handle_errors
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="Cache directory written by kdcache build.")],
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL written by kdcache build.")],
     full: Annotated[
         bool, typer.Option("--full", help="Read every position instead of a sample (default: off).")
     ] = False,
@@ -39,6 +40,9 @@ def inspect(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = _inspect_default(
         "seed"
     ),
+    storage_option: list[str] = _storage.storage_option(),
+    cache_dir: str | None = _storage.cache_dir_option(),
+    cache_limit: str = _storage.cache_limit_option(),
 ) -> None:
     """Show the manifest and the top-k mass, entropy and kept mass at smaller k of a cache."""
     from kdcache.cache.errors import ConfigError
@@ -46,7 +50,10 @@ def inspect(
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot must name a .png file, got '{plot}'")
-    report = inspect_cache(cache, sample_positions=sample, full=full, seed=seed)
+    from kdcache.cache.reader import open_cache
+
+    opened = open_cache(cache, **_storage.reader_settings(storage_option, cache_dir, cache_limit))
+    report = inspect_cache(opened, sample_positions=sample, full=full, seed=seed)
     if plot is not None:
         from kdcache.cache.plot import plot_report
 

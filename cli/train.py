@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from kdcache.cache.errors import ConfigError
+from kdcache.cli import _storage
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
@@ -45,9 +46,9 @@ def resolve_defaults(demo: bool, given: dict) -> dict:
 
 @handle_errors
 def train(
-    cache: Path | None = typer.Option(
+    cache: str | None = typer.Option(
         None,
-        help="Cache directory written by `kdcache build` (default: with --student also left out, "
+        help="Cache directory or URL (s3://bucket/prefix ...) written by `kdcache build` (default: with --student also left out, "
         f"the demo cache {DEMO_CACHE_DIR}).",
     ),
     student: str | None = typer.Option(
@@ -148,6 +149,9 @@ def train(
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
+    storage_option: list[str] = _storage.storage_option(),
+    cache_dir: str | None = _storage.cache_dir_option(),
+    cache_limit: str = _storage.cache_limit_option(),
 ) -> None:
     """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""
     from kdcache.trainer import TrainConfig
@@ -155,8 +159,7 @@ def train(
 
     demo = cache is None and student is None
     if demo:
-        cache_dir, student, out = _demo_defaults(out, loss)
-        cache = Path(cache_dir)
+        cache, student, out = _demo_defaults(out, loss)
         typer.echo(f"Using the demo defaults: cache {cache}, student {student}, out {out}")
     elif cache is None or student is None:
         raise ConfigError("pass both --cache and --student (or neither, for the demo defaults)")
@@ -197,6 +200,7 @@ def train(
         dtype=dtype,
         teacher=teacher,
         progress=progress,
+        **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
     result = run_training(config)
     if result.rank != 0:

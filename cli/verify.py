@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from kdcache.cli import _storage
 from kdcache.cli._errors import handle_errors
 
 
 @handle_errors
 def verify(
-    cache: Annotated[Path, typer.Argument(help="Cache directory (holds manifest.json).")],
+    cache: Annotated[str, typer.Argument(help="Cache directory or URL (holds manifest.json).")],
+    storage_option: list[str] = _storage.storage_option(),
 ) -> None:
     """Check every shard of CACHE against the manifest (size + sha256); exit 1 if any is bad."""
+    from kdcache.cache.storage import parse_storage_options
     from kdcache.cache.verify import verify_cache
 
     checked: list[str] = []
@@ -24,7 +26,7 @@ def verify(
         if problem is not None:
             typer.echo(f"BAD {name}: {problem}")
 
-    bad = verify_cache(cache, report=report)
+    bad = verify_cache(cache, report=report, storage_options=parse_storage_options(storage_option))
     if bad:
         typer.echo(f"{len(bad)} of {len(checked)} shards of {cache} are bad: rebuild the cache")
         raise typer.Exit(code=1)

@@ -229,3 +229,36 @@ def text_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_rows())
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 for the whole session (tests/s3_server.py).
+
+    Skipped with the reason only when moto/s3fs are missing or the server cannot start; the
+    `test` extra installs both, so on CI these tests run."""
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"S3 tests need moto[server] and s3fs (pip install -e '.[test]'): {error}")
+    from tests.s3_server import start_server
+
+    try:
+        server = start_server(tmp_path_factory.mktemp("moto") / "server.log")
+    except RuntimeError as error:
+        pytest.skip(f"the local moto S3 server cannot start: {error}")
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server, tmp_path, monkeypatch):
+    """The server with a fresh bucket (``s3.bucket``), its credentials in the environment, and
+    kdcache's cache home (staging, read-through cache) in this test's tmp_path."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KDCACHE_CACHE_HOME", str(tmp_path / "kdcache-home"))
+    s3_server.bucket = s3_server.new_bucket()
+    return s3_server

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdcache.cache.errors import ConfigError
+from kdcache.cache.storage import DEFAULT_CACHE_LIMIT
 
 CE_ONLY = "ce"  # next-token cross-entropy alone (no teacher): the baseline student
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -119,7 +120,7 @@ class TrainConfig:
     eval_split: str = "holdout"  # cache split used by eval_every
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
     cache_dir: str | None = None  # URL cache: local read-through dir (None: ~/.cache/kdcache)
-    cache_limit: str | None = None  # size limit of cache_dir, LRU eviction (None: 32GiB)
+    cache_limit: str = DEFAULT_CACHE_LIMIT  # size limit of cache_dir (LRU eviction)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -211,7 +212,7 @@ class EvalConfig:
     teacher: str | None = None  # also report KL to this teacher's full distribution
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
     cache_dir: str | None = None  # URL cache: local read-through dir (None: ~/.cache/kdcache)
-    cache_limit: str | None = None  # size limit of cache_dir, LRU eviction (None: 32GiB)
+    cache_limit: str = DEFAULT_CACHE_LIMIT  # size limit of cache_dir (LRU eviction)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
