@@ -181,7 +181,7 @@ class RemoteShards:
     def check(self, info: ShardInfo) -> str | None:
         """Stream the remote object and compare its size and sha256 (nothing is kept)."""
         try:
-            return _mismatch(info, *self._stream(info))
+            return _mismatch(info, *self._stream(info)) or None
         except CacheError as error:
             return f"cannot be read ({error})"
 

@@ -31,7 +31,6 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "az": ("adlfs", "azure"),
     "abfs": ("adlfs", "azure"),
     "abfss": ("adlfs", "azure"),
-    "hf": ("huggingface_hub", "hf"),
 }
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):(?P<slashes>/*)")
 _CACHE_HOME_ENV = "KDCACHE_CACHE_HOME"
@@ -141,7 +140,7 @@ def resolve_location(
         local = str(Path(text).expanduser())
         return Location(url=local, scheme=None, path=local)
     scheme = match["scheme"].lower()
-    if match["slashes"] != "//" and not (scheme == "file" and match["slashes"] == "/"):
+    if len(match["slashes"]) < (1 if scheme == "file" else 2):
         raise ConfigError(
             f"{text!r} looks like a URL with a missing slash (write {scheme}://...); for a local "
             f"path of that name write ./{text}"
