@@ -96,6 +96,7 @@ class RemoteTarget(LocalTarget):
         stack = contextlib.ExitStack()
         stack.enter_context(BuildLock(self.local_dir, self.rank))  # builders on this machine
         stack.enter_context(RemoteLock(self.location, self.rank))  # builders anywhere
+        stack.callback(self._drain)  # runs first: no upload outlives the lock
         return stack
 
     def prepare(self, fingerprints: dict[str, Any], overwrite: bool, world_size: int) -> str:
@@ -136,6 +137,13 @@ class RemoteTarget(LocalTarget):
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()  # re-raises an upload's CacheError
+
+    def _drain(self) -> None:
+        """Wait for queued uploads (after an error too: their shards are complete)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            with contextlib.suppress(Exception):
+                future.result()
 
     def commit(self) -> None:
         """Upload tokenizer/ then manifest.json, last: the commit point."""

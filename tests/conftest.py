@@ -262,3 +262,20 @@ def s3(s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("KDCACHE_CACHE_HOME", str(tmp_path / "kdcache-home"))
     s3_server.bucket = s3_server.new_bucket()
     return s3_server
+
+
+def crash_shard_writes_at(monkeypatch, call: int):
+    """Make the ``call``-th ``ShardWriter.write`` raise "simulated crash" (a build dying mid-way);
+    returns a function that restores the real ``write``."""
+    from kdcache.cache.shards import ShardWriter
+
+    original_write, calls = ShardWriter.write, {"n": 0}
+
+    def failing_write(self, record):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("simulated crash")
+        original_write(self, record)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    return lambda: monkeypatch.setattr(ShardWriter, "write", original_write)

@@ -19,8 +19,8 @@ from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.fingerprint import tokenizer_fingerprint
 from kdcache.cache.lock import STATE_NAME, BuildLock
 from kdcache.cache.reader import open_cache
-from kdcache.cache.shards import SHARDS_DIR, ShardWriter, list_complete_shards
-from tests.conftest import text_rows, write_jsonl
+from kdcache.cache.shards import SHARDS_DIR, list_complete_shards
+from tests.conftest import crash_shard_writes_at, text_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,19 +146,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(
     fresh = tmp_path / "fresh"
     build_cache(_config(tiny_gpt2_dir, docs_jsonl, fresh))
     out = tmp_path / "crashed"
-    original_write = ShardWriter.write
-    calls = {"n": 0}
-
-    def failing_write(self, record):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise RuntimeError("simulated crash")
-        original_write(self, record)
-
-    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    restore = crash_shard_writes_at(monkeypatch, 9)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_cache(_config(tiny_gpt2_dir, docs_jsonl, out))
-    monkeypatch.setattr(ShardWriter, "write", original_write)
+    restore()
     assert not (out / "manifest.json").exists() and (out / STATE_NAME).exists()
     with pytest.raises(CacheError, match="the build did not finish; re-run the same"):
         open_cache(out)  # an interrupted build is told apart from a directory that is no cache

@@ -19,7 +19,7 @@ from kdcache.cache.reader import open_cache
 from kdcache.cache.remote_lock import RemoteLock
 from kdcache.cache.storage import resolve_location
 from kdcache.cli.app import app
-from tests.conftest import text_rows, write_jsonl
+from tests.conftest import crash_shard_writes_at, text_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,3 +166,42 @@ def test_a_different_build_into_the_same_url_is_refused_then_overwritten(
     assert summary.status == "built"
     cache = open_cache(url, storage_options=s3.options)
     assert cache.top_k == 4 and next(cache.sequences()).topk_ids.shape[1] == 4
+
+
+def test_a_crashed_build_resumes_from_the_remote_alone(
+    s3, tiny_llama_dir, docs_jsonl, local_build, monkeypatch
+):
+    """The staging directory is lost (another machine resumes): the remote's complete shards are
+    kept, the rest is computed again, and the cache equals the uninterrupted build."""
+    import shutil
+
+    from kdcache.cache.build_target import RemoteTarget
+
+    url = f"s3://{s3.bucket}/crashed"
+    restore = crash_shard_writes_at(monkeypatch, 9)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_config(tiny_llama_dir, docs_jsonl, url, storage_options=s3.options))
+    restore()
+    target = RemoteTarget(resolve_location(url, s3.options), rank=0)
+    uploaded = target.complete_shards()
+    assert 0 < len(uploaded) < len(open_cache(local_build).manifest["shards"])
+    shutil.rmtree(target.local_dir)  # nothing staged survives
+    summary = build_cache(_config(tiny_llama_dir, docs_jsonl, url, storage_options=s3.options))
+    assert summary.status == "resumed" and 0 < summary.tokens_this_run < summary.num_tokens
+    _assert_same_cache(open_cache(url, storage_options=s3.options), open_cache(local_build))
+
+
+def test_two_gloo_ranks_build_to_s3_equal_one_process(
+    s3, tiny_llama_dir, docs_jsonl, local_build, monkeypatch
+):
+    """torchrun's layout (2 forked gloo ranks): each rank uploads its own shards from its own
+    staging directory, rank 0 the manifest; the endpoint comes from AWS_ENDPOINT_URL."""
+    from tests.test_distributed_build import _build_rank, assert_same_record_sets, run_ranks
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    url = f"s3://{s3.bucket}/two-ranks"
+    results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, url))
+    assert [status for status, _ in results] == ["built", "written"], results
+    manifest = open_cache(url).manifest
+    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert_same_record_sets(url, local_build)
