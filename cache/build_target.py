@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kdcache.cache import shards as shard_files
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.lock import (
     STATE_NAME,
@@ -38,7 +39,7 @@ from kdcache.cache.lock import (
 )
 from kdcache.cache.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
 from kdcache.cache.remote_lock import RemoteLock
-from kdcache.cache.shards import SHARDS_DIR, list_complete_shards
+from kdcache.cache.shards import SHARDS_DIR
 from kdcache.cache.storage import Location, cache_home, check_bucket, remote_errors, upload_tree
 
 UPLOAD_PAUSE_ENV = "KDCACHE_TEST_PAUSE_IN_UPLOAD"  # tests: seconds between a shard and its journal
@@ -65,7 +66,7 @@ class LocalTarget:
         )
 
     def complete_shards(self) -> list[ShardInfo]:
-        return list_complete_shards(self.local_dir)
+        return shard_files.list_complete_shards(self.local_dir)
 
     def publish(self, info: ShardInfo) -> None:
         """Called by the shard writer after each complete shard (nothing to do locally)."""
@@ -171,7 +172,7 @@ class RemoteTarget(LocalTarget):
     def _upload_staged(self) -> None:
         """Upload staged shards of this rank a killed run finished but did not upload."""
         remote = {info.name: info for info in self.complete_shards()}
-        for info in list_complete_shards(self.local_dir):
+        for info in shard_files.list_complete_shards(self.local_dir):
             if info.rank != self.rank:
                 continue
             staged = self.local_dir / SHARDS_DIR / info.name

@@ -188,6 +188,17 @@ def remote_errors(location: Location, action: str) -> Iterator[None]:
         ) from None
     except Exception as error:  # botocore / aiohttp / gcsfs raise their own types
         name = type(error).__name__
+        if "NoCredentials" in name:
+            raise CacheError(
+                f"{location.url}: no credentials found while {action}: set them in the "
+                "environment or a profile, pass --storage-option key=... secret=..., or "
+                "--storage-option anon=true for a public bucket"
+            ) from None
+        if "Endpoint" in name or "Connect" in name:
+            raise CacheError(
+                f"{location.url}: cannot reach the storage while {action} ({_short(error)}): "
+                "check the network and --storage-option endpoint_url"
+            ) from None
         if "Credential" in name or "Signature" in str(error) or "AccessKey" in str(error):
             raise CacheError(
                 f"{location.url}: credentials rejected while {action} ({name}: {_short(error)}): "

@@ -246,14 +246,14 @@ def test_empty_cache_reports_no_statistics():
 @pytest.fixture
 def cli_cache(monkeypatch, teacher_cache):
     """Route ``kdcache inspect fake-cache`` to the in-memory cache."""
-    import kdcache.cache.inspect as inspect_module
+    import kdcache.cache.reader as reader_module
 
-    real_open = inspect_module._open
+    real_open = reader_module.open_cache
 
-    def fake_open(path):
-        return teacher_cache if str(path) == "fake-cache" else real_open(path)
+    def fake_open(path, **options):
+        return teacher_cache if str(path) == "fake-cache" else real_open(path, **options)
 
-    monkeypatch.setattr(inspect_module, "_open", fake_open)
+    monkeypatch.setattr(reader_module, "open_cache", fake_open)
     return "fake-cache"
 
 
