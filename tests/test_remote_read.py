@@ -267,3 +267,19 @@ def test_missing_bucket_and_bad_credentials_are_refused_in_one_line(s3, remote_c
         app, ["verify", f"s3://{s3.bucket}/nothing-here", *s3.cli_options]
     )
     assert empty.exit_code == 2 and "holds no kdcache cache" in empty.output
+
+
+def test_dataloader_workers_read_from_s3_in_the_local_order(
+    s3, remote_cache, local_cache, tmp_path
+):
+    """Two forked DataLoader workers, each fetching its own shards through one small cache dir."""
+    from kdcache.trainer.data import CacheDataset
+
+    remote = open_cache(
+        remote_cache, storage_options=s3.options, cache_dir=tmp_path / "rc", cache_limit="4KB"
+    )
+    batches = {}
+    for name, cache in (("local", open_cache(local_cache)), ("remote", remote)):
+        dataset = CacheDataset(cache, batch_size=4, num_workers=2, seed=3)
+        batches[name] = [batch["sequence_ids"].tolist() for batch in dataset.epoch_batches()]
+    assert batches["remote"] == batches["local"] and len(batches["local"]) > 4
