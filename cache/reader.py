@@ -160,4 +160,3 @@ def _check_settings(codec: BlockCodec, expected: dict[str, Any], shard: str) -> 
             f"shard {shard} holds {held}, the manifest says {said}: the shard belongs to "
             "another build; rebuild the cache"
         )
-
