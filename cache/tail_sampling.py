@@ -20,7 +20,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["sample_tail", "sequence_uniforms", "topk_and_tail_samples"]
+__all__ = [
+    "draw_from_weights",
+    "padded_weights",
+    "sample_tail",
+    "sequence_uniforms",
+    "topk_and_tail_samples",
+]
 
 
 def sequence_uniforms(seed: int, sequence_id: int, num_rows: int, num_samples: int) -> np.ndarray:
@@ -56,15 +62,40 @@ def sample_tail(
         ``(ids (N, s) int64, logprobs (N, s) float32)``: the drawn ids and the teacher's
         ``log p_j`` of them; rows without tail mass get id 0 and ``-inf`` (absent).
     """
-    rows, vocab = log_probs.shape
-    pad = -vocab % BLOCK
-    padded = torch.zeros(rows, vocab + pad, dtype=torch.float32, device=log_probs.device)
-    probs = padded[:, :vocab]  # (N, V) a view: exp writes straight into the padded buffer
-    torch.exp(log_probs.float(), out=probs)
+    log_probs = log_probs.float()
+    padded = padded_weights(*log_probs.shape, device=log_probs.device)
+    torch.exp(log_probs, out=padded[:, : log_probs.shape[1]])
+    return draw_from_weights(padded, log_probs.shape[1], topk_ids, uniforms,
+                             lambda ids: log_probs.gather(1, ids))  # fmt: skip
+
+
+def padded_weights(rows: int, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """An (N, V rounded up to BLOCK) float32 buffer whose padding columns are zero."""
+    padded = torch.empty(rows, vocab + (-vocab % BLOCK), dtype=torch.float32, device=device)
+    padded[:, vocab:].zero_()
+    return padded
+
+
+def draw_from_weights(
+    padded: torch.Tensor,
+    vocab: int,
+    topk_ids: torch.Tensor,
+    uniforms: torch.Tensor,
+    log_prob_of: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tail`` from (N, V) probabilities known up to a factor per row.
+
+    Args:
+        padded: (N, V') ``padded_weights`` holding ``c_n * p`` in its first V columns (any
+            c_n > 0: the search is scale-free); overwritten (the top-k are zeroed).
+        log_prob_of: (N, s) ids -> (N, s) the teacher's log p of them.
+    """
+    rows = padded.shape[0]
+    probs = padded[:, :vocab]  # (N, V) a view
     probs.scatter_(1, topk_ids.long(), 0.0)  # tail only
     blocks = padded.view(rows, -1, BLOCK)  # (N, B, 256)
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (N, B) float64 across blocks
-    total = block_cdf[:, -1:]  # (N, 1) the tail mass
+    total = block_cdf[:, -1:]  # (N, 1) the (scaled) tail mass
     targets = uniforms.to(device=probs.device, dtype=torch.float64) * total  # (N, s)
     block = torch.searchsorted(block_cdf, targets, right=True).clamp_(max=blocks.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)  # (N, s)
@@ -75,12 +106,13 @@ def sample_tail(
     ids = (block * BLOCK + offset.clamp_(max=BLOCK - 1)).clamp_(max=vocab - 1)
     # a target landing on a run of zero-probability ids maps to the next id with mass; float
     # rounding can at worst pick an id of zero tail probability: move it to the row's heaviest
-    # tail id (a probability-1e-7 event, kept only so a top-k id is never drawn)
-    drawn = probs.gather(1, ids)  # (N, s)
-    fallback = probs.argmax(-1, keepdim=True).expand_as(ids)
-    ids = torch.where(drawn > 0, ids, fallback)
+    # tail id (a probability-1e-7 event, kept only so a top-k id is never drawn; the argmax pass
+    # over (N, V) runs only then)
+    missed = probs.gather(1, ids) <= 0  # (N, s)
     has_tail = total > 0  # (N, 1)
-    logprobs = log_probs.float().gather(1, ids)
+    if bool((missed & has_tail).any()):
+        ids = torch.where(missed, probs.argmax(-1, keepdim=True).expand_as(ids), ids)
+    logprobs = log_prob_of(ids)
     ids = torch.where(has_tail, ids, 0)
     return ids, torch.where(has_tail, logprobs, -math.inf)
 
@@ -107,16 +139,29 @@ def topk_and_tail_samples(
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, sample ids (N, s)
         int64 and sample log-probs (N, s) float32, on the logits' device.
     """
-    from kdcache.cache.topk import chunk_rows, tempered_log_probs, topk_of_log_probs
+    from kdcache.cache.topk import chunk_rows, tempered_logits, topk_of_scaled
 
     rows = chunk_rows(vocab_size, chunk_elements)
     draws = torch.from_numpy(np.ascontiguousarray(uniforms))
     parts = []
+    weights = None  # one sampler buffer for every chunk (no fresh (C, V) allocation per chunk)
     for start in range(0, num_rows, rows):
         end = min(num_rows, start + rows)
-        log_probs = tempered_log_probs(logits_of(start, end), temperature)  # (C, V)
-        ids, logprobs, tail = topk_of_log_probs(log_probs, top_k)
-        samples = sample_tail(log_probs, ids, draws[start:end].to(log_probs.device))
+        scaled = tempered_logits(logits_of(start, end), temperature)  # (C, V)
+        if weights is None:
+            weights = padded_weights(end - start, vocab_size, device=scaled.device)
+        padded = weights[: end - start]
+        # exp(scaled - row max) goes straight into the sampler's buffer: one exp pass serves
+        # the normalizer and the draws (no (C, V) log-softmax is written)
+        ids, logprobs, tail, normalizer = topk_of_scaled(
+            scaled, top_k, exp_out=padded[:, :vocab_size]
+        )
+        samples = draw_from_weights(
+            padded, vocab_size, ids, draws[start:end].to(scaled.device),
+            lambda drawn, scaled=scaled, normalizer=normalizer: (
+                scaled.gather(1, drawn) - normalizer[:, None]
+            ),
+        )  # fmt: skip
         parts.append((ids, logprobs, tail, *samples))
     if not parts:
         width = uniforms.shape[1] if uniforms.ndim == 2 else 0

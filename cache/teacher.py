@@ -28,7 +28,13 @@ from kdcache.cache.data import SequenceInput
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.heads import OutputHead, body_of, resolve_head
 from kdcache.cache.records import SequenceRecord
-from kdcache.cache.topk import DEFAULT_CHUNK_ELEMENTS, topk_from_hidden, topk_from_logit_rows
+from kdcache.cache.topk import (
+    DEFAULT_CHUNK_ELEMENTS,
+    chunk_rows,
+    head_logits,
+    topk_from_hidden,
+    topk_from_logit_rows,
+)
 
 T = TypeVar("T")
 
@@ -250,9 +256,11 @@ class TeacherRunner:
         )
         if self.head is not None:
             head = self.head
+            rows = chunk_rows(head.vocab_size, self.chunk_elements)
+            buffer = torch.empty(min(rows, selected.shape[0]), head.vocab_size, device=self.device)
 
             def logits_of(start: int, end: int):
-                return head.logits(selected[start:end])
+                return head_logits(head, selected[start:end], buffer)  # one buffer, all chunks
         else:
 
             def logits_of(start: int, end: int):
