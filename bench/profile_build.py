@@ -81,7 +81,9 @@ def instrument() -> None:
     teacher.prefetch = lambda iterable, size=2: _timed_iterator(
         "main: wait for tokenized data", original_prefetch
     )(iterable, size)
-    shards.ShardWriter.write = _timed("main: writer.write (checks + queue)", shards.ShardWriter.write)
+    shards.ShardWriter.write = _timed(
+        "main: writer.write (checks + queue)", shards.ShardWriter.write
+    )
     shards.ShardWriter.close = _timed("main: writer close (drain)", shards.ShardWriter.close)
     shards._OpenShard.write_block = _timed(
         "writer thread: encode + append block", shards._OpenShard.write_block
