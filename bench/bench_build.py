@@ -85,7 +85,7 @@ class Bench:
         self.args, self.root = args, root
         self.teacher = root / "teacher"
         save_teacher(self.teacher, args.hidden, args.layers, args.heads, args.vocab)
-        texts = stdlib_documents(3 * args.docs)
+        texts = [t[: args.doc_chars] for t in stdlib_documents(3 * args.docs)]
         self.data = {}
         for count in (args.docs, 3 * args.docs):
             path = root / f"docs{count}.jsonl"
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--doc-chars", type=int, default=None, help="cut documents (dry runs)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kdcache-bench-build-"))
     try:
@@ -170,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             ratios: dict[str, list[np.ndarray]] = {mode: [] for mode in args.modes}
+            builds: dict[str, list[np.ndarray]] = {mode: [] for mode in args.modes}
+            bares: dict[str, list[np.ndarray]] = {mode: [] for mode in args.modes}
             for repeat in range(args.repeats):
                 for mode in args.modes:
                     bare = bench.bare()
                     build = bench.marginal(mode)
                     ratios[mode].append(build / bare)
+                    builds[mode].append(build)
+                    bares[mode].append(bare)
                     print(
                         f"  {threads} thread(s), repeat {repeat}, {mode}: tokens/s (wall, cpu) "
                         f"bare {bare[0]:.0f}, {bare[1]:.0f}; build (marginal) {build[0]:.0f}, "
@@ -186,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = [r[1] for r in ratios[mode]]
                 results.append((threads, mode, statistics.median(wall), max(wall),
                                 statistics.median(cpu)))  # fmt: skip
+                row = {"bench": "build", "device": args.device, "vocab": args.vocab, "mode": mode,
+                       "threads": threads, "build_over_bare": statistics.median(wall),
+                       "build_over_bare_cpu": statistics.median(cpu),
+                       "build_tokens_per_s": float(np.median([r[0] for r in builds[mode]])),
+                       "bare_tokens_per_s": float(np.median([r[0] for r in bares[mode]]))}  # fmt: skip
+                print("RESULT " + json.dumps(row), flush=True)
         print("\nbuild (marginal) / bare forward tokens/s, target >= 0.90")
         print(
             f"{'threads':>7} {'mode':>8} {'wall median':>12} {'wall best':>10} {'cpu median':>11}"
