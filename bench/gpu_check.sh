@@ -21,7 +21,7 @@ DRY=${KDCACHE_GPU_CHECK_DRY_RUN:-0}
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT=${KDCACHE_GPU_CHECK_OUT:-$(mktemp -d -t kdcache-gpu-check-XXXXXX)}
 mkdir -p "$OUT"
-BUDGET=${KDCACHE_GPU_CHECK_BUDGET:-470}  # seconds for all stages (8 minutes with margin)
+BUDGET=${KDCACHE_GPU_CHECK_BUDGET:-465}  # seconds for all stages (8 minutes with margin)
 START=$SECONDS
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run under min(LIMIT, what is left), log, show as it goes
@@ -46,9 +46,9 @@ else
     echo "kdcache GPU check"
     if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
     then
-        stage install 180 "$PYTHON" -m pip install -q -e ".[test]"  # keeps the CUDA torch
+        stage install 100 "$PYTHON" -m pip install -q -e ".[test]"  # keeps the CUDA torch
     else
-        stage install 240 "$PYTHON" -m pip install -q torch -e ".[test]"
+        stage install 180 "$PYTHON" -m pip install -q torch -e ".[test]"
     fi
 fi
 "$PYTHON" - <<'PY' | tee "$OUT/environment.log"
@@ -67,13 +67,13 @@ if ((DRY)); then
     stage step-bench 120 "$PYTHON" bench/gpu_step.py --device cpu --vocab 2048 --batch 1 \
         --seq 64 --hidden 64 --layers 1 --chunk 32 --reps 1 --threads 1
 else
-    stage gpu-tests 150 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider
+    stage gpu-tests 110 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider
     for vocab in 32000 128000; do
-        stage "build-bench-$vocab" 75 "$PYTHON" bench/bench_build.py --device cuda --hidden 768 \
-            --layers 12 --heads 12 --vocab "$vocab" --docs 8 --max-length 1024 --bare-batch 16 \
-            --threads 4 --repeats 2
+        stage "build-bench-$vocab" 95 "$PYTHON" bench/bench_build.py --device cuda --hidden 768 \
+            --layers 12 --heads 12 --vocab "$vocab" --docs 6 --max-length 1024 --bare-batch 16 \
+            --threads 4 --repeats 1
     done
-    stage step-bench 90 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
+    stage step-bench 70 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
 fi
 

@@ -61,7 +61,7 @@ def _timed_iterator(name: str, function):
 
 def instrument() -> None:
     """Wrap the build's stages with timers (module attributes, looked up at call time)."""
-    from kdcache.cache import build, shards, tail_sampling, teacher, topk
+    from kdcache.cache import build, shards, tail_sampling, teacher
     from kdcache.cache.heads import body_of
 
     teacher.TeacherRunner.run = _timed("teacher: run() total", teacher.TeacherRunner.run)
@@ -103,7 +103,6 @@ def instrument() -> None:
             yield bar
 
     build._progress_bar = timed_bar
-    del topk
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,18 @@ def _build(teacher: Path, data: Path, out: Path, **settings) -> Path:
     return out
 
 
-def _fp32_log_probs(teacher: Path, input_ids: np.ndarray) -> torch.Tensor:
-    """(T, V) the teacher's own fp32 forward on CUDA (the reference)."""
+def _fp32_log_probs(teacher: Path) -> Callable[[np.ndarray], torch.Tensor]:
+    """``input_ids (T,) -> (T, V)`` log-probs of the teacher's own fp32 forward on CUDA."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).cuda().eval()
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def log_probs(input_ids: np.ndarray) -> torch.Tensor:
         logits = model(input_ids=torch.from_numpy(input_ids).long()[None].cuda()).logits[0]
-    return torch.log_softmax(logits.float(), -1).cpu()
+        return torch.log_softmax(logits.float(), -1).cpu()
+
+    return log_probs
 
 
 def test_bf16_build_equals_fp32_build_except_near_ties(tiny_llama_dir, text_jsonl, tmp_path):
@@ -62,9 +67,10 @@ def test_bf16_build_equals_fp32_build_except_near_ties(tiny_llama_dir, text_json
     assert bf16.manifest["settings"]["dtype"] == "bfloat16"
     pairs = list(zip(fp32.sequences("train"), bf16.sequences("train"), strict=True))
     errors, gaps, exact, positions = [], [], 0, 0
+    reference = _fp32_log_probs(tiny_llama_dir)
     for ref, low in pairs:
         np.testing.assert_array_equal(ref.input_ids, low.input_ids)
-        dense = _fp32_log_probs(tiny_llama_dir, ref.input_ids).numpy()  # (T, V)
+        dense = reference(ref.input_ids).numpy()  # (T, V)
         for row in range(len(ref.positions)):
             positions += 1
             exact += bool(np.array_equal(ref.topk_ids[row], low.topk_ids[row]))
