@@ -139,7 +139,13 @@ class Bench:
         """(wall, cpu) marginal tokens/s between the N- and 3N-document builds."""
         small_time, small_tokens = self.build(self.args.docs, mode)
         large_time, large_tokens = self.build(3 * self.args.docs, mode)
-        return (large_tokens - small_tokens) / (large_time - small_time)
+        extra = large_time - small_time  # (wall, cpu); not positive: too little data (noise)
+        return np.where(extra > 0, (large_tokens - small_tokens) / np.maximum(extra, 1e-9), np.nan)
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a float, None where it is not a number (a marginal rate lost in noise)."""
+    return float(value) if np.isfinite(value) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((threads, mode, statistics.median(wall), max(wall),
                                 statistics.median(cpu)))  # fmt: skip
                 row = {"bench": "build", "device": args.device, "vocab": args.vocab, "mode": mode,
-                       "threads": threads, "build_over_bare": statistics.median(wall),
-                       "build_over_bare_cpu": statistics.median(cpu),
-                       "build_tokens_per_s": float(np.median([r[0] for r in builds[mode]])),
-                       "bare_tokens_per_s": float(np.median([r[0] for r in bares[mode]]))}  # fmt: skip
+                       "threads": threads, "build_over_bare": _finite(statistics.median(wall)),
+                       "build_over_bare_cpu": _finite(statistics.median(cpu)),
+                       "build_tokens_per_s": _finite(np.median([r[0] for r in builds[mode]])),
+                       "bare_tokens_per_s": _finite(np.median([r[0] for r in bares[mode]]))}  # fmt: skip
                 print("RESULT " + json.dumps(row), flush=True)
         print("\nbuild (marginal) / bare forward tokens/s, target >= 0.90")
         print(

@@ -90,7 +90,7 @@ print(f"|{'-' * 28}|{'-' * 8}|{'-' * 12}|{'-' * 8}|----------|")
 for r in rows:
     if r["bench"] == "build":
         print(f"| {'build / bare forward':<26} | {r['vocab']:>6} | {r['mode']:<10} | "
-              f"{num(r['build_over_bare']):>6} | {r['build_tokens_per_s']:.0f} vs "
+              f"{num(r['build_over_bare']):>6} | {num(r['build_tokens_per_s'], 0)} vs "
               f"{r['bare_tokens_per_s']:.0f} |")
 for r in rows:
     if r["bench"] == "step":

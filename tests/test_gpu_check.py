@@ -23,10 +23,13 @@ def test_gpu_check_dry_run_prints_the_final_table(tmp_path):
     assert re.search(r"gpu-tests: exit 0", output)  # the gpu tests ran and skipped cleanly
     assert "needs a CUDA device" in (tmp_path / "gpu-tests.log").read_text()
     table = output[output.index("=== summary") :]
-    for measure, mode in [("build / bare forward", "top64"), ("build / bare forward", "default"),
-                          ("KD step / CE step", "kd-top64"), ("KD step / CE step", "kd-default")]:  # fmt: skip
+    # at the dry run's tiny sizes a marginal build rate can drown in noise: "n/a", never an error
+    for mode in ("top64", "default"):
         row = re.search(
-            rf"\| {re.escape(measure)}\s+\|\s+2048 \| {mode}\s+\|\s+([0-9.]+) \|", table
+            rf"\| build / bare forward\s+\|\s+2048 \| {mode}\s+\|\s+([0-9.]+|n/a) \|", table
         )
-        assert row is not None, (measure, mode, table)
+        assert row is not None, (mode, table)
+    for mode in ("kd-top64", "kd-default"):
+        row = re.search(rf"\| KD step / CE step\s+\|\s+2048 \| {mode}\s+\|\s+([0-9.]+) \|", table)
+        assert row is not None, (mode, table)
         assert float(row.group(1)) > 0.0
