@@ -51,11 +51,12 @@ from quality_data import (  # bench/ is on sys.path when this file runs as a scr
     teacher_targets,
     teacher_written_blocks,
 )
+from rskd import sampled_kd_loss  # bench/ is on sys.path when this file runs as a script
 from torch.nn import functional as F
 
 from kdcache.cache.heads import resolve_head
 from kdcache.trainer.losses import akl_head_mask, dense_kd_loss, sparse_kd_loss
-from kdcache.trainer.sampled import sampled_kd_loss, topk_tail_kd_loss
+from kdcache.trainer.sampled import topk_tail_kd_loss
 
 KINDS = ("fkl", "rkl", "akl")
 

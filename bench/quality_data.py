@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rskd import draw_samples  # bench/ is on sys.path when this file runs as a script
 
 from kdcache.cache.format import BlockCodec
 from kdcache.cache.heads import body_of
 from kdcache.cache.records import SequenceRecord
-from kdcache.trainer.sampled import draw_samples
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,4 @@
-"""``kdcache eval``: held-out CE / perplexity, sparse FKL / RKL to the teacher, top-1 agreement."""
+"""``kdcache eval``: held-out CE / perplexity, top-1 agreement and the KL estimates the cache gives."""
 
 from __future__ import annotations
 

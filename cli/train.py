@@ -212,8 +212,10 @@ def train(
         f"{resumed}; last loss {loss_text}"
     )
     if result.eval:
+        from kdcache.trainer.evaluate import format_metric, heldout_keys
+
+        shown = heldout_keys(result.eval)
         typer.echo(
-            "held-out: "
-            + ", ".join(f"{key} {result.eval[key]:.4f}" for key in ("ce", "fkl", "rkl", "top1"))
+            "held-out: " + ", ".join(f"{key} {format_metric(result.eval[key])}" for key in shown)
         )
     typer.echo(f"final checkpoint: {result.final}")

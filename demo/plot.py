@@ -61,8 +61,8 @@ def draw_runs(
     has_eval = any(evals for _, evals in data.values())
     panels = (
         [
-            ("fkl", "held-out FKL to teacher (nats)"),
-            ("rkl", "held-out RKL to teacher (nats)"),
+            ("fkl_bucket", "held-out FKL to teacher, top-k + bucket (nats)"),
+            ("rkl_bucket", "held-out RKL to teacher, top-k + bucket (nats)"),
             ("ce", "held-out next-token CE (nats)"),
         ]
         if has_eval
@@ -74,12 +74,12 @@ def draw_runs(
     curve_note = _positions_note(curve_positions)
     for ax, (key, ylabel) in zip(axes, panels, strict=False):
         for label, (train, evals) in data.items():
-            points = [(e["step"], e[key]) for e in evals if key in e]
+            points = [(e["step"], e[key]) for e in evals if e.get(key) is not None]
             if points:
                 xs, ys = zip(*points, strict=True)
                 (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{label}{curve_note}")
                 done = final.get(label) if final else None
-                if done is not None and key in done:
+                if done is not None and done.get(key) is not None:
                     last = max([xs[-1], *(e["step"] for e in train)])
                     ax.plot(
                         [last], [done[key]], marker="*", markersize=11, color=line.get_color(),

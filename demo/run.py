@@ -69,21 +69,27 @@ def _teacher_report() -> dict[str, Any] | None:
 
 def format_comparison(results: dict[str, dict[str, float]], labels: dict[str, str]) -> str:
     """The students side by side (rows: metrics; columns: students; last column: better)."""
+    from kdcache.trainer.evaluate import format_metric
+
     rows = [
         ("ce", "held-out CE (nats)", min),
         ("ppl", "held-out perplexity", min),
-        ("fkl", "FKL to teacher", min),
-        ("rkl", "RKL to teacher", min),
+        ("fkl_bucket", "FKL to teacher (bucket)", min),
+        ("rkl_bucket", "RKL to teacher (bucket)", min),
+        ("fkl_unbiased", "FKL to teacher (unb.)", min),
         ("top1", "top-1 agreement", max),
     ]
     names = list(results)
     width = max(12, *(len(labels[n]) for n in names))
-    lines = [f"{'':<22}" + "".join(f"  {labels[n]:>{width}}" for n in names) + "  better"]
+    lines = [f"{'':<24}" + "".join(f"  {labels[n]:>{width}}" for n in names) + "  better"]
     for key, title, best in rows:
-        values = {n: results[n][key] for n in names}
-        winner = best(values, key=values.get)
-        cells = "".join(f"  {values[n]:>{width}.4f}" for n in names)
-        lines.append(f"{title:<22}{cells}  {labels[winner]}")
+        values = {n: results[n].get(key) for n in names}
+        known = {n: value for n, value in values.items() if value is not None}
+        if not known:
+            continue  # a measure this cache cannot give (n/a for every student)
+        winner = labels[best(known, key=known.get)]
+        cells = "".join(f"  {format_metric(values[n], width)}" for n in names)
+        lines.append(f"{title:<24}{cells}  {winner}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import torch
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.records import SequenceRecord
 from kdcache.trainer.data import CacheDataset, collate_records
+from kdcache.trainer.targets import TopkBucketTarget
 
 
 @dataclass
@@ -82,7 +83,8 @@ def test_collate_pads_and_shifts_labels():
         tail_mass=np.array([0.1, 0.1], dtype=np.float32),
         positions=np.array([1, 3], dtype=np.int32),
     )
-    batch = collate_records([first, chat], pad_id=0)
+    target = TopkBucketTarget({"top_k": 2})  # the width comes from the manifest
+    batch = collate_records([first, chat], target, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[6, 7, -100, -100, -100], [-100, 3, -100, 8, -100]]

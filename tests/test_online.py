@@ -42,28 +42,27 @@ def test_online_loss_with_a_gpt2_teacher_is_dense_kd_on_its_logits(
 ):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from kdcache.cache.heads import split_head
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import dense_kd_loss
     from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.targets import DenseTeacherTarget, LossOptions
 
-    batch = collate_records(list(open_cache(cache_dir).sequences("train"))[:3])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    target = DenseTeacherTarget(teacher, split_head(teacher) if chunked else None, 384)
+    batch = collate_records(list(open_cache(cache_dir).sequences("train"))[:3], target)
     torch.manual_seed(0)
     student = LlamaForCausalLM(
         LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1)
     )  # fmt: skip
     objective = DistillObjective(
-        student, kind="rkl", mu=0.5, temperature=1.0, alpha=0.0, chunk_size=6, chunked=chunked,
-        teacher=teacher, teacher_chunked=chunked,
-    )  # fmt: skip
+        student, target, LossOptions(kind="rkl"), alpha=0.0, chunk_size=6, chunked=chunked
+    )
     mask = batch["distill_mask"]
     labelled = float((batch["labels"] != -100).sum())
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), labelled,
-    )  # fmt: skip
+    loss = objective(batch, float(mask.sum()), labelled)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits  # the teacher's own forward, not its head split

@@ -15,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bench.rskd import sampled_kd_loss  # the RS-KD counts formula: an independent reference
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.format import BlockCodec
 from kdcache.cache.reader import open_cache
 from kdcache.cache.records import SequenceRecord
 from kdcache.cli.app import app
-from kdcache.trainer.sampled import sampled_kd_loss, topk_tail_kd_loss
+from kdcache.trainer.sampled import topk_tail_kd_loss
 from tests import train_helpers as helpers
 
 V, S = 40, 6
@@ -103,14 +104,17 @@ def test_objective_on_a_sampled_cache_is_the_rskd_estimate(sampled_cache, chunke
     """DistillObjective (fkl) on a sampled cache == sampled_kd_loss on unique ids + counts."""
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.objective import DistillObjective, batch_loss
+    from kdcache.trainer.targets import LossOptions, SamplesTarget, target_for_cache
 
     cache = open_cache(sampled_cache)
     vocab = cache.manifest["vocab_size"]
-    batch = collate_records(list(cache.sequences("train"))[:3])
-    assert batch["topk_ids"].shape[-1] == 0
+    target = target_for_cache(cache.manifest)
+    assert isinstance(target, SamplesTarget)
+    batch = collate_records(list(cache.sequences("train"))[:3], target)
+    assert "topk_ids" not in batch  # the samples target collates the samples alone
     model = helpers.tiny_llama(vocab)
     objective = DistillObjective(
-        model, kind="fkl", mu=0.5, temperature=1.0, alpha=0.0, chunk_size=7, chunked=chunked
+        model, target, LossOptions(kind="fkl"), alpha=0.0, chunk_size=7, chunked=chunked
     )
     mask = batch["distill_mask"]
     loss = batch_loss(objective, batch, float(mask.sum()), 1.0)
@@ -143,7 +147,7 @@ def test_sampled_estimate_averages_to_the_dense_fkl():
 @pytest.mark.parametrize("kind", ["rkl", "akl"])
 def test_loss_refuses_rkl_and_akl_without_entries(kind):
     empty = torch.zeros(1, 0, dtype=torch.long)
-    with pytest.raises(ConfigError, match=r"a sampled cache .* supports --loss fkl only"):
+    with pytest.raises(ConfigError, match=r"with k = 0 \(samples only\) only fkl has an estimator"):
         topk_tail_kd_loss(
             torch.zeros(1, V), empty, empty.float(), torch.ones(1),
             torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), kind=kind,
@@ -156,7 +160,8 @@ def test_train_refuses_akl_on_a_sampled_cache_before_writing(sampled_cache, tmp_
         app, ["train", "--cache", str(sampled_cache), "--student", "s", "--out", str(out)]
     )
     assert result.exit_code == 2, result.output
-    assert "supports --loss fkl only" in result.output and "Traceback" not in result.output
+    assert "--loss akl is not available with a samples teacher" in result.output
+    assert "build with --top-k >= 1" in result.output and "Traceback" not in result.output
     assert not out.exists()
 
 
@@ -179,10 +184,12 @@ def test_train_and_eval_on_a_sampled_cache(sampled_cache, tiny_tokenizer, tmp_pa
     assert result.exit_code == 0, result.output
     metrics = json.loads(report.read_text())["students"]
     trained, untrained = metrics[str(out / "final")], metrics[str(student)]
-    assert "rkl" not in trained and "top1" not in trained
-    assert trained["full_fkl"] < 0.8 * untrained["full_fkl"], (trained, untrained)
+    assert trained["rkl_bucket"] is None and trained["top1"] is None  # n/a: no top-k stored
+    assert trained["fkl_bucket"] is None
+    assert trained["fkl_full"] < 0.8 * untrained["fkl_full"], (trained, untrained)
     # the cached estimate tracks the full FKL it estimates (24 draws per position)
-    assert abs(trained["fkl"] - trained["full_fkl"]) < 0.15 * trained["full_fkl"]
+    assert abs(trained["fkl_unbiased"] - trained["fkl_full"]) < 0.15 * trained["fkl_full"]
+    assert "n/a" in result.output  # the table shows what the cache cannot give
 
 
 def test_inspect_a_sampled_cache(sampled_cache):

@@ -340,9 +340,11 @@ def tail_cache(tmp_path_factory, tiny_llama_dir, text_jsonl):
 def test_collate_pads_tail_samples(tail_cache):
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.data import collate_records
+    from kdcache.trainer.targets import target_for_cache
 
-    records = list(open_cache(tail_cache).sequences("train"))[:3]
-    batch = collate_records(records)
+    cache = open_cache(tail_cache)
+    records = list(cache.sequences("train"))[:3]
+    batch = collate_records(records, target_for_cache(cache.manifest))
     b, t = batch["input_ids"].shape
     assert batch["tail_ids"].shape == (b, t, 8) and batch["tail_logprobs"].shape == (b, t, 8)
     for row, record in enumerate(records):
@@ -359,12 +361,14 @@ def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunk
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.objective import DistillObjective, batch_loss
+    from kdcache.trainer.targets import LossOptions, target_for_cache
 
-    batch = collate_records(list(open_cache(tail_cache).sequences("train"))[:3])
+    cache = open_cache(tail_cache)
+    target = target_for_cache(cache.manifest)
+    batch = collate_records(list(cache.sequences("train"))[:3], target)
     model = helpers.tiny_llama(384)
-    objective = DistillObjective(
-        model, kind=kind, mu=0.5, temperature=1.0, alpha=0.25, chunk_size=7, chunked=chunked
-    )
+    options = LossOptions(kind=kind, mu=0.5, temperature=1.0)
+    objective = DistillObjective(model, target, options, alpha=0.25, chunk_size=7, chunked=chunked)
     mask, labelled = batch["distill_mask"], batch["labels"] != -100
     loss = batch_loss(objective, batch, float(mask.sum()), float(labelled.sum()))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -384,11 +388,14 @@ def test_divergences_without_a_sample_estimator_use_the_bucket(tail_cache):
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import sparse_kd_loss
     from kdcache.trainer.objective import DistillObjective, batch_loss
+    from kdcache.trainer.targets import LossOptions, target_for_cache
 
-    batch = collate_records(list(open_cache(tail_cache).sequences("train"))[:3])
+    cache = open_cache(tail_cache)
+    target = target_for_cache(cache.manifest)
+    batch = collate_records(list(cache.sequences("train"))[:3], target)
     model = helpers.tiny_llama(384)
-    objective = DistillObjective(model, kind="js", mu=0.5, temperature=1.0, alpha=0.0,
-                                 chunk_size=7, chunked=False)  # fmt: skip
+    objective = DistillObjective(model, target, LossOptions(kind="js"), alpha=0.0, chunk_size=7,
+                                 chunked=False)  # fmt: skip
     mask = batch["distill_mask"]
     loss = batch_loss(objective, batch, float(mask.sum()), 1.0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -413,7 +420,7 @@ def test_train_on_a_tail_cache_lowers_heldout_kl(tail_cache, tiny_tokenizer, tmp
     cache = open_cache(tail_cache)
 
     def heldout_fkl(model) -> float:
-        return evaluate_model(model, cache, split="holdout", temperature=1.0)["fkl"]
+        return evaluate_model(model, cache, split="holdout", temperature=1.0)["fkl_bucket"]
 
     before = heldout_fkl(load_student_model(str(student), seed=0)[0])
     config = TrainConfig(cache=str(tail_cache), student=str(student), out=str(tmp_path / "run"),

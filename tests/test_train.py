@@ -66,8 +66,8 @@ def test_each_loss_trains_and_holdout_kl_falls(loss, teacher_cache, student_json
     if loss == "ce":  # the random tiny teacher does not predict the real text: CE is the goal
         assert after["ce"] < 0.9 * before["ce"], (before, after)
     else:
-        assert after["fkl"] < 0.7 * before["fkl"], (before, after)
-        assert after["rkl"] < before["rkl"] and after["top1"] > before["top1"]
+        assert after["fkl_bucket"] < 0.7 * before["fkl_bucket"], (before, after)
+        assert after["rkl_bucket"] < before["rkl_bucket"] and after["top1"] > before["top1"]
     metrics = [json.loads(line) for line in (result.out / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, 41))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
@@ -101,7 +101,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # gpt2: tied lm_head
 def test_chunked_and_full_logits_paths_agree(
-    architecture, teacher_cache, student_json, tiny_tokenizer, tmp_path, monkeypatch
+    architecture, teacher_cache, student_json, tiny_tokenizer, tmp_path, monkeypatch, capsys
 ):
     from kdcache.trainer import loop
 
@@ -114,8 +114,10 @@ def test_chunked_and_full_logits_paths_agree(
         )  # fmt: skip
     settings = dict(steps=2, ce_weight=0.3)
     chunked = train(_config(teacher_cache, student, tmp_path / "a", chunk_size=7, **settings))
-    monkeypatch.setattr(loop, "_chunked_available", lambda: False)
+    assert "note:" not in capsys.readouterr().err  # the fused closed-form path, silently
+    monkeypatch.setattr(loop, "resolve_head", lambda *_args: None)  # a head that does not split
     full = train(_config(teacher_cache, student, tmp_path / "b", **settings))
+    assert capsys.readouterr().err.count("does not split off exactly") == 1  # one start-up line
     expected, actual = _weights(chunked.final), _weights(full.final)
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4)
@@ -138,8 +140,9 @@ def test_epochs_and_eval_every(teacher_cache, student_json, tmp_path):
     evals = [json.loads(line) for line in (result.out / "metrics.jsonl").open()]
     evals = [m for m in evals if m["kind"] == "eval"]
     assert [m["step"] for m in evals] == [2, 4, 6, 8]
-    assert {"ce", "ppl", "fkl", "rkl", "top1"} <= set(evals[0])
-    assert evals[-1]["fkl"] < evals[0]["fkl"]
+    assert {"ce", "ppl", "fkl_bucket", "rkl_bucket", "top1", "fkl_unbiased"} <= set(evals[0])
+    assert evals[0]["fkl_unbiased"] is None  # a top-k + bucket cache has no samples
+    assert evals[-1]["fkl_bucket"] < evals[0]["fkl_bucket"]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -188,15 +191,18 @@ def test_objective_is_the_mean_over_distilled_positions(teacher_cache, chunked, 
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import sparse_kd_loss
     from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.targets import LossOptions, target_for_cache
 
-    records = list(open_cache(teacher_cache).sequences("holdout"))[:3]
+    cache = open_cache(teacher_cache)
+    records = list(cache.sequences("holdout"))[:3]
     chat = records[1]  # keep only some positions, as a chat record would
     keep = np.arange(2, chat.num_tokens, 3)
     records[1] = SequenceRecord(
         chat.sequence_id, chat.input_ids, chat.topk_ids[keep], chat.topk_logprobs[keep],
         chat.tail_mass[keep], keep.astype(np.int32),
     )  # fmt: skip
-    batch = collate_records(records)
+    target = target_for_cache(cache.manifest)
+    batch = collate_records(records, target)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -206,14 +212,9 @@ def test_objective_is_the_mean_over_distilled_positions(teacher_cache, chunked, 
     )  # fmt: skip
     distilled = batch["distill_mask"]
     labelled = batch["labels"] != -100
-    objective = DistillObjective(
-        model, kind="akl", mu=0.5, temperature=1.0, alpha=alpha, chunk_size=5, chunked=chunked
-    )
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], distilled,
-        float(distilled.sum()), float(labelled.sum()),
-    )  # fmt: skip
+    options = LossOptions(kind="akl", mu=0.5, temperature=1.0)
+    objective = DistillObjective(model, target, options, alpha=alpha, chunk_size=5, chunked=chunked)
+    loss = objective(batch, float(distilled.sum()), float(labelled.sum()))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     kd = sparse_kd_loss(
         logits[distilled], batch["topk_ids"][distilled], batch["topk_logprobs"][distilled],
@@ -234,33 +235,31 @@ def test_online_teacher_in_the_loop(teacher_cache, student_json, tiny_llama_dir,
                 teacher=str(tiny_llama_dir))
     )  # fmt: skip
     after = _holdout_kl(AutoModelForCausalLM.from_pretrained(result.final), teacher_cache)
-    assert after["fkl"] < 0.7 * before["fkl"], (before, after)
+    assert after["fkl_bucket"] < 0.7 * before["fkl_bucket"], (before, after)
 
 
 @pytest.mark.parametrize("chunked", [True, False])
 def test_online_objective_is_the_dense_mean(teacher_cache, tiny_llama_dir, chunked):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kdcache.cache.heads import split_head
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import dense_kd_loss
     from kdcache.trainer.objective import DistillObjective
+    from kdcache.trainer.targets import DenseTeacherTarget, LossOptions
 
-    batch = collate_records(list(open_cache(teacher_cache).sequences("holdout"))[:3])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    target = DenseTeacherTarget(teacher, split_head(teacher) if chunked else None, 384)
+    batch = collate_records(list(open_cache(teacher_cache).sequences("holdout"))[:3], target)
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1)
     )  # fmt: skip
     mask, labelled = batch["distill_mask"], batch["labels"] != -100
-    objective = DistillObjective(
-        model, kind="akl", mu=0.5, temperature=2.0, alpha=0.25, chunk_size=5, chunked=chunked,
-        teacher=teacher, teacher_chunked=chunked,
-    )  # fmt: skip
-    loss = objective(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["topk_ids"],
-        batch["topk_logprobs"], batch["tail_mass"], mask, float(mask.sum()), float(labelled.sum()),
-    )  # fmt: skip
+    options = LossOptions(kind="akl", mu=0.5, temperature=2.0)
+    objective = DistillObjective(model, target, options, alpha=0.25, chunk_size=5, chunked=chunked)
+    loss = objective(batch, float(mask.sum()), float(labelled.sum()))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     logits = model(**inputs).logits
     with torch.no_grad():
@@ -294,7 +293,7 @@ def test_a_cache_from_build_cache_trains(
                 eval_every=3, eval_split="train" if chat else "holdout")
     )  # fmt: skip
     assert result.steps == 3 and math.isfinite(result.loss)
-    assert result.eval is not None and math.isfinite(result.eval["fkl"])
+    assert result.eval is not None and math.isfinite(result.eval["fkl_bucket"])
     if chat:  # only assistant tokens are distilled
         assert result.eval["positions"] < result.eval["sequences"] * 64
 
@@ -343,7 +342,7 @@ def test_resume_accepts_the_same_paths_spelled_differently(tmp_path, monkeypatch
 
 
 def test_teacher_ids_beyond_the_student_vocabulary_move_to_the_tail():
-    from kdcache.trainer.objective import fold_out_of_vocab
+    from kdcache.trainer.targets.topk_bucket import fold_out_of_vocab
 
     ids = torch.tensor([[3, 9, 1], [2, 1, 0]])
     logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.6, 0.3, 0.0]]))

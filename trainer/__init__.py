@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from kdcache.cache._lazy import lazy_exports
 
 _LAZY = {
-    "chunked_dense_distill_loss": "chunked",
-    "chunked_distill_loss": "chunked",
+    "chunked_dense_distill_loss": "head_losses",
+    "chunked_distill_loss": "head_losses",
     "EvalConfig": "config",
     "TrainConfig": "config",
     "CacheDataset": "data",
@@ -28,7 +28,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from kdcache.trainer.chunked import chunked_dense_distill_loss, chunked_distill_loss
+    from kdcache.trainer.head_losses import chunked_dense_distill_loss, chunked_distill_loss
     from kdcache.trainer.config import EvalConfig, TrainConfig
     from kdcache.trainer.data import CacheDataset, collate_records
     from kdcache.trainer.evaluate import evaluate, evaluate_model, format_table

@@ -40,24 +40,10 @@ def reader_options(config: Any) -> dict[str, Any]:
 
 
 def loss_kinds() -> tuple[str, ...]:
-    """The accepted ``--loss`` values: the losses module's divergences plus ``ce``."""
-    from kdcache.trainer.losses import LOSS_KINDS
+    """The accepted ``--loss`` values: the divergences plus ``ce``."""
+    from kdcache.trainer.divergences import LOSS_KINDS
 
     return (*LOSS_KINDS, CE_ONLY)
-
-
-def check_loss_for_cache(loss: str, manifest: dict[str, Any]) -> None:
-    """ConfigError when the cache's layout cannot give ``loss`` (checked before anything is written).
-
-    A sampled cache (``top_k`` 0) trains with fkl (or ce) only. (On a topk+tail cache the other
-    divergences use the top-k + bucket and ignore the samples.)
-    """
-    if loss == CE_ONLY or not manifest.get("tail_samples"):
-        return
-    if int(manifest["top_k"]) == 0 and loss != "fkl":
-        from kdcache.trainer.sampled import SAMPLED_CACHE_LOSSES
-
-        raise ConfigError(f"--loss {loss}: {SAMPLED_CACHE_LOSSES}")
 
 
 def _check_device(device: str) -> str | None:
@@ -144,6 +130,11 @@ class TrainConfig:
         _check_common(problems, self.batch_size, self.chunk_size, self.device, self.dtype)
         if self.max_tokens is not None and self.max_tokens < 1:
             problems.append(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.steps is None:
+            problems.append(
+                "--max-tokens needs --steps N: the number of token-budget batches per epoch is "
+                "only known after decoding the whole split, which would run before training"
+            )
         for name in ("grad_accum", "log_every", "eval_sequences", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")

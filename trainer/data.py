@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.cache.errors import ConfigError, KdcacheError
 from kdcache.cache.records import SequenceRecord
+from kdcache.trainer.targets import TeacherTarget, target_for_cache
 
 IGNORE_INDEX = -100
 
@@ -43,79 +44,49 @@ class _CacheLike(Protocol):
     def read_shards(self, infos: Sequence[Any]) -> Iterator[Iterator[SequenceRecord]]: ...
 
 
-def collate_records(records: Sequence[SequenceRecord], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a list of records to one batch (right padding).
+def collate_records(
+    records: Sequence[SequenceRecord], target: TeacherTarget, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pad a list of records to one batch (right padding); the target collates its own tensors.
 
-    Returns a dict of tensors, B = len(records), T = longest record, k = top-k width:
+    Returns a dict of tensors, B = len(records), T = longest record:
 
     * ``input_ids`` (B, T) int64, ``pad_id`` after the end of each record
     * ``attention_mask`` (B, T) int64, 1 on real tokens
     * ``labels`` (B, T) int64: the next token at distilled positions that have one, else -100
       (the last token of a record has a teacher distribution but no label)
-    * ``topk_ids`` (B, T, k) int64 (0 where absent), ``topk_logprobs`` (B, T, k) float32
-      (-inf where absent; k = 0 for a sampled cache), ``tail_mass`` (B, T) float32 (1.0 where no distribution is stored,
-      so every row is a valid distribution)
     * ``distill_mask`` (B, T) bool: True where the teacher's distribution is stored
     * ``sequence_ids`` (B,) int64
-    * topk+tail caches only: ``tail_ids`` (B, T, s) int64 (0 where absent) and
-      ``tail_logprobs`` (B, T, s) float32 (-inf where absent)
+    * the target's tensors (``target.collate``), e.g. ``topk_ids`` (B, T, k) for a top-k cache
     """
     if not records:
         raise ValueError("collate_records needs at least one record")
     batch, length = len(records), max(record.num_tokens for record in records)
-    top_k = int(records[0].topk_ids.shape[1])
     input_ids = np.full((batch, length), pad_id, dtype=np.int64)
     attention_mask = np.zeros((batch, length), dtype=np.int64)
     labels = np.full((batch, length), IGNORE_INDEX, dtype=np.int64)
-    topk_ids = np.zeros((batch, length, top_k), dtype=np.int64)
-    topk_logprobs = np.full((batch, length, top_k), -np.inf, dtype=np.float32)
-    tail_mass = np.ones((batch, length), dtype=np.float32)
     distill_mask = np.zeros((batch, length), dtype=bool)
     for row, record in enumerate(records):
         num_tokens, positions = record.num_tokens, np.asarray(record.positions, dtype=np.int64)
         input_ids[row, :num_tokens] = record.input_ids
         attention_mask[row, :num_tokens] = 1
-        topk_ids[row, positions] = record.topk_ids
-        topk_logprobs[row, positions] = record.topk_logprobs
-        tail_mass[row, positions] = record.tail_mass
         distill_mask[row, positions] = True
         with_label = positions[positions < num_tokens - 1]  # the last token has no next token
         labels[row, with_label] = record.input_ids[with_label + 1]
-    batch = {
+    return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
-        "topk_ids": torch.from_numpy(topk_ids),
-        "topk_logprobs": torch.from_numpy(topk_logprobs),
-        "tail_mass": torch.from_numpy(tail_mass),
         "distill_mask": torch.from_numpy(distill_mask),
         "sequence_ids": torch.tensor([record.sequence_id for record in records], dtype=torch.int64),
-    }
-    if records[0].tail_ids is not None:
-        batch.update(_collate_tail_samples(records, length))
-    return batch
-
-
-def _collate_tail_samples(
-    records: Sequence[SequenceRecord], length: int
-) -> dict[str, torch.Tensor]:
-    """(B, T, s) tail samples of a topk+tail cache, padded like the top-k (id 0, log-prob -inf)."""
-    samples = int(records[0].tail_ids.shape[1])
-    tail_ids = np.zeros((len(records), length, samples), dtype=np.int64)
-    tail_logprobs = np.full((len(records), length, samples), -np.inf, dtype=np.float32)
-    for row, record in enumerate(records):
-        positions = np.asarray(record.positions, dtype=np.int64)
-        tail_ids[row, positions] = record.tail_ids
-        tail_logprobs[row, positions] = record.tail_logprobs
-    return {
-        "tail_ids": torch.from_numpy(tail_ids),
-        "tail_logprobs": torch.from_numpy(tail_logprobs),
+        **target.collate(records, length),
     }
 
 
 class CacheDataset(IterableDataset):
     """Padded batches from one split of a cache, for one rank, resumable mid-epoch.
 
+    ``target`` collates the teacher's tensors (default: the one of the cache's storage mode).
     Use ``epoch_batches()`` in the training process: it runs a DataLoader with ``num_workers``
     workers (decode + collation in parallel) and tracks what it handed out, so ``state_dict()``
     is exact however far the workers have prefetched. Iterating the dataset itself yields
@@ -137,6 +108,7 @@ class CacheDataset(IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 64,
         pad_id: int = 0,
+        target: TeacherTarget | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -152,6 +124,8 @@ class CacheDataset(IterableDataset):
         self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, max(1, shuffle_buffer)
         self.pad_id = pad_id
+        # the teacher target collates its own tensors (default: the cache's storage mode)
+        self.target = target if target is not None else target_for_cache(cache.manifest)
         self.shard_infos = list(cache.shards(split))
         self._reset_epoch(0)
 
@@ -258,7 +232,7 @@ class CacheDataset(IterableDataset):
         """The collated batches of local stream ``stream`` this epoch, the first ``skip`` left out."""
         for index, group in enumerate(self._batched(self.epoch, stream)):
             if index >= skip:
-                yield collate_records(group, self.pad_id)
+                yield collate_records(group, self.target, self.pad_id)
 
     def num_batches(self, rank: int | None = None) -> int:
         """Batches in one epoch for ``rank`` (default: this one), summed over its streams.

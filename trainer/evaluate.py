@@ -1,18 +1,21 @@
 """``evaluate(config)``: held-out quality of one or several students against a cache.
 
-Metrics (on the ``holdout`` split by default):
+Every cache reports the same measures, each with one meaning (docs/LOSSES.md, "Held-out
+measures"); a measure the cache's storage mode cannot give is ``None`` ("n/a"), never another
+quantity under the same name:
 
 * ``ce`` / ``ppl``: next-token cross-entropy (temperature 1) on the real next tokens and its exp;
-* ``fkl`` / ``rkl``: sparse forward / reverse KL to the cached teacher (bucket tail, at the
-  cache's temperature), mean over distilled positions; on a sampled cache (top-k 0) ``fkl`` is
-  the unbiased estimate from the tail samples and ``rkl`` is absent (it has no estimator there);
-* ``top1``: how often the student's most likely token is the teacher's most likely token (absent
-  on a sampled cache, which does not know the teacher's most likely token);
-* with a teacher model (``--teacher``): ``full_fkl`` / ``full_rkl``, the forward / reverse KL to
-  the teacher's full-vocabulary distribution (its own forward on the same sequences), the
-  reference a sparse cache is measured against.
+* ``top1``: how often the student's most likely token is the teacher's (needs a stored top-1:
+  n/a on a ``samples`` cache);
+* ``fkl_bucket`` / ``rkl_bucket``: forward / reverse KL over the top-k + tail bucket (a lower
+  bound of the full KL; n/a on a ``samples`` cache);
+* ``fkl_unbiased``: the unbiased estimate of the full forward KL from the tail samples (n/a on a
+  ``topk_bucket`` cache);
+* with a teacher model (``--teacher``): ``fkl_full`` / ``rkl_full``, the exact KLs to the
+  teacher's full distribution (its own forward on the same sequences).
 
-The lm_head runs chunk by chunk over positions, so memory stays O(chunk x vocab).
+The divergences are at the cache's temperature, averaged over distilled positions. The lm_head
+runs chunk by chunk over positions, so memory stays O(chunk x vocab).
 """
 
 from __future__ import annotations
@@ -30,22 +33,43 @@ from kdcache.cache.errors import CacheError
 from kdcache.cache.heads import body_of, resolve_head
 from kdcache.trainer.config import EvalConfig
 from kdcache.trainer.data import IGNORE_INDEX, collate_records
-from kdcache.trainer.objective import fold_out_of_vocab
+from kdcache.trainer.targets import MEASURES, DenseTeacherTarget, TeacherTarget, target_for_cache
 
-METRICS: tuple[str, ...] = ("ce", "ppl", "fkl", "rkl", "top1")
+FULL_MEASURES: tuple[str, ...] = ("fkl_full", "rkl_full")  # with --teacher only
+METRICS: tuple[str, ...] = ("ce", "ppl", *MEASURES)
+METRIC_LABELS: dict[str, str] = {
+    "ce": "CE (nats)",
+    "ppl": "perplexity",
+    "top1": "top-1 agreement",
+    "fkl_bucket": "FKL, top-k + bucket",
+    "rkl_bucket": "RKL, top-k + bucket",
+    "fkl_unbiased": "FKL, unbiased (samples)",
+    "fkl_full": "FKL to full teacher",
+    "rkl_full": "RKL to full teacher",
+}
 
 
-def _batches(cache, split: str, batch_size: int, max_sequences: int | None):
+def format_metric(value: float | None, width: int = 0) -> str:
+    """``value`` with 4 decimals, or "n/a" for a measure the cache cannot give."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
+def heldout_keys(metrics: dict[str, Any]) -> list[str]:
+    """The measures of ``metrics`` to print, in display order (every cache has the same)."""
+    return [name for name in (*METRICS, *FULL_MEASURES) if name in metrics]
+
+
+def _batches(cache, target: TeacherTarget, split: str, batch_size: int, max_sequences: int | None):
     group = []
     for seen, record in enumerate(cache.sequences(split)):
         if max_sequences is not None and seen >= max_sequences:
             break
         group.append(record)
         if len(group) == batch_size:
-            yield collate_records(group)
+            yield collate_records(group, target)
             group = []
     if group:
-        yield collate_records(group)
+        yield collate_records(group, target)
 
 
 def _states(model: nn.Module, chunked: bool, batch: dict, autocast) -> torch.Tensor:
@@ -75,110 +99,49 @@ def evaluate_model(
     device: torch.device | None = None,
     autocast: torch.dtype | None = None,
     teacher: nn.Module | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Metrics of ``model`` on ``split`` (see the module docstring); leaves the model in eval mode.
 
-    ``teacher`` (optional, same tokenizer, on ``device``) adds ``full_fkl`` / ``full_rkl``.
+    ``teacher`` (optional, same tokenizer, on ``device``) adds ``fkl_full`` / ``rkl_full``.
     """
-    from kdcache.trainer.losses import dense_kd_loss, sparse_kd_loss
-    from kdcache.trainer.sampled import topk_tail_kd_loss
-    from kdcache.trainer.topk_tail import fold_out_of_vocab_samples
-
     device = device or next(model.parameters()).device
     model.eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     head = _head(model, device)
-    teacher_head = None if teacher is None else _head(teacher.eval(), device)
-    sums = {"ce": 0.0, "fkl": 0.0, "rkl": 0.0, "top1": 0.0, "full_fkl": 0.0, "full_rkl": 0.0}
-    num_positions = num_labels = num_sequences = 0
-    sampled = int(cache.manifest["top_k"]) == 0  # tail samples only: no top-1, no RKL
-    for batch in _batches(cache, split, batch_size, max_sequences):
+    targets: list[TeacherTarget] = [target_for_cache(cache.manifest)]
+    if teacher is not None:
+        targets.append(DenseTeacherTarget(teacher.eval(), _head(teacher, device), vocab_size))
+    sums: dict[str, float] = {}
+    ce_sum, num_positions, num_labels, num_sequences = 0.0, 0, 0, 0
+    for batch in _batches(cache, targets[0], split, batch_size, max_sequences):
         batch = {key: value.to(device) for key, value in batch.items()}
         rows = batch["distill_mask"].reshape(-1).nonzero().squeeze(-1)  # (N,)
         states = _states(model, head is not None, batch, autocast)[rows]
-        if teacher is not None:
-            teacher_states = _states(teacher, teacher_head is not None, batch, autocast)[rows]
-        ids, logprobs, tail = fold_out_of_vocab(
-            batch["topk_ids"].flatten(0, 1)[rows],  # (N, k)
-            batch["topk_logprobs"].flatten(0, 1)[rows],
-            batch["tail_mass"].reshape(-1)[rows],
-            vocab_size,
-        )
+        teacher_rows = [target.select(batch, rows, vocab_size) for target in targets]
         labels = batch["labels"].reshape(-1)[rows]
-        samples = None
-        if sampled:  # the FKL estimate from the samples
-            samples = fold_out_of_vocab_samples(
-                batch["tail_ids"].flatten(0, 1)[rows],
-                batch["tail_logprobs"].flatten(0, 1)[rows],
-                vocab_size,
-            )
         for start in range(0, rows.numel(), chunk_size):
-            part = slice(start, start + chunk_size)
-            logits = head.logits(states[part]) if head is not None else states[part].float()
-            if samples is not None:
-                sums["fkl"] += float(
-                    topk_tail_kd_loss(
-                        logits,
-                        ids[part],
-                        logprobs[part],
-                        tail[part],
-                        samples[0][part],
-                        samples[1][part],
-                        kind="fkl",
-                        reduction="sum",
-                        temperature=temperature,
-                    )
-                )
-            for kind in ("fkl", "rkl") if samples is None else ():
-                sums[kind] += float(
-                    sparse_kd_loss(
-                        logits,
-                        ids[part],
-                        logprobs[part],
-                        tail[part],
-                        kind=kind,
-                        reduction="sum",
-                        temperature=temperature,
-                    )
-                )
-            if teacher is not None:
-                chunk = teacher_states[part]
-                full = teacher_head.logits(chunk) if teacher_head is not None else chunk.float()
-                full = full[:, :vocab_size]  # a teacher's padding ids beyond the student's: dropped
-                for kind in ("fkl", "rkl"):
-                    sums[f"full_{kind}"] += float(
-                        dense_kd_loss(
-                            logits, full, kind=kind, reduction="sum", temperature=temperature
-                        )
-                    )
-            if not sampled:
-                sums["top1"] += float((logits.argmax(-1) == ids[part, 0]).sum())
-            has_label = labels[part] != IGNORE_INDEX
-            if bool(has_label.any()):
-                sums["ce"] += float(
-                    F.cross_entropy(logits[has_label], labels[part][has_label], reduction="sum")
-                )
-                num_labels += int(has_label.sum())
+            end = min(start + chunk_size, rows.numel())
+            logits = head.logits(states[start:end]) if head is not None else states[start:end]
+            logits = logits.float()  # (C, V)
+            for target, selected in zip(targets, teacher_rows, strict=True):
+                chunk = {name: tensor[start:end] for name, tensor in selected.items()}
+                for name, values in target.evaluate_rows(logits, chunk, temperature).items():
+                    sums[name] = sums.get(name, 0.0) + float(values.sum())
+            has_label = labels[start:end] != IGNORE_INDEX
+            ce = F.cross_entropy(
+                logits, labels[start:end], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            ce_sum += float(ce)
+            num_labels += int(has_label.sum())
         num_positions += int(rows.numel())
         num_sequences += int(batch["input_ids"].shape[0])
     if num_positions == 0:
         raise CacheError(f"split {split!r} of the cache has no distilled positions to evaluate")
-    ce = sums["ce"] / max(num_labels, 1)
-    metrics = {
-        "ce": ce,
-        "ppl": math.exp(min(ce, 700.0)),
-        "fkl": sums["fkl"] / num_positions,
-        "rkl": sums["rkl"] / num_positions,
-        "top1": sums["top1"] / num_positions,
-        "positions": num_positions,
-        "label_positions": num_labels,
-        "sequences": num_sequences,
-    }
-    if sampled:  # no estimator of these on a sampled cache
-        del metrics["rkl"], metrics["top1"]
-    if teacher is not None:
-        metrics["full_fkl"] = sums["full_fkl"] / num_positions
-        metrics["full_rkl"] = sums["full_rkl"] / num_positions
+    ce = ce_sum / max(num_labels, 1)
+    metrics: dict[str, float | None] = {"ce": ce, "ppl": math.exp(min(ce, 700.0))}
+    shown = MEASURES + (FULL_MEASURES if teacher is not None else ())
+    metrics.update({name: sums[name] / num_positions if name in sums else None for name in shown})
+    metrics.update(positions=num_positions, label_positions=num_labels, sequences=num_sequences)
     return metrics
 
 
@@ -250,25 +213,18 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The students side by side: one row per metric, one column per student."""
+    """The students side by side: one row per metric, one column per student ("n/a": none)."""
     names = list(report["students"])
-    labels = {
-        "ce": "CE (nats)",
-        "ppl": "perplexity",
-        "fkl": "FKL to teacher (top-k + tail)",
-        "rkl": "RKL to teacher (top-k + tail)",
-        "top1": "top-1 agreement",
-        "full_fkl": "FKL to full teacher",
-        "full_rkl": "RKL to full teacher",
-    }
     first = report["students"][names[0]]
-    shown = [metric for metric in (*METRICS, "full_fkl", "full_rkl") if metric in first]
-    label_width = max(len(labels[metric]) for metric in shown)
+    shown = heldout_keys(first)
+    label_width = max(len(METRIC_LABELS[metric]) for metric in shown)
     width = max(10, *(len(name) for name in names))
     header = f"{'split ' + report['split']:<{label_width}}"
     lines = [header + "".join(f"  {name:>{width}}" for name in names)]
     for metric in shown:
-        cells = "".join(f"  {report['students'][name][metric]:>{width}.4f}" for name in names)
-        lines.append(f"{labels[metric]:<{label_width}}{cells}")
+        cells = "".join(
+            f"  {format_metric(report['students'][name][metric], width)}" for name in names
+        )
+        lines.append(f"{METRIC_LABELS[metric]:<{label_width}}{cells}")
     lines.append(f"({first['positions']} distilled positions)")
     return "\n".join(lines)

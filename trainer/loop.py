@@ -32,7 +32,7 @@ from kdcache.trainer.checkpoint import (
     start_run_dir,
     truncate_metrics,
 )
-from kdcache.trainer.config import TrainConfig, check_loss_for_cache, reader_options
+from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.student import (
@@ -43,6 +43,12 @@ from kdcache.trainer.student import (
     load_student_tokenizer,
     load_teacher,
     vocab_coverage_notice,
+)
+from kdcache.trainer.targets import (
+    DenseTeacherTarget,
+    LossOptions,
+    TeacherTarget,
+    target_for_cache,
 )
 
 
@@ -116,14 +122,6 @@ def _micro_batches(dataset: CacheDataset, max_epochs: int | None, grad_accum: in
         yield group
 
 
-def _chunked_available() -> bool:
-    try:
-        from kdcache.trainer.chunked import chunked_distill_loss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _eval_split(config: TrainConfig, cache) -> str | None:
     if not config.eval_every:
         return None
@@ -156,8 +154,9 @@ class _Run:
         self.config, self.info, self.started = config, info, time.perf_counter()
         self.cache = cache = open_cache(config.cache, **reader_options(config))
         self.temperature = _cache_temperature(config, cache.manifest)
-        if config.teacher is None:
-            check_loss_for_cache(config.loss, cache.manifest)
+        cache_target = target_for_cache(cache.manifest)  # the storage mode, decided once
+        if config.teacher is None and config.loss != CE_ONLY:
+            cache_target.check_loss(config.loss)
         cache.shards(config.split)  # CacheError naming the splits when it is missing
         self.resume_from = check_run_dir(config)
         spec = config.student if self.resume_from is None else str(self.resume_from)
@@ -175,10 +174,14 @@ class _Run:
             print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
         self.autocast = autocast_dtype(config.dtype, self.device)
-        teacher = None
+        self.probe = torch.arange(min(8, len(self.tokenizer)), device=self.device).unsqueeze(0)
+        self.target: TeacherTarget = cache_target
         if config.teacher is not None:
             dtype = self.autocast or torch.float32
             teacher = load_teacher(config.teacher, cache.path, cache.manifest, dtype)
+            teacher.to(self.device).eval()
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self.target = DenseTeacherTarget(teacher, resolve_head(teacher, self.probe), vocab)
         self.dataset = CacheDataset(
             cache,
             config.split,
@@ -190,6 +193,7 @@ class _Run:
             seed=config.seed,
             shuffle_buffer=config.shuffle_buffer,
             pad_id=0,
+            target=self.target,
         )
         self.eval_split = _eval_split(config, cache)
         self.total_steps = self._total_steps()
@@ -200,7 +204,7 @@ class _Run:
             start_run_dir(self.out, config)
         dist_utils.barrier(info)
 
-        self.objective = self._objective(teacher)
+        self.objective = self._objective()
         self.optimizer = _optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config.warmup_steps, self.total_steps)
@@ -224,29 +228,42 @@ class _Run:
             raise CacheError(f"split {config.split!r} of the cache holds no sequences to train on")
         return total
 
-    def _objective(self, teacher: nn.Module | None) -> nn.Module:
+    def _objective(self) -> nn.Module:
         model, device, config = self.model, self.device, self.config
         model.to(device).eval()  # resolve_head compares against the forward: no dropout
-        probe = torch.arange(min(8, len(self.tokenizer)), device=device).unsqueeze(0)
-        chunked = _chunked_available() and resolve_head(model, probe) is not None
-        if teacher is not None:
-            teacher.to(device)
+        chunked = resolve_head(model, self.probe) is not None
         model.train()
+        ce_only = config.loss == CE_ONLY
+        kind = "fkl" if ce_only else config.loss  # CE only: the options are never used
         objective: nn.Module = DistillObjective(
             model,
-            kind=config.loss,
-            mu=config.mu,
-            temperature=self.temperature,
+            None if ce_only else self.target,
+            LossOptions(kind=kind, mu=config.mu, temperature=self.temperature),
             alpha=config.alpha,
             chunk_size=config.chunk_size,
             chunked=chunked,
-            teacher=teacher,
-            teacher_chunked=teacher is not None and resolve_head(teacher, probe) is not None,
         )
+        if self.info.is_main:
+            for note in self._fallback_notes(chunked, None if ce_only else kind):
+                print(f"note: {note}", file=sys.stderr, flush=True)
         if self.info.distributed:
             ids = [device.index] if device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         return objective
+
+    def _fallback_notes(self, chunked: bool, kind: str | None) -> list[str]:
+        """One line per reason the run leaves the fused closed-form path (none: it is on it)."""
+        notes = []
+        if not chunked:
+            notes.append(
+                "the student's lm_head does not split off exactly (logit post-processing): the "
+                "loss runs on the model's full logits, memory O(batch tokens x vocab)"
+            )
+        if kind is not None and self.config.alpha < 1.0:
+            reason = self.target.fallback_reason(kind)
+            if reason is not None:
+                notes.append(reason)
+        return notes
 
     def _load_state(self, state: dict[str, Any]) -> None:
         if len(state["data"]) != self.info.world_size:
