@@ -129,6 +129,25 @@ def test_bad_flags(tmp_path, small_cache, student_json, extra, fragment):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("epochs", [[], ["--epochs", "2"]])
+def test_max_tokens_without_steps_is_refused_before_decoding(tmp_path, small_cache, student_json,
+                                                             epochs, monkeypatch):  # fmt: skip
+    """It used to decode the whole split (once per rank) to count batches before training."""
+    from kdcache.cache.reader import Cache
+
+    def no_decoding(*_args, **_kwargs):
+        raise AssertionError("a shard was decoded before the refusal")
+
+    monkeypatch.setattr(Cache, "read_shard", no_decoding)
+    args = ["train", "--cache", str(small_cache), "--student", str(student_json), "--out",
+            str(tmp_path / "out"), "--max-tokens", "64", "--no-progress", *epochs]  # fmt: skip
+    _assert_refused(_run(args), "--max-tokens needs --steps N")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--max-tokens needs --steps N"):
+        TrainConfig(cache="c", student="s", out="o", max_tokens=64)
+    TrainConfig(cache="c", student="s", out="o", max_tokens=64, steps=3)  # with --steps: fine
+
+
 def test_all_problems_in_one_message():
     with pytest.raises(ConfigError, match=r"--mu .*; --ce-weight .*; --steps"):
         TrainConfig(cache="c", student="s", out="o", mu=2.0, ce_weight=3.0, steps=0)

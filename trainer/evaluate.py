@@ -151,6 +151,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     Returns ``{"cache", "split", "students": {student: metrics}, "json": [paths written]}``.
     """
     from kdcache.cache import open_cache
+    from kdcache.cache.teacher import resolve_device
     from kdcache.trainer.config import reader_options
     from kdcache.trainer.student import (
         autocast_dtype,
@@ -159,7 +160,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         load_student_model,
         load_student_tokenizer,
         load_teacher,
-        resolve_device,
     )
 
     cache = open_cache(config.cache, **reader_options(config))
