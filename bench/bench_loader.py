@@ -27,6 +27,7 @@ import torch
 from kdcache.cache import SequenceRecord, ShardWriter, open_cache, shard_summary, write_manifest
 from kdcache.trainer.data import CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
+from kdcache.trainer.targets import LossOptions, target_for_cache
 
 
 def synthetic_cache(directory: Path, vocab: int, top_k: int, sequences: int, length: int) -> Path:
@@ -96,8 +97,9 @@ def trainer_rate(cache, vocab: int, batch_size: int, steps: int) -> float:
     )
     model = LlamaForCausalLM(config)
     objective = DistillObjective(
-        model, kind="akl", mu=0.5, temperature=1.0, alpha=0.0, chunk_size=1024, chunked=True
-    )
+        model, target_for_cache(cache.manifest), LossOptions(kind="akl"), alpha=0.0,
+        chunk_size=1024, chunked=True,
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = list(CacheDataset(cache, batch_size=batch_size).epoch_batches())[: steps + 1]
     positions, elapsed = 0, 0.0

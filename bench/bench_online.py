@@ -21,7 +21,9 @@ import time
 
 import torch
 
+from kdcache.cache.heads import split_head
 from kdcache.trainer.objective import DistillObjective, batch_loss
+from kdcache.trainer.targets import DenseTeacherTarget, LossOptions, TopkBucketTarget
 
 
 def _llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -86,12 +88,12 @@ def main() -> None:
     teacher.requires_grad_(False)
     student = _llama(args.vocab, args.student_hidden, args.student_layers, seed=0)
     batch = _batch(teacher, args.vocab, args.batch, args.seq, args.top_k)
-    common = dict(kind="akl", mu=0.5, temperature=1.0, alpha=0.0, chunk_size=args.chunk_size)
+    common = dict(alpha=0.0, chunk_size=args.chunk_size, chunked=True)
+    options = LossOptions(kind="akl", mu=0.5, temperature=1.0)
+    online = DenseTeacherTarget(teacher, split_head(teacher), args.vocab)
     variants = {
-        "cached": DistillObjective(student, chunked=True, **common),
-        "online": DistillObjective(
-            student, chunked=True, teacher=teacher, teacher_chunked=True, **common
-        ),
+        "cached": DistillObjective(student, TopkBucketTarget(), options, **common),
+        "online": DistillObjective(student, online, options, **common),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for objective in variants.values():
