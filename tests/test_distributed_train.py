@@ -83,7 +83,7 @@ def _train_rank(rank: int, world_size: int, config: TrainConfig, sgd: bool = Fal
     from kdcache.trainer import loop
 
     if sgd:
-        loop._optimizer = _sgd  # this forked process only
+        loop.build_optimizer = _sgd  # this forked process only
     result = loop.train(config)
     return result.steps, result.loss, str(result.final)
 

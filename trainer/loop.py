@@ -35,6 +35,7 @@ from kdcache.trainer.checkpoint import (
 from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
+from kdcache.trainer.optim import build_optimizer, warmup_cosine
 from kdcache.trainer.student import (
     autocast_dtype,
     check_tokenizer,
@@ -78,29 +79,6 @@ def _cache_temperature(config: TrainConfig, manifest: dict[str, Any]) -> float:
             "at one temperature cannot be re-tempered exactly; leave --temperature out"
         )
     return cached
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warmup to the peak, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def _micro_batches(dataset: CacheDataset, max_epochs: int | None, grad_accum: int):
@@ -205,9 +183,9 @@ class _Run:
         dist_utils.barrier(info)
 
         self.objective = self._objective()
-        self.optimizer = _optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(config.warmup_steps, self.total_steps)
+            self.optimizer, warmup_cosine(config.warmup_steps, self.total_steps)
         )
         self.step, self.tokens, self.loss = 0, 0, None
         self.last_eval: dict[str, float] | None = None
