@@ -141,7 +141,7 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(
     if sgd:
         from kdcache.trainer import loop
 
-        monkeypatch.setattr(loop, "_optimizer", _sgd)
+        monkeypatch.setattr(loop, "build_optimizer", _sgd)
     one = train(_config(four_sequences, student_json, tmp_path / "one", batch_size=4, **extra))
     ranks = run_ranks(
         _train_rank,
