@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="bucket-k64", help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="peak memory, no timing")
     args = parser.parse_args()
     if args.child:
         memory_child(args)
@@ -222,6 +223,14 @@ def main() -> None:
         "step = forward + backward of DistillObjective; ratios / chunked-ce"
     )
     for vocab in args.vocab:
+        if args.memory_only:
+            memory = {v: measure_memory(args, vocab, v) for v in variants}
+            print(f"\nvocab {vocab}: peak MiB, ratio / chunked-ce")
+            for v in variants:
+                print(
+                    f"{v:<17}{memory[v]:>10.0f}{memory[v] / memory['chunked-ce']:>7.3f}", flush=True
+                )
+            continue
         times, cpu, losses = measure_times(args, vocab, variants)
         memory = {} if args.skip_memory else {v: measure_memory(args, vocab, v) for v in variants}
         best = {v: min(times[v]) for v in variants}

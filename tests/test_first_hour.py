@@ -83,11 +83,18 @@ def test_demo_plot_says_which_positions_its_curves_and_final_points_measure(tmp_
     run.mkdir()
     lines = [{"kind": "train", "step": s, "loss": 3.0 - 0.1 * s} for s in (1, 2, 3, 4)]
     lines += [
-        {"kind": "eval", "step": s, "fkl": 1.0 / s, "rkl": 0.9 / s, "ce": 5.0, "positions": 4096}
+        {
+            "kind": "eval",
+            "step": s,
+            "fkl_bucket": 1.0 / s,
+            "rkl_bucket": 0.9 / s,
+            "ce": 5.0,
+            "positions": 4096,
+        }
         for s in (2, 4)
     ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    final = {"AKL student": {"fkl": 0.4, "rkl": 0.3, "ce": 4.9, "positions": 17052}}
+    final = {"AKL student": {"fkl_bucket": 0.4, "rkl_bucket": 0.3, "ce": 4.9, "positions": 17052}}
     figure = draw_runs({"AKL student": run}, final=final)
     fkl_axis = figure.axes[0]
     labels = [text.get_text() for text in fkl_axis.get_legend().get_texts()]
