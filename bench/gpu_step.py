@@ -67,12 +67,14 @@ def make_step(args, vocab: int, variant: str):
     """A closure running one forward + backward of ``variant``; returns the loss."""
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.objective import DistillObjective, batch_loss
+    from kdcache.trainer.targets import LossOptions, target_for_cache
 
     top_k, samples, alpha = VARIANTS[variant]
     model = student(vocab, args.hidden, args.layers, args.seq, args.device)
     records = synthetic_records(vocab, args.batch, args.seq, top_k, samples)
-    batch = {k: v.to(args.device) for k, v in collate_records(records).items()}
-    objective = DistillObjective(model, kind="akl", mu=0.5, temperature=1.0, alpha=alpha,
+    target = target_for_cache({"top_k": top_k, "tail_samples": samples})  # the storage mode
+    batch = {k: v.to(args.device) for k, v in collate_records(records, target).items()}
+    objective = DistillObjective(model, target, LossOptions(kind="akl"), alpha=alpha,
                                  chunk_size=args.chunk, chunked=True)  # fmt: skip
     counts = float(batch["distill_mask"].sum()), float((batch["labels"] != -100).sum())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else None
