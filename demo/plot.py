@@ -88,7 +88,7 @@ def draw_runs(
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, loc="upper right")
     ax = axes[-1]
     for label, (train, _) in data.items():
         points = [(e["step"], e["loss"]) for e in train if "loss" in e]
