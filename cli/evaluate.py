@@ -1,4 +1,4 @@
-"""``kdcache eval``: held-out CE / perplexity, top-1 agreement and the KL estimates the cache gives."""
+"""``kdcache eval``: held-out CE / perplexity, bits per byte, top-1 and the cache's KL estimates."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def evaluate(
     storage_option: list[str] = _storage.storage_option(),
     cache_dir: str | None = _storage.cache_dir_option(),
     cache_limit: str = _storage.cache_limit_option(),
+    cross_tokenizer: bool = typer.Option(
+        _eval("cross_tokenizer"),
+        help="Allow students whose tokenizer differs from the teacher's: CE / perplexity on "
+        "their own tokens and bits per byte (no KL to the teacher).",
+    ),
 ) -> None:
     """Evaluate students on the cache's held-out split and print them side by side."""
     from kdcache.trainer import evaluate as run_evaluation
@@ -59,6 +64,7 @@ def evaluate(
         dtype=dtype,
         teacher=teacher,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
+        cross_tokenizer=cross_tokenizer,
     )
     report = run_evaluation(config)
     typer.echo(format_table(report))

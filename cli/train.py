@@ -146,6 +146,14 @@ def train(
         help="Online: run this teacher in the loop (full-vocabulary KD, no top-k) "
         "(default: none, the cache is the teacher).",
     ),
+    cross_tokenizer: bool = typer.Option(
+        _train("cross_tokenizer"),
+        help="Allow a student whose tokenizer differs from the cache's teacher's: positions "
+        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md).",
+    ),
+    uld_weight: float = typer.Option(
+        _train("uld_weight"), help="Weight of the ULD term on unmatched tokens (--cross-tokenizer)."
+    ),
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
@@ -199,6 +207,8 @@ def train(
         device=device,
         dtype=dtype,
         teacher=teacher,
+        cross_tokenizer=cross_tokenizer,
+        uld_weight=uld_weight,
         progress=progress,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
@@ -217,5 +227,11 @@ def train(
         shown = heldout_keys(result.eval)
         typer.echo(
             "held-out: " + ", ".join(f"{key} {format_metric(result.eval[key])}" for key in shown)
+        )
+    if result.alignment:
+        typer.echo(
+            f"cross-tokenizer: {result.alignment['aligned_fraction']:.1%} of student positions "
+            f"aligned (the rest CE only); {result.alignment['matched_mass']:.1%} of the teacher's "
+            "mass on exact-match tokens there"
         )
     typer.echo(f"final checkpoint: {result.final}")

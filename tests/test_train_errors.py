@@ -104,7 +104,8 @@ def test_student_not_found(tmp_path, small_cache):
 
 def test_tokenizer_mismatch(tmp_path, small_cache, other_tokenizer_student):
     result = _run(_train_args(small_cache, other_tokenizer_student, tmp_path / "out"))
-    _assert_refused(result, "tokenizer does not match", "ids differ")
+    _assert_refused(result, "tokenizer does not match", "of the cache's ids differ", "the first is id",
+                    "pass --cross-tokenizer")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 

@@ -63,6 +63,27 @@ def _check_common(problems: list[str], batch_size: int, chunk_size: int, device:
         problems.append(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
+def _cross_tokenizer_problems(config: TrainConfig) -> list[str]:
+    if not (config.uld_weight >= 0 and math.isfinite(config.uld_weight)):
+        return [f"--uld-weight must be a number >= 0, got {config.uld_weight}"]
+    if not config.cross_tokenizer:
+        default = TrainConfig.__dataclass_fields__["uld_weight"].default
+        return [] if config.uld_weight == default else ["--uld-weight needs --cross-tokenizer"]
+    problems = []
+    if config.teacher is not None:
+        problems.append("--cross-tokenizer distills from a cache; drop --teacher")
+    if config.loss not in (CE_ONLY, "fkl", "rkl", "akl"):
+        problems.append(
+            f"--cross-tokenizer trains with --loss fkl, rkl, akl or ce, not {config.loss}"
+        )
+    if config.eval_every:
+        problems.append(
+            "--eval-every is not available with --cross-tokenizer (the held-out KL is in teacher "
+            "tokens); drop it and run `kdcache eval` on the checkpoint"
+        )
+    return problems
+
+
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
@@ -101,6 +122,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
     teacher: str | None = None  # online: run this teacher in the loop, full-vocabulary KD
+    cross_tokenizer: bool = False  # allow a student tokenizer other than the teacher's
+    uld_weight: float = 1.0  # weight of the ULD term on unmatched tokens (--cross-tokenizer)
     progress: bool = True  # tqdm progress bar
     split: str = "train"  # cache split to train on
     eval_split: str = "holdout"  # cache split used by eval_every
@@ -151,6 +174,7 @@ class TrainConfig:
             problems.append("give --resume or --overwrite, not both")
         if self.teacher is not None and self.loss == CE_ONLY:
             problems.append("--loss ce trains on the tokens alone; drop --teacher")
+        problems += _cross_tokenizer_problems(self)
         if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
             problems.append("--loss ce trains on next-token CE alone; leave --ce-weight out")
         _raise(problems)
@@ -204,6 +228,7 @@ class EvalConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
     cache_dir: str | None = None  # URL cache: local read-through dir (None: ~/.cache/kdcache)
     cache_limit: str = DEFAULT_CACHE_LIMIT  # size limit of cache_dir (LRU eviction)
+    cross_tokenizer: bool = False  # allow students whose tokenizer differs (bits per byte)
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -12,7 +12,10 @@ quantity under the same name:
 * ``fkl_unbiased``: the unbiased estimate of the full forward KL from the tail samples (n/a on a
   ``topk_bucket`` cache);
 * with a teacher model (``--teacher``): ``fkl_full`` / ``rkl_full``, the exact KLs to the
-  teacher's full distribution (its own forward on the same sequences).
+  teacher's full distribution (its own forward on the same sequences);
+* ``bpb``: bits per byte of the held-out text, each student on its own tokenization, so students
+  with another tokenizer (``--cross-tokenizer``) compare on it; for them the teacher measures
+  above are n/a and ``ce`` / ``ppl`` are on their own tokens.
 
 The divergences are at the cache's temperature, averaged over distilled positions. The lm_head
 runs chunk by chunk over positions, so memory stays O(chunk x vocab).
@@ -46,7 +49,9 @@ METRIC_LABELS: dict[str, str] = {
     "fkl_unbiased": "FKL, unbiased (samples)",
     "fkl_full": "FKL to full teacher",
     "rkl_full": "RKL to full teacher",
+    "bpb": "bits per byte",
 }
+DISPLAY_ORDER: tuple[str, ...] = (*METRICS, "bpb", *FULL_MEASURES)
 
 
 def format_metric(value: float | None, width: int = 0) -> str:
@@ -56,7 +61,7 @@ def format_metric(value: float | None, width: int = 0) -> str:
 
 def heldout_keys(metrics: dict[str, Any]) -> list[str]:
     """The measures of ``metrics`` to print, in display order (every cache has the same)."""
-    return [name for name in (*METRICS, *FULL_MEASURES) if name in metrics]
+    return [name for name in DISPLAY_ORDER if name in metrics]
 
 
 def _batches(cache, target: TeacherTarget, split: str, batch_size: int, max_sequences: int | None):
@@ -153,6 +158,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     from kdcache.cache import open_cache
     from kdcache.cache.teacher import resolve_device
     from kdcache.trainer.config import reader_options
+    from kdcache.trainer.cross_tokenizer.bits_per_byte import held_out_byte_metrics
     from kdcache.trainer.student import (
         autocast_dtype,
         check_tokenizer,
@@ -175,14 +181,27 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.teacher is not None:
         teacher = load_teacher(config.teacher, cache.path, cache.manifest, torch.float32)
         teacher.to(device)
-    for student in config.students:  # cheap checks of every student before any evaluation
+    same_tokenizer = {}  # cheap checks of every student before any evaluation
+    for student in config.students:
         tokenizer = load_student_tokenizer(student, cache.path)  # cache.path: a local copy
-        check_tokenizer(tokenizer, cache.path, cache.manifest)
-    results: dict[str, dict[str, float]] = {}
+        same_tokenizer[student] = check_tokenizer(
+            tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
+        )
+    results: dict[str, dict[str, float | None]] = {}
     for student in config.students:  # one model in memory at a time
         model, _ = load_student_model(student)
-        check_vocab_size(model, load_student_tokenizer(student, cache.path))
-        results[student] = evaluate_model(
+        tokenizer = load_student_tokenizer(student, cache.path)
+        check_vocab_size(model, tokenizer)
+        byte_metrics = held_out_byte_metrics(
+            model.to(device), cache, config.split, tokenizer, same_tokenizer=same_tokenizer[student],
+            max_sequences=config.max_sequences, batch_size=config.batch_size, device=device,
+        )  # fmt: skip
+        if not same_tokenizer[student]:  # another tokenizer: its own tokens, bits per byte
+            unsupported = MEASURES + (FULL_MEASURES if teacher is not None else ())
+            results[student] = dict.fromkeys(unsupported) | byte_metrics  # None: "n/a"
+            del model
+            continue
+        results[student] = byte_metrics | evaluate_model(
             model.to(device),
             cache,
             split=config.split,
@@ -215,16 +234,21 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     """The students side by side: one row per metric, one column per student ("n/a": none)."""
     names = list(report["students"])
-    first = report["students"][names[0]]
-    shown = heldout_keys(first)
+    students = report["students"]
+    shown: list[str] = []
+    for name in names:
+        shown += [metric for metric in heldout_keys(students[name]) if metric not in shown]
+    shown.sort(key=DISPLAY_ORDER.index)
     label_width = max(len(METRIC_LABELS[metric]) for metric in shown)
     width = max(10, *(len(name) for name in names))
     header = f"{'split ' + report['split']:<{label_width}}"
     lines = [header + "".join(f"  {name:>{width}}" for name in names)]
     for metric in shown:
-        cells = "".join(
-            f"  {format_metric(report['students'][name][metric], width)}" for name in names
-        )
+        cells = "".join(f"  {format_metric(students[name].get(metric), width)}" for name in names)
         lines.append(f"{METRIC_LABELS[metric]:<{label_width}}{cells}")
-    lines.append(f"({first['positions']} distilled positions)")
+    positions = [students[name]["positions"] for name in names if "positions" in students[name]]
+    if positions:
+        lines.append(f"({positions[0]} distilled positions)")
+    if any("positions" not in students[name] for name in names):
+        lines.append("(students with another tokenizer: CE / perplexity on their own tokens)")
     return "\n".join(lines)

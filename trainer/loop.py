@@ -8,6 +8,7 @@ before the first byte is written. The run directory then holds ``run.json`` (the
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -33,6 +34,9 @@ from kdcache.trainer.checkpoint import (
     truncate_metrics,
 )
 from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
+from kdcache.trainer.cross_tokenizer.batches import AlignmentStats, CrossTokenizerDataset
+from kdcache.trainer.cross_tokenizer.objective import cross_tokenizer_batch_loss
+from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_objective
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
@@ -67,6 +71,7 @@ class TrainResult:
     student_source: str  # "pretrained", "random-init" or "checkpoint"
     eval: dict[str, float] | None = None  # last held-out metrics (eval_every)
     rank: int = 0  # this process's rank (only rank 0 reports)
+    alignment: dict[str, float] | None = None  # cross-tokenizer runs: aligned share, matched mass
 
 
 def _cache_temperature(config: TrainConfig, manifest: dict[str, Any]) -> float:
@@ -142,11 +147,18 @@ class _Run:
         if self.resume_from is not None:
             self.source = "checkpoint"
         self.tokenizer = load_student_tokenizer(spec, cache.path)  # cache.path: a local copy
-        check_tokenizer(self.tokenizer, cache.path, cache.manifest)
+        same_tokenizer = check_tokenizer(
+            self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
+        )
         check_vocab_size(self.model, self.tokenizer)
-        notice = vocab_coverage_notice(
-            int(self.model.get_output_embeddings().weight.shape[0]),
-            int(cache.manifest["vocab_size"]),
+        self.cross = None if same_tokenizer else cross_tokenizer_for(cache, self.tokenizer)
+        notice = (
+            vocab_coverage_notice(
+                int(self.model.get_output_embeddings().weight.shape[0]),
+                int(cache.manifest["vocab_size"]),
+            )
+            if self.cross is None
+            else self.cross.summary()
         )
         if notice is not None and info.is_main:
             print(f"note: {notice}", file=sys.stderr)
@@ -160,7 +172,10 @@ class _Run:
             teacher.to(self.device).eval()
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             self.target = DenseTeacherTarget(teacher, resolve_head(teacher, self.probe), vocab)
-        self.dataset = CacheDataset(
+        make_dataset = CacheDataset
+        if self.cross is not None:  # batches in the student's tokens
+            make_dataset = functools.partial(CrossTokenizerDataset, cross=self.cross)
+        self.dataset = make_dataset(
             cache,
             config.split,
             batch_size=config.batch_size,
@@ -173,6 +188,8 @@ class _Run:
             pad_id=0,
             target=self.target,
         )
+        self.batch_loss = batch_loss if self.cross is None else cross_tokenizer_batch_loss
+        self.alignment = AlignmentStats()
         self.eval_split = _eval_split(config, cache)
         self.total_steps = self._total_steps()
 
@@ -207,13 +224,23 @@ class _Run:
         return total
 
     def _objective(self) -> nn.Module:
-        model, device, config = self.model, self.device, self.config
+        model, device = self.model, self.device
         model.to(device).eval()  # resolve_head compares against the forward: no dropout
         chunked = resolve_head(model, self.probe) is not None
         model.train()
+        objective = self._distill_objective(chunked)
+        if self.info.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        return objective
+
+    def _distill_objective(self, chunked: bool) -> nn.Module:
+        model, config = self.model, self.config
+        if self.cross is not None:  # student tokens: exact-match KD + ULD (+ CE)
+            return cross_tokenizer_objective(model, self.cross, config, self.temperature, chunked)
         ce_only = config.loss == CE_ONLY
         kind = "fkl" if ce_only else config.loss  # CE only: the options are never used
-        objective: nn.Module = DistillObjective(
+        objective = DistillObjective(
             model,
             None if ce_only else self.target,
             LossOptions(kind=kind, mu=config.mu, temperature=self.temperature),
@@ -224,9 +251,6 @@ class _Run:
         if self.info.is_main:
             for note in self._fallback_notes(chunked, None if ce_only else kind):
                 print(f"note: {note}", file=sys.stderr, flush=True)
-        if self.info.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         return objective
 
     def _fallback_notes(self, chunked: bool, kind: str | None) -> list[str]:
@@ -306,6 +330,7 @@ class _Run:
             student_source=self.source,
             eval=self.last_eval,
             rank=info.rank,
+            alignment=self.alignment.as_dict() if self.cross is not None else None,
         )
 
     def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -322,6 +347,8 @@ class _Run:
             float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)), info
         )
         step_loss = 0.0
+        if self.cross is not None:
+            self.alignment.update(group)
         for index, batch in enumerate(group):
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
@@ -332,7 +359,7 @@ class _Run:
                 else None
             )
             with no_sync or contextlib.nullcontext(), amp or contextlib.nullcontext():
-                loss = batch_loss(self.objective, batch, num_distilled, num_labels)
+                loss = self.batch_loss(self.objective, batch, num_distilled, num_labels)
             (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
             step_loss += float(loss.detach())
         grad_norm = float("nan")
@@ -362,6 +389,8 @@ class _Run:
             "tokens_per_s": tokens_per_s,
             "elapsed_s": time.perf_counter() - self.started,
         }
+        if self.cross is not None:
+            entry.update(self.alignment.as_dict())
         append_metrics(self.out, entry)
 
     def _evaluate(self) -> None:

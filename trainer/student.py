@@ -115,31 +115,42 @@ def load_student_tokenizer(spec: str, cache_dir: str | Path):
 
 
 def _vocabulary_difference(student: dict[str, int], cache: dict[str, int]) -> str | None:
-    """None when both map the same ids to the same strings, else a short description."""
-    if student == cache:
-        return None
+    """None when every id of the cache's tokenizer means the same string for the student.
+
+    Ids only the student has (added at the end of the same tokenizer) are not differences; a
+    cache id the student lacks is one (the teacher can predict that token).
+    """
     student_by_id = {index: token for token, index in student.items()}
     cache_by_id = {index: token for token, index in cache.items()}
     differing = sorted(
-        index
-        for index in set(student_by_id) | set(cache_by_id)
-        if student_by_id.get(index) != cache_by_id.get(index)
+        index for index, token in cache_by_id.items() if student_by_id.get(index) != token
     )
-    examples = ", ".join(
-        f"id {index}: {student_by_id.get(index)!r} vs {cache_by_id.get(index)!r}"
-        for index in differing[:3]
-    )
+    if not differing:
+        return None
+    first = differing[0]
     return (
-        f"{len(differing)} ids differ (student {len(student)} tokens, cache {len(cache)}): "
-        f"{examples}"
+        f"{len(differing)} of the cache's ids differ (student {len(student)} tokens, cache "
+        f"{len(cache)}), the first is id {first}: {student_by_id.get(first)!r} vs "
+        f"{cache_by_id[first]!r}"
     )
 
 
-def check_tokenizer(tokenizer: Any, cache_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Refuse a student tokenizer whose ids do not mean the same strings as the cache's.
+_CROSS_HINT = "pass --cross-tokenizer to distill across tokenizers, or use the teacher's tokenizer"
 
-    Compares against ``<cache>/tokenizer/`` when the build saved it, else against the manifest's
-    ``tokenizer_fingerprint``.
+
+def check_tokenizer(
+    tokenizer: Any,
+    cache_dir: str | Path,
+    manifest: dict[str, Any],
+    *,
+    cross_tokenizer: bool = False,
+) -> bool:
+    """True when the student's ids mean the teacher's strings (a same-tokenizer run).
+
+    Compares the ids both tokenizers have against ``<cache>/tokenizer/`` when the build saved
+    it, else the manifest's ``tokenizer_fingerprint``. A difference is refused (naming the first
+    differing id) unless ``cross_tokenizer``: then False (a cross-tokenizer run, which needs the
+    cache's tokenizer).
     """
     from transformers import AutoTokenizer
 
@@ -147,19 +158,27 @@ def check_tokenizer(tokenizer: Any, cache_dir: str | Path, manifest: dict[str, A
     if cache_tokenizer.is_dir():
         reference = AutoTokenizer.from_pretrained(cache_tokenizer)
         difference = _vocabulary_difference(tokenizer.get_vocab(), reference.get_vocab())
-        if difference is not None:
-            raise ConfigError(
-                f"the student's tokenizer does not match the cache's teacher tokenizer: "
-                f"{difference}; use a student with the teacher's tokenizer"
-            )
-        return
+        if difference is None:
+            return True
+        if cross_tokenizer:
+            return False
+        raise ConfigError(
+            f"the student's tokenizer does not match the cache's teacher tokenizer: "
+            f"{difference}; {_CROSS_HINT}"
+        )
     expected = manifest.get("tokenizer_fingerprint")
     actual = _fingerprint(tokenizer)
     if expected is not None and actual is not None and actual != expected:
+        if cross_tokenizer:
+            raise CacheError(
+                f"--cross-tokenizer needs the teacher's tokenizer, and the cache has none at "
+                f"{cache_tokenizer}; rebuild the cache (the build saves it)"
+            )
         raise ConfigError(
             "the student's tokenizer fingerprint differs from the cache's "
-            f"({actual[:12]} vs {str(expected)[:12]}); use a student with the teacher's tokenizer"
+            f"({actual[:12]} vs {str(expected)[:12]}); {_CROSS_HINT}"
         )
+    return True
 
 
 def _fingerprint(tokenizer: Any) -> str | None:

@@ -1,0 +1,170 @@
+"""Cross-tokenizer KD step time and peak memory vs CE and same-tokenizer KD, side by side.
+
+    python bench/bench_step_xtok.py                  # vocab 32k, batch 4 x 256, 2 threads
+    python bench/bench_step_xtok.py --vocab 32000 128000 --reps 5
+
+The student, batch and synthetic teacher of ``bench_step.py``; 30% of the student ids have no
+exact teacher match (the ULD term ranks them). Variants (forward + backward, no optimizer):
+
+    hf-ce         model(input_ids, labels=...).loss               (full logits)
+    chunked-ce    body -> chunked CE                               (kdcache, fused chunks)
+    bucket-k64    body -> chunked sparse AKL, k = 64               (same tokenizer, topk_bucket)
+    chunked-xtok  body -> chunked exact-match AKL + ULD, closed-form gradient (cross-tokenizer)
+    naive-xtok    model(input_ids).logits -> cross_tokenizer_kd_loss (full logits, autograd)
+
+Times: minimum wall and median process CPU over --reps interleaved repetitions after a warm-up.
+Memory: each variant's first step in a fresh subprocess, peak RSS (VmHWM) minus the RSS before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step  # the shared student, batch and teacher of the step benchmark
+
+from kdcache.cache.heads import body_of, split_head
+from kdcache.trainer.chunked import chunked_head_loss
+from kdcache.trainer.cross_tokenizer.loss import (
+    CrossTokenizerLoss,
+    cross_tokenizer_kd_loss,
+    cross_tokenizer_loss_and_grad,
+)
+
+VARIANTS = ("hf-ce", "chunked-ce", "bucket-k64", "chunked-xtok", "naive-xtok")
+SAME_TOKENIZER = ("hf-ce", "chunked-ce", "bucket-k64")  # bench_step.py's variants
+
+
+def cross_rows(vocab: int, topk_ids, topk_logprobs, tail_mass, seed: int = 0):
+    """The synthetic teacher seen through an exact-match map that misses 30% of the ids."""
+    generator = torch.Generator().manual_seed(seed)
+    matched = torch.rand(vocab, generator=generator) >= 0.3  # (V,)
+    unmatched = ~matched[topk_ids]  # (N, k)
+    probs = topk_logprobs.exp()
+    rows = {
+        "topk_ids": topk_ids.masked_fill(unmatched, 0),
+        "topk_logprobs": topk_logprobs.masked_fill(unmatched, float("-inf")),
+        "tail_mass": tail_mass + torch.where(unmatched, probs, 0.0).sum(-1),
+        "unmatched_probs": torch.where(unmatched, probs, 0.0).sort(-1, descending=True).values,
+    }
+    return rows, CrossTokenizerLoss(matched, "akl", uld_weight=1.0)
+
+
+def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int, k: int):
+    if variant in SAME_TOKENIZER:
+        return bench_step.make_step(variant, model, vocab, batch, seq, chunk)
+    data = bench_step.teacher_batch(vocab, batch, seq, k, 0)
+    input_ids = data["input_ids"]
+    topk_ids, topk_logprobs, tail_mass = (
+        data[name].flatten(0, 1) for name in ("topk_ids", "topk_logprobs", "tail_mass")
+    )
+    rows, setting = cross_rows(vocab, topk_ids, topk_logprobs, tail_mass)
+    n = input_ids.numel()
+    weight = torch.full((n,), 1.0 / n)
+    head, body = split_head(model), body_of(model)
+
+    def kernel(logits, start, end):
+        part = {name: tensor[start:end] for name, tensor in rows.items()}
+        return cross_tokenizer_loss_and_grad(logits, part, setting, weight[start:end])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if variant == "naive-xtok":
+            logits = model(input_ids=input_ids).logits.reshape(n, -1).float()
+            loss = (weight * cross_tokenizer_kd_loss(logits, rows, setting)).sum()
+        else:
+            hidden = body(input_ids=input_ids).last_hidden_state.reshape(n, -1)
+            loss = chunked_head_loss(hidden, head, kernel, chunk_size=chunk)
+        loss.backward()
+        return loss.detach().item()
+
+    return step
+
+
+def _make(args, model, vocab: int, variant: str):
+    return make_step(variant, model, vocab, args.batch, args.seq, args.chunk, args.k)
+
+
+def memory_child(args) -> None:
+    torch.set_num_threads(args.threads)
+    model = bench_step.build_model(args.vocab[0], args.seq)
+    step = _make(args, model, args.vocab[0], args.variant)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = bench_step._rss_kib("VmRSS:")
+    step()
+    print(json.dumps({"peak_mib": (bench_step._rss_kib("VmHWM:") - before) / 1024}))
+
+
+def measure_times(args, vocab: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of ``args.reps`` interleaved steps of each variant (after a warm-up)."""
+    model = bench_step.build_model(vocab, args.seq)
+    steps = {variant: _make(args, model, vocab, variant) for variant in VARIANTS}
+    wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for variant in VARIANTS:  # warm-up
+        steps[variant]()
+    for _ in range(args.reps):
+        for variant in VARIANTS:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[variant]()
+            wall[variant].append(time.perf_counter() - start)
+            cpu[variant].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def measure_memory(args, vocab: int, variant: str) -> float:
+    command = [sys.executable, __file__, "--child", "--variant", variant, "--vocab", str(vocab),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--k", str(args.k),
+               "--chunk", str(args.chunk), "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="chunked-xtok", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"batch {args.batch} x {args.seq}, k = {args.k}, chunk {args.chunk}, {args.threads} "
+          f"threads, {args.reps} interleaved reps; step = forward + backward")  # fmt: skip
+    for vocab in args.vocab:
+        wall, cpu = measure_times(args, vocab)
+        memory = {} if args.skip_memory else {v: measure_memory(args, vocab, v) for v in VARIANTS}
+        best = {v: min(wall[v]) for v in VARIANTS}
+        cpu_med = {v: statistics.median(cpu[v]) for v in VARIANTS}
+        print(f"\nvocab {vocab}")
+        print(f"{'variant':<14}{'wall min s':>11}{'/ ch-ce':>9}{'cpu med s':>11}{'/ ch-ce':>9}"
+              + ("" if not memory else f"{'peak MiB':>10}{'/ ch-ce':>9}"))  # fmt: skip
+        for v in VARIANTS:
+            line = f"{v:<14}{best[v]:>11.3f}{best[v] / best['chunked-ce']:>9.3f}"
+            line += f"{cpu_med[v]:>11.3f}{cpu_med[v] / cpu_med['chunked-ce']:>9.3f}"
+            if memory:
+                line += f"{memory[v]:>10.0f}{memory[v] / memory['chunked-ce']:>9.3f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Cross-tokenizer distillation: a student whose tokenizer differs from the cache's teacher's.
+
+``CrossTokenizer`` re-tokenizes each cached sequence for the student and aligns positions by
+byte offsets; ``map_teacher_rows`` carries the teacher's top-k into student ids (exact string
+matches, the rest to the bucket); ``cross_tokenizer_kd_loss`` adds the ULD term on the tokens
+without a match. See docs/LOSSES.md ("Students with another tokenizer").
+"""
+
+from kdcache.trainer.cross_tokenizer.alignment import AlignedSequence, CrossTokenizer
+from kdcache.trainer.cross_tokenizer.loss import (
+    CrossTokenizerLoss,
+    cross_tokenizer_kd_loss,
+    cross_tokenizer_loss_and_grad,
+)
+from kdcache.trainer.cross_tokenizer.mapping import MappedRows, map_teacher_rows
+from kdcache.trainer.cross_tokenizer.uld import uld_loss, uld_loss_and_grad
+from kdcache.trainer.cross_tokenizer.vocabulary import VocabularyBytes, vocabulary_bytes
+
+__all__ = [
+    "AlignedSequence",
+    "CrossTokenizer",
+    "CrossTokenizerLoss",
+    "MappedRows",
+    "VocabularyBytes",
+    "cross_tokenizer_kd_loss",
+    "cross_tokenizer_loss_and_grad",
+    "map_teacher_rows",
+    "uld_loss",
+    "uld_loss_and_grad",
+    "vocabulary_bytes",
+]

@@ -1,0 +1,155 @@
+"""Student batches from a cache of another tokenizer: re-tokenized, aligned, mapped, padded.
+
+``student_record`` turns one cached ``SequenceRecord`` (teacher ids) into a ``StudentRecord``
+(student ids, the distilled positions and their teacher rows in student ids);
+``collate_student_records`` pads them like ``kdcache.trainer.data.collate_records`` with two
+differences: CE labels exist at *every* student position that has a next token (unaligned
+positions get CE only), and the ULD inputs ride along. ``CrossTokenizerDataset`` is the cache
+dataset (same shards, order, resume state) that yields such batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.records import SequenceRecord
+from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
+from kdcache.trainer.cross_tokenizer.mapping import map_teacher_rows
+from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """One cached sequence in the student's tokens. S student tokens, A distilled positions."""
+
+    sequence_id: int
+    input_ids: np.ndarray  # (S,) int64 student ids
+    positions: np.ndarray  # (A,) int64 distilled positions, increasing
+    topk_ids: np.ndarray  # (A, k) int64 student ids (0 where unmatched)
+    topk_logprobs: np.ndarray  # (A, k) float32, -inf where unmatched
+    tail_mass: np.ndarray  # (A,) float32 bucket (tail + unmatched)
+    unmatched_probs: np.ndarray  # (A, k) float32 sorted descending, 0-padded
+    matched_mass: np.ndarray  # (A,) float32 teacher mass on exact-match ids
+    token_bytes: np.ndarray  # (S,) int64 bytes of each student token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def check_cross_tokenizer_cache(manifest: dict[str, Any]) -> None:
+    """A cache without top-k (a sampled cache) has nothing to match exactly: refused."""
+    if int(manifest.get("top_k", 0)) == 0:
+        raise ConfigError(
+            "--cross-tokenizer needs a cache with a top-k (this one stores only samples, k = 0); "
+            "build with --top-k N"
+        )
+
+
+def student_record(record: SequenceRecord, cross: CrossTokenizer) -> StudentRecord:
+    """Re-tokenize ``record`` for the student, align it and map its teacher rows."""
+    aligned = cross.align(record.input_ids, record.positions)
+    rows = aligned.teacher_rows
+    mapped = map_teacher_rows(
+        record.topk_ids[rows], record.topk_logprobs[rows], record.tail_mass[rows],
+        cross.teacher_to_student,
+    )  # fmt: skip
+    return StudentRecord(
+        sequence_id=int(record.sequence_id),
+        input_ids=aligned.input_ids,
+        positions=aligned.positions,
+        topk_ids=mapped.topk_ids,
+        topk_logprobs=mapped.topk_logprobs,
+        tail_mass=mapped.tail_mass,
+        unmatched_probs=mapped.unmatched_probs,
+        matched_mass=mapped.matched_mass,
+        token_bytes=aligned.token_bytes,
+    )
+
+
+def collate_student_records(
+    records: Sequence[StudentRecord], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pad student records to one batch (right padding). B records, T longest, k top-k width.
+
+    ``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 (the next student token wherever
+    there is one, else -100); ``distill_mask`` (B, T) bool (aligned positions);
+    ``topk_ids`` (B, T, k) int64, ``topk_logprobs`` (B, T, k) float32 (-inf where absent),
+    ``tail_mass`` (B, T) float32 (1 where absent), ``unmatched_probs`` (B, T, k) float32,
+    ``matched_mass`` (B, T) float32, ``token_bytes`` (B, T) int64 (0 on padding),
+    ``sequence_ids`` (B,).
+    """
+    if not records:
+        raise ValueError("collate_student_records needs at least one record")
+    batch, length = len(records), max(max(record.num_tokens for record in records), 1)
+    top_k = int(records[0].topk_ids.shape[1])
+    out = {
+        "input_ids": np.full((batch, length), pad_id, dtype=np.int64),
+        "attention_mask": np.zeros((batch, length), dtype=np.int64),
+        "labels": np.full((batch, length), IGNORE_INDEX, dtype=np.int64),
+        "topk_ids": np.zeros((batch, length, top_k), dtype=np.int64),
+        "topk_logprobs": np.full((batch, length, top_k), -np.inf, dtype=np.float32),
+        "tail_mass": np.ones((batch, length), dtype=np.float32),
+        "unmatched_probs": np.zeros((batch, length, top_k), dtype=np.float32),
+        "matched_mass": np.zeros((batch, length), dtype=np.float32),
+        "distill_mask": np.zeros((batch, length), dtype=bool),
+        "token_bytes": np.zeros((batch, length), dtype=np.int64),
+    }
+    for row, record in enumerate(records):
+        size, positions = record.num_tokens, record.positions
+        out["input_ids"][row, :size] = record.input_ids
+        out["attention_mask"][row, :size] = 1
+        out["labels"][row, : max(size - 1, 0)] = record.input_ids[1:]
+        out["token_bytes"][row, :size] = record.token_bytes
+        for name in ("topk_ids", "topk_logprobs", "tail_mass", "unmatched_probs", "matched_mass"):
+            out[name][row, positions] = getattr(record, name)
+        out["distill_mask"][row, positions] = True
+    tensors = {name: torch.from_numpy(value) for name, value in out.items()}
+    tensors["sequence_ids"] = torch.tensor([r.sequence_id for r in records], dtype=torch.int64)
+    return tensors
+
+
+class CrossTokenizerDataset(CacheDataset):
+    """``CacheDataset`` whose batches are in the student's tokens (``collate_student_records``).
+
+    The order, sharding and resume state are the cache dataset's (batches are cut by teacher
+    records, then re-tokenized), so ``--resume`` is exact as for a same-tokenizer run.
+    """
+
+    def __init__(self, cache: Any, split: str, cross: CrossTokenizer, **options: Any) -> None:
+        super().__init__(cache, split, **options)
+        self.cross = cross
+
+    def stream_batches(self, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        for index, group in enumerate(self._batched(self.epoch, stream)):
+            if index >= skip:
+                students = [student_record(record, self.cross) for record in group]
+                yield collate_student_records(students, self.pad_id)
+
+
+class AlignmentStats:
+    """Running counts of a cross-tokenizer run: aligned positions and exact-match teacher mass."""
+
+    def __init__(self) -> None:
+        self.positions = self.aligned = 0
+        self.matched_mass = 0.0
+
+    def update(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        for batch in batches:
+            self.positions += int(batch["attention_mask"].sum())
+            self.aligned += int(batch["distill_mask"].sum())
+            self.matched_mass += float(batch["matched_mass"].sum())
+
+    def as_dict(self) -> dict[str, float]:
+        """``aligned_fraction`` of student positions distilled; ``matched_mass``: the mean
+        teacher probability on exact-match tokens at those positions."""
+        return {
+            "aligned_fraction": self.aligned / max(self.positions, 1),
+            "matched_mass": self.matched_mass / max(self.aligned, 1),
+        }

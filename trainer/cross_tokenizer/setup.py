@@ -1,0 +1,54 @@
+"""Building the cross-tokenizer pieces of one training run (from the loop's config)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache.cache.errors import CacheError
+from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
+from kdcache.trainer.cross_tokenizer.batches import check_cross_tokenizer_cache
+from kdcache.trainer.cross_tokenizer.loss import CrossTokenizerLoss
+from kdcache.trainer.cross_tokenizer.objective import CrossTokenizerObjective
+
+
+def cross_tokenizer_for(cache: Any, student_tokenizer: Any) -> CrossTokenizer:
+    """The teacher (``<cache>/tokenizer/``) -> student translation, after the cache's checks."""
+    from transformers import AutoTokenizer
+
+    check_cross_tokenizer_cache(cache.manifest)
+    teacher_dir = cache.path / "tokenizer"
+    if not teacher_dir.is_dir():
+        raise CacheError(
+            f"--cross-tokenizer needs the teacher's tokenizer, and the cache has none at "
+            f"{teacher_dir}; rebuild the cache (the build saves it)"
+        )
+    return CrossTokenizer(AutoTokenizer.from_pretrained(teacher_dir), student_tokenizer)
+
+
+def student_matched_rows(cross: CrossTokenizer, vocab_rows: int) -> torch.Tensor:
+    """(vocab_rows,) bool: student ids with an exact teacher match; padding rows count as
+    matched (they are no token, so ULD never ranks them)."""
+    matched = torch.ones(vocab_rows, dtype=torch.bool)
+    size = min(vocab_rows, cross.student.size)
+    matched[:size] = torch.from_numpy(cross.student_matched[:size])
+    return matched
+
+
+def cross_tokenizer_objective(
+    model: nn.Module, cross: CrossTokenizer, config: Any, temperature: float, chunked: bool
+) -> CrossTokenizerObjective:
+    """The objective of a ``--cross-tokenizer`` run (``config``: the ``TrainConfig``)."""
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    setting = CrossTokenizerLoss(
+        student_matched_rows(cross, rows),
+        kind="fkl" if config.alpha >= 1.0 else config.loss,  # CE only: KD weight 0
+        mu=config.mu,
+        temperature=temperature,
+        uld_weight=config.uld_weight,
+    )
+    return CrossTokenizerObjective(
+        model, setting, alpha=config.alpha, chunk_size=config.chunk_size, chunked=chunked
+    )
