@@ -117,7 +117,15 @@ def train(
         _train("max_grad_norm"), help="Gradient clipping norm (0 = off)."
     ),
     seed: int = typer.Option(_train("seed"), help="Seed of the student init, data order and RNGs."),
-    workers: int = typer.Option(_train("num_workers"), help="DataLoader workers decoding shards."),
+    workers: int = typer.Option(
+        _train("num_workers"),
+        help="DataLoader workers decoding shards (a resume may use another number).",
+    ),
+    data_partitions: int | None = typer.Option(
+        None,
+        help="Parts the data order is cut into; a resume can run on up to this many ranks "
+        "(default: world size x max(1, --workers) at the run's start; a resume: the run's).",
+    ),
     chunk_size: int = typer.Option(
         _train("chunk_size"), help="Positions per lm_head + loss chunk."
     ),
@@ -197,6 +205,7 @@ def train(
         max_grad_norm=max_grad_norm,
         seed=seed,
         num_workers=workers,
+        data_partitions=data_partitions,
         chunk_size=chunk_size,
         save_every=save_every,
         eval_every=settings["eval_every"],
@@ -222,7 +231,7 @@ def train(
         f"{resumed}; last loss {loss_text}"
     )
     if result.eval:
-        from kdcache.trainer.evaluate import format_metric, heldout_keys
+        from kdcache.trainer.evaluation import format_metric, heldout_keys
 
         shown = heldout_keys(result.eval)
         typer.echo(

@@ -69,7 +69,7 @@ def _teacher_report() -> dict[str, Any] | None:
 
 def format_comparison(results: dict[str, dict[str, float]], labels: dict[str, str]) -> str:
     """The students side by side (rows: metrics; columns: students; last column: better)."""
-    from kdcache.trainer.evaluate import format_metric
+    from kdcache.trainer.evaluation import format_metric
 
     rows = [
         ("ce", "held-out CE (nats)", min),
@@ -117,7 +117,7 @@ def run_demo(
     )
     from kdcache.demo.plot import plot_runs
     from kdcache.trainer.config import EvalConfig, TrainConfig
-    from kdcache.trainer.evaluate import evaluate
+    from kdcache.trainer.evaluation import evaluate
     from kdcache.trainer.loop import train
 
     s = settings or (QUICK if quick else DemoSettings())

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from kdcache.cache import open_cache
-from kdcache.cache.errors import ConfigError
 from kdcache.trainer import TrainConfig, train
 from kdcache.trainer.student import load_student_model
 from tests import train_helpers as helpers
@@ -48,6 +47,15 @@ def twelve_sequences(tmp_path_factory, tiny_llama_dir, texts) -> Path:
     out = tmp_path_factory.mktemp("twelve") / "cache"
     return helpers.make_cache(
         out, tiny_llama_dir, texts, num_train=12, num_holdout=2, max_shard_tokens=100
+    )
+
+
+@pytest.fixture(scope="module")
+def twelve_in_one_shard(tmp_path_factory, tiny_llama_dir, texts) -> Path:
+    """12 train sequences in one shard: 2 partitions split it by record, 6 sequences each."""
+    out = tmp_path_factory.mktemp("twelve-one") / "cache"
+    return helpers.make_cache(
+        out, tiny_llama_dir, texts, num_train=12, num_holdout=2, max_shard_tokens=100_000
     )
 
 
@@ -193,10 +201,6 @@ def test_only_rank_zero_writes_and_resume_with_the_same_world_size(
     expected = _weights(full / "final")
     shutil.rmtree(full / "final")  # as a crash during step 3 leaves the run directory
     shutil.rmtree(full / "step-4")
-    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
-        train(_config(twelve_sequences, student_json, full, resume=True, **settings))
-    assert not (full / "final").exists()
-
     resumed = run_ranks(
         _train_rank, 2, _config(twelve_sequences, student_json, full, resume=True, **settings)
     )
@@ -206,6 +210,66 @@ def test_only_rank_zero_writes_and_resume_with_the_same_world_size(
         torch.testing.assert_close(got[name], weight, rtol=0, atol=1e-6, msg=name)
     lines = (full / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def _cut_back_to_step_2(out: Path) -> None:
+    """What a crash during step 3 leaves of a run with checkpoints every 2 steps."""
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "step-4")
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch(
+    twelve_in_one_shard, student_json, tmp_path, capfd
+):
+    """2 ranks x batch 2 stopped after step 2 and resumed on 1 rank x batch 2 x accumulation 2
+    (the same global batch) end with the uninterrupted 2-rank run's weights; and a 1-rank run
+    with 2 data partitions resumed on 2 ranks ends as the uninterrupted 1-rank run. The
+    partitions hold equally many batches (3 of 2 sequences): the step after the epoch's end
+    takes the same batches too (docs/SCALING.md says when it may not)."""
+    settings = dict(steps=5, batch_size=2, save_every=2)
+    two = tmp_path / "two"
+    run_ranks(_train_rank, 2, _config(twelve_in_one_shard, student_json, two, **settings))
+    expected = _weights(two / "final")
+    _cut_back_to_step_2(two)
+    resumed = train(
+        _config(twelve_in_one_shard, student_json, two, resume=True, grad_accum=2, **settings)
+    )
+    assert resumed.steps == 5 and resumed.resumed_from == 2
+    assert "resuming a 2-rank checkpoint on 1 rank(s)" in capfd.readouterr().err
+    got = _weights(two / "final")
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+    one = tmp_path / "one"
+    single = dict(settings, data_partitions=2)
+    train(_config(twelve_in_one_shard, student_json, one, grad_accum=2, **single))
+    expected = _weights(one / "final")
+    _cut_back_to_step_2(one)
+    again = run_ranks(
+        _train_rank, 2, _config(twelve_in_one_shard, student_json, one, resume=True, **single)
+    )
+    assert [result[0] for result in again] == [5, 5], again
+    got = _weights(one / "final")
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_on_more_ranks_than_data_partitions_is_refused(
+    twelve_sequences, student_json, tmp_path
+):
+    """A 1-rank run has 1 partition: resuming it on 2 ranks is refused on every rank, in one
+    line naming --data-partitions, and the run directory is left as it was."""
+    out = tmp_path / "run"
+    train(_config(twelve_sequences, student_json, out, steps=2, batch_size=2))
+    before = sorted(path.name for path in out.rglob("*"))
+    config = _config(twelve_sequences, student_json, out, steps=2, batch_size=2, resume=True)
+    results = run_ranks(_train_rank, 2, config)
+    for kind, message in results:  # a rank that raised: (error type, message)
+        assert kind == "ConfigError", results
+        assert "at most 1 ranks" in message and "--data-partitions >= 2" in message, message
+    assert sorted(path.name for path in out.rglob("*")) == before
 
 
 def _fsdp_recipe() -> str:

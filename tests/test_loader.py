@@ -161,11 +161,113 @@ def test_resume_mid_epoch_is_exact(num_workers, stop_after):
     assert _ids(head) + _ids(take(resumed, 20 - stop_after)) == expected
 
 
-def test_resume_with_other_worker_count_is_refused():
+def _ranks(cache, world_size, partitions, **options):
+    return [
+        CacheDataset(
+            cache, rank=rank, world_size=world_size, partitions=partitions, seed=5, **options
+        )
+        for rank in range(world_size)
+    ]
+
+
+def _steps(datasets, per_rank, count):
+    """``count`` data-parallel steps: each rank hands out ``per_rank`` batches per step.
+
+    Returns one sorted list of sequence ids per step (the step's global batch), stopping early
+    when a rank's epoch ends (as ``--epochs`` training does).
+    """
+    streams = [dataset.epoch_batches() for dataset in datasets]
+    steps = []
+    for _ in range(count):
+        step = []
+        for stream in streams:
+            for _ in range(per_rank):
+                batch = next(stream, None)
+                if batch is None:
+                    return steps
+                step.extend(batch["sequence_ids"].tolist())
+        steps.append(sorted(step))
+    return steps
+
+
+@pytest.mark.parametrize("workers", [(2, 0), (0, 2), (1, 3)])
+def test_resume_with_another_worker_count_is_exact(workers):
+    """The order depends on the partitions, not on the workers that read them."""
     cache = FakeCache()
-    state = CacheDataset(cache, num_workers=2).state_dict()
-    with pytest.raises(ConfigError, match="same --workers"):
-        CacheDataset(cache, num_workers=1).load_state_dict(state)
+    before, after = workers
+    full = CacheDataset(cache, batch_size=3, num_workers=before, partitions=2, seed=7)
+    expected = _ids(full.epoch_batches())
+    other = CacheDataset(cache, batch_size=3, num_workers=after, partitions=2, seed=7)
+    assert _ids(other.epoch_batches()) == expected  # same order whatever the workers
+    interrupted = CacheDataset(cache, batch_size=3, num_workers=before, partitions=2, seed=7)
+    stream = interrupted.epoch_batches()
+    head = [next(stream) for _ in range(4)]
+    resumed = CacheDataset(cache, batch_size=3, num_workers=after, partitions=2, seed=7)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert _ids(head) + _ids(resumed.epoch_batches()) == expected
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "partitions"),
+    [(2, 1, 2), (1, 2, 2), (2, 4, 4), (4, 2, 4), (4, 3, 4)],
+)
+def test_resume_with_another_world_size_sees_each_sequence_once(before, after, partitions):
+    """Steps keep their global batch (ranks x batch x accumulation unchanged); every remaining
+    sequence of the epoch comes exactly once after the change of world size."""
+    cache = FakeCache(num_shards=8, per_shard=6)  # 48 sequences, 6 per partition of 8 shards
+    options = dict(batch_size=2, shuffle_buffer=3)
+    per_rank_before, per_rank_after = 12 // before, 12 // after  # global batch: 12 batches
+    uninterrupted = _steps(_ranks(cache, before, partitions, **options), per_rank_before, 100)
+    assert sorted(i for step in uninterrupted for i in step) == list(range(48))
+
+    first = _ranks(cache, before, partitions, **options)
+    head = _steps(first, per_rank_before, 1)
+    states = [dataset.state_dict() for dataset in first]  # what a checkpoint gathers
+    resumed = _ranks(cache, after, partitions, **options)
+    for dataset in resumed:
+        dataset.load_state_dicts(states)
+    if partitions % after == 0:  # every new rank owns as many partitions: the same steps
+        tail = _steps(resumed, per_rank_after, 100)
+        assert head + tail == uninterrupted
+        seen = [i for step in head + tail for i in step]
+    else:  # ranks own unequal parts: each hands out the rest of its own
+        rest = [_ids(dataset.epoch_batches()) for dataset in resumed]
+        seen = [i for step in head for i in step] + [i for ids in rest for i in ids]
+    assert sorted(seen) == list(range(48))  # nothing repeated, nothing skipped
+
+
+def test_another_world_size_refusals():
+    cache = FakeCache()
+    with pytest.raises(ConfigError, match=r"at most 2 ranks.*--data-partitions >= 3"):
+        CacheDataset(cache, rank=0, world_size=3, partitions=2)
+    two = _ranks(cache, 2, 2, batch_size=2)
+    streams = [dataset.epoch_batches() for dataset in two]
+    for _ in range(20):  # rank 0 only: it runs into its next epoch, rank 1 does not
+        next(streams[0], None)
+    states = [dataset.state_dict() for dataset in two]
+    assert states[0]["epoch"] != states[1]["epoch"]
+    with pytest.raises(ConfigError, match=r"different epochs .*resume with 2 ranks"):
+        CacheDataset(cache, partitions=2, seed=5).load_state_dicts(states)
+    with pytest.raises(ConfigError, match="saved partitions=2, now 4"):
+        _ranks(cache, 1, 4, batch_size=2)[0].load_state_dicts(states)
+    with pytest.raises(ConfigError, match="saved seed=5, now 6"):
+        CacheDataset(cache, partitions=2, seed=6).load_state_dicts(states)
+
+
+def test_a_cursor_of_the_format_before_partitions_resumes():
+    """Checkpoints written before partitions (one stream per rank x worker) still load."""
+    cache = FakeCache()
+    full = CacheDataset(cache, batch_size=3, num_workers=2, seed=7)
+    expected = _ids(full.epoch_batches())
+    interrupted = CacheDataset(cache, batch_size=3, num_workers=2, seed=7)
+    stream = interrupted.epoch_batches()
+    head = [next(stream) for _ in range(3)]
+    state = interrupted.state_dict()
+    old = {key: state[key] for key in ("epoch", "consumed", "finished", "seed", "rank")}
+    old.update(next_stream=state["next"], num_streams=2, world_size=1)
+    resumed = CacheDataset(cache, batch_size=3, num_workers=2, seed=7)
+    resumed.load_state_dict(old)
+    assert _ids(head) + _ids(resumed.epoch_batches()) == expected
 
 
 def test_token_budget_batches():

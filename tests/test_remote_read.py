@@ -161,6 +161,36 @@ def test_mid_epoch_resume_from_s3_equals_an_uninterrupted_run(
         torch.testing.assert_close(actual[name], tensor, atol=0, rtol=0)
 
 
+def _train_rank(rank: int, world_size: int, config: TrainConfig) -> int:
+    from kdcache.trainer import loop
+
+    return loop.train(config).steps
+
+
+def test_resume_from_s3_on_another_world_size(s3, remote_cache, student_json, tmp_path):
+    """A 1-rank run (2 data partitions, accumulation 2) from s3, resumed after its step-4
+    checkpoint on 2 gloo ranks (accumulation 1: the same global batch), ends with the weights
+    of the uninterrupted run; each rank reads its partition through its own read-through cache."""
+    import shutil
+
+    from tests.test_distributed_build import run_ranks
+
+    common = dict(
+        cache=remote_cache, student=str(student_json), steps=6, batch_size=4, lr=3e-3,
+        save_every=2, progress=False, storage_options=s3.options, data_partitions=2,
+        cache_dir=str(tmp_path / "rc"), cache_limit="1MB", out=str(tmp_path / "run"),
+    )  # fmt: skip
+    whole = train(TrainConfig(grad_accum=2, **common))
+    expected = _weights(whole.final)
+    for name in ("final", "step-6"):
+        shutil.rmtree(tmp_path / "run" / name, ignore_errors=True)
+    steps = run_ranks(_train_rank, 2, TrainConfig(resume=True, **common))
+    assert steps == [6, 6], steps
+    actual = _weights(tmp_path / "run" / "final")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _flip_a_byte(s3, url: str) -> str:
     fs = s3.filesystem()
     victim = sorted(fs.glob(f"{url.removeprefix('s3://')}/shards/*.arrow"))[1]

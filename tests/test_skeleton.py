@@ -93,3 +93,18 @@ def test_reading_side_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_public_names_stay_functions_after_their_modules_are_imported():
+    """A lazily exported name never shares its name with a sub-module: importing the module (as
+    training does before ``kdcache eval`` in one process) would replace the function with it."""
+    import pkgutil
+    import types
+
+    for package_name in ("kdcache.cache", "kdcache.trainer"):
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{module.name}")
+        for name in package.__all__:
+            value = getattr(package, name)
+            assert not isinstance(value, types.ModuleType), f"{package_name}.{name} is a module"

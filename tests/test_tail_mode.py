@@ -412,7 +412,7 @@ def test_train_on_a_tail_cache_lowers_heldout_kl(tail_cache, tiny_tokenizer, tmp
 
     from kdcache.cache.reader import open_cache
     from kdcache.trainer.config import TrainConfig
-    from kdcache.trainer.evaluate import evaluate_model
+    from kdcache.trainer.evaluation import evaluate_model
     from kdcache.trainer.loop import train
     from kdcache.trainer.student import load_student_model
 

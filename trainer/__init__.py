@@ -17,9 +17,9 @@ _LAZY = {
     "TrainConfig": "config",
     "CacheDataset": "data",
     "collate_records": "data",
-    "evaluate": "evaluate",
-    "evaluate_model": "evaluate",
-    "format_table": "evaluate",
+    "evaluate": "evaluation",
+    "evaluate_model": "evaluation",
+    "format_table": "evaluation",
     "TrainResult": "loop",
     "train": "loop",
     "LOSS_KINDS": "losses",
@@ -30,7 +30,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from kdcache.trainer.config import EvalConfig, TrainConfig
     from kdcache.trainer.data import CacheDataset, collate_records
-    from kdcache.trainer.evaluate import evaluate, evaluate_model, format_table
+    from kdcache.trainer.evaluation import evaluate, evaluate_model, format_table
     from kdcache.trainer.head_losses import chunked_dense_distill_loss, chunked_distill_loss
     from kdcache.trainer.loop import TrainResult, train
     from kdcache.trainer.losses import LOSS_KINDS, dense_kd_loss, sparse_kd_loss

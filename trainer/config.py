@@ -25,6 +25,9 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
     | {"storage_options", "cache_dir", "cache_limit"}
+    # who reads the data, not what it is: a resume may change the workers and (to keep the
+    # global batch at another world size) the accumulation
+    | {"num_workers", "grad_accum"}
 )
 # Fields never written into run.json (storage options may hold credentials)
 _NOT_STORED = ("storage_options",)
@@ -110,7 +113,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     seed: int = 0  # student init, data order and every RNG
-    num_workers: int = 0  # DataLoader workers decoding shards (resume needs the same number)
+    num_workers: int = 0  # DataLoader workers decoding shards (any number on resume)
+    data_partitions: int | None = None  # parts of the data order (None = world x max(1, workers))
     shuffle_buffer: int = 64  # records held in the loader's shuffle buffer per worker
     chunk_size: int = 1024  # positions per chunk of the lm_head + loss (memory: chunk x vocab)
     save_every: int = 0  # checkpoint every N steps (0 = only the final one)
@@ -162,6 +166,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 problems.append(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.data_partitions is not None and self.data_partitions < 1:
+            problems.append(f"--data-partitions must be >= 1, got {self.data_partitions}")
         for name in ("warmup_steps", "save_every", "eval_every", "num_workers"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-").replace("num-workers", "workers")

@@ -1,22 +1,31 @@
 """Stream a teacher cache as padded training batches, with exact mid-epoch resume.
 
-The order of the batches is a pure function of ``(seed, epoch, rank, world_size, num_workers)``:
+The order of the batches is a pure function of ``(seed, epoch, partitions)``; the world size and
+the DataLoader workers only decide who reads what:
 
 * every epoch the split's shards are permuted with ``rng(seed, epoch)``;
-* the epoch is cut into ``world_size * num_streams`` *streams* (``num_streams = max(1,
-  num_workers)``, one per DataLoader worker): stream ``g = rank * num_streams + worker`` reads the
-  shards ``i`` of the permutation with ``i % num_streams_total == g``. A cache with fewer shards
-  than streams is split by record instead (every stream decodes every shard and keeps every
-  ``num_streams_total``-th record);
-* each stream shuffles its records through a bounded buffer (``rng(seed, epoch, g)``) and groups
-  them into batches of ``batch_size`` sequences (or up to ``max_tokens`` padded tokens);
-* the main process takes one batch from each stream in turn (round-robin, skipping streams that
-  have ended), whatever order the DataLoader delivers them in.
+* the epoch is cut into ``partitions`` parts (default: ``world_size * max(1, num_workers)`` of the
+  run's first start; ``--data-partitions`` fixes it): partition ``p`` reads the shards ``i`` of
+  the permutation with ``i % partitions == p``. A cache with fewer shards than partitions is
+  split by record instead (every partition decodes every shard and keeps every
+  ``partitions``-th record);
+* each partition shuffles its records through a bounded buffer (``rng(seed, epoch, p)``) and
+  groups them into batches of ``batch_size`` sequences (or up to ``max_tokens`` padded tokens);
+* rank ``r`` of ``world_size`` owns a contiguous range of partitions (``p * world_size //
+  partitions == r``) and takes one batch from each of them in turn (round-robin, skipping
+  partitions that have ended); its DataLoader workers split its partitions between them, and
+  the main process restores the round-robin order whatever order the workers deliver in.
 
-The state is therefore small: the epoch, the number of batches handed out per stream, and whose
-turn is next. On resume each worker re-reads its stream and skips (without collating) the batches
-it already handed out, so the resumed run sees exactly the batches the uninterrupted one would.
-Memory is bounded by the shuffle buffer and the DataLoader prefetch, whatever the cache size.
+The state is therefore small: the epoch, the number of batches handed out per partition, and
+whose turn is next. On resume each worker re-reads its partitions and skips (without collating)
+the batches already handed out, so the resumed run sees exactly the batches the uninterrupted
+one would, with any number of workers. With another world size (``load_state_dicts`` with every
+rank's state) the partitions change owners and continue from their own cursors: every remaining
+sequence of the epoch is seen exactly once; with the same global batch (ranks x batch x
+accumulation) a step takes the same batches as the uninterrupted run while the partitions hold
+equally many batches (at the end of an epoch, partitions that run out at different times can
+make a step's batches differ).
+Memory is bounded by the shuffle buffers and the DataLoader prefetch, whatever the cache size.
 """
 
 from __future__ import annotations
@@ -83,15 +92,35 @@ def collate_records(
     }
 
 
+def owned_partitions(partitions: int, rank: int, world_size: int) -> list[int]:
+    """The partitions rank ``rank`` of ``world_size`` reads: a contiguous range, in order."""
+    return [part for part in range(partitions) if part * world_size // partitions == rank]
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A data cursor of the format before partitions (one stream per rank x worker)."""
+    if "partitions" in state:
+        return state
+    streams, rank = int(state["num_streams"]), int(state["rank"])
+    return {
+        **state,
+        "partitions": int(state["world_size"]) * streams,
+        "owned": list(range(rank * streams, (rank + 1) * streams)),
+        "next": int(state["next_stream"]),
+    }
+
+
 class CacheDataset(IterableDataset):
     """Padded batches from one split of a cache, for one rank, resumable mid-epoch.
 
     ``target`` collates the teacher's tensors (default: the one of the cache's storage mode).
-    Use ``epoch_batches()`` in the training process: it runs a DataLoader with ``num_workers``
-    workers (decode + collation in parallel) and tracks what it handed out, so ``state_dict()``
-    is exact however far the workers have prefetched. Iterating the dataset itself yields
-    ``(stream, index, batch)`` items of the calling worker's stream (``batch`` None at its end,
-    or the ``KdcacheError`` that stopped it).
+    ``partitions`` fixes the data order (default ``world_size * max(1, num_workers)``); a run
+    resumed from its checkpoint passes the checkpoint's. Use ``epoch_batches()`` in the training
+    process: it runs a DataLoader with ``num_workers`` workers (decode + collation in parallel)
+    and tracks what it handed out, so ``state_dict()`` is exact however far the workers have
+    prefetched. Iterating the dataset itself yields ``(slot, index, batch)`` items of the calling
+    worker's partitions (``slot``: the partition's place among this rank's; ``batch`` None at the
+    partition's end, or the ``KdcacheError`` that stopped it).
     """
 
     def __init__(
@@ -109,6 +138,7 @@ class CacheDataset(IterableDataset):
         shuffle_buffer: int = 64,
         pad_id: int = 0,
         target: TeacherTarget | None = None,
+        partitions: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -118,24 +148,33 @@ class CacheDataset(IterableDataset):
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers, self.num_streams = num_workers, max(1, num_workers)
+        self.partitions = world_size * self.num_streams if partitions is None else partitions
+        if self.partitions < world_size:
+            raise ConfigError(
+                f"the data is cut into {self.partitions} partitions (the run's world size x "
+                f"workers when it started, or --data-partitions), which {world_size} ranks "
+                f"cannot share: run on at most {self.partitions} ranks, or start the run with "
+                f"--data-partitions >= {world_size}"
+            )
         self.cache, self.split = cache, split
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.rank, self.world_size = rank, world_size
-        self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, max(1, shuffle_buffer)
         self.pad_id = pad_id
         # the teacher target collates its own tensors (default: the cache's storage mode)
         self.target = target if target is not None else target_for_cache(cache.manifest)
         self.shard_infos = list(cache.shards(split))
+        self.owned = owned_partitions(self.partitions, rank, world_size)
         self._reset_epoch(0)
 
     # -- state ----------------------------------------------------------------------------------
 
     def _reset_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.consumed = [0] * self.num_streams  # batches handed out per stream this epoch
-        self.finished = [False] * self.num_streams
-        self.next_stream = 0
+        self.consumed = [0] * len(self.owned)  # batches handed out per owned partition
+        self.finished = [False] * len(self.owned)
+        self.next_slot = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning."""
@@ -145,9 +184,11 @@ class CacheDataset(IterableDataset):
         """The data cursor: enough to continue exactly where the main process stopped."""
         return {
             "epoch": self.epoch,
+            "partitions": self.partitions,
+            "owned": list(self.owned),
             "consumed": list(self.consumed),
             "finished": list(self.finished),
-            "next_stream": self.next_stream,
+            "next": self.next_slot,
             "num_streams": self.num_streams,
             "world_size": self.world_size,
             "rank": self.rank,
@@ -155,38 +196,84 @@ class CacheDataset(IterableDataset):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict()`` taken with the same workers, world size and seed."""
-        for key, mine in (
-            ("num_streams", self.num_streams),
-            ("world_size", self.world_size),
-            ("seed", self.seed),
-        ):
-            if state[key] != mine:
-                hint = " (resume with the same --workers)" if key == "num_streams" else ""
-                raise ConfigError(
-                    f"cannot resume the data stream: saved {key}={state[key]}, now {mine}{hint}"
-                )
-        self.epoch = int(state["epoch"])
-        self.consumed = [int(count) for count in state["consumed"]]
-        self.finished = [bool(flag) for flag in state["finished"]]
-        self.next_stream = int(state["next_stream"])
+        """Continue from this rank's ``state_dict()`` (same partitions, any number of workers)."""
+        mine = _upgraded(state)
+        self._check_compatible([mine])
+        if list(mine["owned"]) != self.owned:
+            raise ConfigError(
+                f"cannot resume the data stream: the saved cursor is of partitions "
+                f"{mine['owned']}, this rank reads {self.owned}"
+            )
+        self.epoch = int(mine["epoch"])
+        self.consumed = [int(count) for count in mine["consumed"]]
+        self.finished = [bool(flag) for flag in mine["finished"]]
+        self.next_slot = int(mine["next"])
 
-    # -- the deterministic streams -------------------------------------------------------------
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue from every rank's ``state_dict()`` of a checkpoint, at any world size.
 
-    def _stream_plan(self, epoch: int, stream: int) -> tuple[list[Any], int, int]:
-        """(shards to read, record stride, record offset) of local stream ``stream``."""
-        total = self.world_size * self.num_streams
-        global_stream = self.rank * self.num_streams + stream
+        With the checkpoint's world size each rank takes its own cursor; with another one the
+        partitions' cursors are regrouped by their new owners, which needs every rank to have
+        been in the same epoch when the checkpoint was written.
+        """
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        states = [_upgraded(state) for state in states]
+        self._check_compatible(states)
+        epochs = sorted({int(state["epoch"]) for state in states})
+        if len(epochs) != 1:
+            raise ConfigError(
+                f"cannot resume on {self.world_size} ranks: when the checkpoint was written its "
+                f"{len(states)} ranks were in different epochs ({', '.join(map(str, epochs))}); "
+                f"resume with {len(states)} ranks"
+            )
+        cursors = {
+            int(part): (int(count), bool(flag))
+            for state in states
+            for part, count, flag in zip(
+                state["owned"], state["consumed"], state["finished"], strict=True
+            )
+        }
+        missing = [part for part in self.owned if part not in cursors]
+        if missing:
+            raise ConfigError(f"the checkpoint holds no data cursor for partitions {missing}")
+        self.epoch = epochs[0]
+        self.consumed = [cursors[part][0] for part in self.owned]
+        self.finished = [cursors[part][1] for part in self.owned]
+        self.next_slot = self._first_behind()
+
+    def _check_compatible(self, states: Sequence[dict[str, Any]]) -> None:
+        for state in states:
+            for key, mine in (("partitions", self.partitions), ("seed", self.seed)):
+                if int(state[key]) != mine:
+                    hint = " (resume with the run's --data-partitions)" * (key == "partitions")
+                    raise ConfigError(
+                        f"cannot resume the data stream: saved {key}={state[key]}, now {mine}{hint}"
+                    )
+
+    def _first_behind(self) -> int:
+        """The round-robin turn implied by the counts: the first open partition that is behind."""
+        open_slots = [slot for slot, done in enumerate(self.finished) if not done]
+        if not open_slots:
+            return 0
+        fewest = min(self.consumed[slot] for slot in open_slots)
+        return next(slot for slot in open_slots if self.consumed[slot] == fewest)
+
+    # -- the deterministic partitions ----------------------------------------------------------
+
+    def _partition_plan(self, epoch: int, part: int) -> tuple[list[Any], int, int]:
+        """(shards to read, record stride, record offset) of partition ``part``."""
         order = np.arange(len(self.shard_infos))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_infos))
         shards = [self.shard_infos[index] for index in order]
-        if len(shards) >= total:
-            return shards[global_stream::total], 1, 0
-        return shards, total, global_stream  # too few shards: split by record
+        if len(shards) >= self.partitions:
+            return shards[part :: self.partitions], 1, 0
+        return shards, self.partitions, part  # too few shards: split by record
 
-    def _records(self, epoch: int, stream: int) -> Iterator[SequenceRecord]:
-        shards, stride, offset = self._stream_plan(epoch, stream)
+    def _records(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
+        shards, stride, offset = self._partition_plan(epoch, part)
         counter = 0
         for shard_records in self.cache.read_shards(shards):  # a remote cache fetches ahead
             for record in shard_records:
@@ -194,13 +281,12 @@ class CacheDataset(IterableDataset):
                     yield record
                 counter += 1
 
-    def _shuffled(self, epoch: int, stream: int) -> Iterator[SequenceRecord]:
-        records = self._records(epoch, stream)
+    def _shuffled(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
+        records = self._records(epoch, part)
         if not self.shuffle:
             yield from records
             return
-        global_stream = self.rank * self.num_streams + stream
-        rng = np.random.default_rng([self.seed, epoch, global_stream, 1])
+        rng = np.random.default_rng([self.seed, epoch, part, 1])
         buffer: list[SequenceRecord] = []
         for record in records:
             if len(buffer) < self.shuffle_buffer:
@@ -212,10 +298,10 @@ class CacheDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _batched(self, epoch: int, stream: int) -> Iterator[list[SequenceRecord]]:
+    def _batched(self, epoch: int, part: int) -> Iterator[list[SequenceRecord]]:
         group: list[SequenceRecord] = []
         longest = 0
-        for record in self._shuffled(epoch, stream):
+        for record in self._shuffled(epoch, part):
             longest_with = max(longest, record.num_tokens)
             too_many_tokens = (
                 self.max_tokens is not None and (len(group) + 1) * longest_with > self.max_tokens
@@ -228,55 +314,65 @@ class CacheDataset(IterableDataset):
         if group:
             yield group
 
-    def stream_batches(self, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The collated batches of local stream ``stream`` this epoch, the first ``skip`` left out."""
-        for index, group in enumerate(self._batched(self.epoch, stream)):
+    def partition_batches(self, part: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The collated batches of partition ``part`` this epoch, the first ``skip`` left out."""
+        for index, group in enumerate(self._batched(self.epoch, part)):
             if index >= skip:
                 yield collate_records(group, self.target, self.pad_id)
 
     def num_batches(self, rank: int | None = None) -> int:
-        """Batches in one epoch for ``rank`` (default: this one), summed over its streams.
+        """Batches in one epoch for ``rank`` (default: this one), summed over its partitions.
 
         Exact from the shard counts when batching by sequences; with ``max_tokens`` it reads the
         split once (decoding only).
         """
         rank = self.rank if rank is None else rank
-        probe = CacheDataset.__new__(CacheDataset)
-        probe.__dict__.update(self.__dict__)
-        probe.rank = rank
         total = 0
-        for stream in range(self.num_streams):
-            shards, stride, offset = probe._stream_plan(0, stream)
+        for part in owned_partitions(self.partitions, rank, self.world_size):
+            shards, stride, offset = self._partition_plan(0, part)
             if self.max_tokens is None:
                 sequences = sum(int(info.num_sequences) for info in shards)
                 if stride > 1:
                     sequences = len(range(offset, sequences, stride))
                 total += math.ceil(sequences / self.batch_size)
             else:
-                total += sum(1 for _ in probe._batched(0, stream))
+                total += sum(1 for _ in self._batched(0, part))
         return total
 
     # -- iteration ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor] | None]]:
         info = get_worker_info()
-        stream = 0 if info is None else info.id
+        worker = 0 if info is None else info.id
         if (1 if info is None else info.num_workers) != self.num_streams:
             raise ConfigError(
                 f"CacheDataset was built for num_workers={self.num_workers}; "
                 "use epoch_batches() or a DataLoader with that many workers"
             )
-        if self.finished[stream]:
-            return
-        index = self.consumed[stream]
-        try:
-            for batch in self.stream_batches(stream, skip=index):
-                yield stream, index, batch
-                index += 1
-        except KdcacheError as error:  # e.g. a corrupt shard: re-raised as is in the main process
-            yield stream, index, error
-            return
-        yield stream, index, None  # end of this stream
+        # this worker's partitions, in the round-robin order starting at the main process's turn
+        slots = [slot for slot in range(len(self.owned)) if slot % self.num_streams == worker]
+        slots = sorted(slots, key=lambda slot: (slot < self.next_slot, slot))
+        streams = {
+            slot: (
+                self.consumed[slot],
+                self.partition_batches(self.owned[slot], self.consumed[slot]),
+            )
+            for slot in slots
+            if not self.finished[slot]
+        }
+        while streams:
+            for slot in list(streams):
+                index, batches = streams[slot]
+                try:
+                    batch = next(batches, None)
+                except KdcacheError as error:  # e.g. a corrupt shard: re-raised in the main process
+                    yield slot, index, error
+                    return
+                yield slot, index, batch
+                if batch is None:  # end of this partition
+                    del streams[slot]
+                else:
+                    streams[slot] = (index + 1, batches)
 
     def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch, in the fixed round-robin order; then the next epoch begins.
@@ -290,28 +386,28 @@ class CacheDataset(IterableDataset):
             source = iter(
                 DataLoader(self, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
             )
-        pending: dict[int, list] = {stream: [] for stream in range(self.num_streams)}
+        pending: dict[int, list] = {slot: [] for slot in range(len(self.owned))}
         try:
             while not all(self.finished):
-                stream = self.next_stream
-                if self.finished[stream]:
-                    self.next_stream = (stream + 1) % self.num_streams
+                slot = self.next_slot
+                if self.finished[slot]:
+                    self.next_slot = (slot + 1) % len(self.owned)
                     continue
-                while not pending[stream]:
-                    item_stream, index, batch = next(source)
+                while not pending[slot]:
+                    item_slot, index, batch = next(source)
                     if isinstance(batch, KdcacheError):
                         raise batch  # one clean line, not the DataLoader's wrapped traceback
-                    pending[item_stream].append((index, batch))
-                index, batch = pending[stream].pop(0)
-                if index != self.consumed[stream]:
+                    pending[item_slot].append((index, batch))
+                index, batch = pending[slot].pop(0)
+                if index != self.consumed[slot]:
                     raise RuntimeError(
-                        f"stream {stream}: got batch {index}, expected {self.consumed[stream]}"
+                        f"partition slot {slot}: got batch {index}, expected {self.consumed[slot]}"
                     )  # invariant, not user input
-                self.next_stream = (stream + 1) % self.num_streams
+                self.next_slot = (slot + 1) % len(self.owned)
                 if batch is None:
-                    self.finished[stream] = True
+                    self.finished[slot] = True
                     continue
-                self.consumed[stream] += 1
+                self.consumed[slot] += 1
                 yield batch
         finally:
             del source

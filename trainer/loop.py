@@ -40,6 +40,7 @@ from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tok
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
+from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
 from kdcache.trainer.student import (
     autocast_dtype,
     check_tokenizer,
@@ -142,6 +143,9 @@ class _Run:
             cache_target.check_loss(config.loss)
         cache.shards(config.split)  # CacheError naming the splits when it is missing
         self.resume_from = check_run_dir(config)
+        self.resume_state = (
+            None if self.resume_from is None else load_training_state(self.resume_from)
+        )
         spec = config.student if self.resume_from is None else str(self.resume_from)
         self.model, self.source = load_student_model(spec, seed=config.seed)
         if self.resume_from is not None:
@@ -187,6 +191,7 @@ class _Run:
             shuffle_buffer=config.shuffle_buffer,
             pad_id=0,
             target=self.target,
+            partitions=partitions_for(config.data_partitions, self.resume_state),
         )
         self.batch_loss = batch_loss if self.cross is None else cross_tokenizer_batch_loss
         self.alignment = AlignmentStats()
@@ -207,8 +212,8 @@ class _Run:
         self.step, self.tokens, self.loss = 0, 0, None
         self.last_eval: dict[str, float] | None = None
         torch.manual_seed(config.seed)
-        if self.resume_from is not None:
-            self._load_state(load_training_state(self.resume_from))
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
         if config.resume and info.is_main:  # lines logged after the checkpoint are redone
             truncate_metrics(self.out, self.step)
 
@@ -216,6 +221,8 @@ class _Run:
         config = self.config
         if config.steps is not None:
             return config.steps
+        if self.resume_state is not None and "total_steps" in self.resume_state:
+            return int(self.resume_state["total_steps"])  # what the schedule was built for
         ranks = range(self.info.world_size)
         per_epoch = min(self.dataset.num_batches(rank) for rank in ranks)
         total = math.ceil((config.epochs or 1) * per_epoch / config.grad_accum)
@@ -268,15 +275,14 @@ class _Run:
         return notes
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        if len(state["data"]) != self.info.world_size:
-            raise ConfigError(
-                f"the checkpoint was written by {len(state['data'])} ranks, this run has "
-                f"{self.info.world_size}; resume with the same world size"
-            )
+        config, info = self.config, self.info
+        self.dataset.load_state_dicts(state["data"])  # any world size: regrouped partitions
+        note = world_size_note(state, info.world_size, config.batch_size, config.grad_accum)
+        if note is not None and info.is_main:
+            print(f"note: {note}", file=sys.stderr, flush=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.dataset.load_state_dict(state["data"][self.info.rank])
-        set_rng_state(state["rng"][self.info.rank])
+        set_rng_state(rng_for_rank(state, info.rank))
         self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]
         self.resumed_step = self.step
 
@@ -394,7 +400,7 @@ class _Run:
         append_metrics(self.out, entry)
 
     def _evaluate(self) -> None:
-        from kdcache.trainer.evaluate import evaluate_model
+        from kdcache.trainer.evaluation import evaluate_model
 
         self.last_eval = evaluate_model(
             self.model,
@@ -427,6 +433,7 @@ class _Run:
                 "rng": rng_states,
                 "config": self.config.to_dict(),
                 "world_size": self.info.world_size,
+                "total_steps": self.total_steps,
             }
             path = save_checkpoint(self.out, name, self.model, self.tokenizer, state)
         dist_utils.barrier(self.info)

@@ -126,8 +126,8 @@ class CrossTokenizerDataset(CacheDataset):
         super().__init__(cache, split, **options)
         self.cross = cross
 
-    def stream_batches(self, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for index, group in enumerate(self._batched(self.epoch, stream)):
+    def partition_batches(self, part: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        for index, group in enumerate(self._batched(self.epoch, part)):
             if index >= skip:
                 students = [student_record(record, self.cross) for record in group]
                 yield collate_student_records(students, self.pad_id)
