@@ -118,6 +118,7 @@ def test_tokenizer_mismatch(tmp_path, small_cache, other_tokenizer_student):
         (["--ce-weight", "1.5"], "--ce-weight must be in [0, 1]"),
         (["--ce-weight", "-0.1"], "--ce-weight must be in [0, 1]"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--data-partitions", "0"], "--data-partitions must be >= 1"),
         (["--temperature", "1.0"], "differs from the cache's 2.0"),
         (["--teacher", "./no-such-teacher"], "--teacher './no-such-teacher' could not be loaded"),
         (["--teacher", "./t", "--loss", "ce"], "drop --teacher"),
