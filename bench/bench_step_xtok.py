@@ -9,6 +9,8 @@ exact teacher match (the ULD term ranks them). Variants (forward + backward, no 
     hf-ce         model(input_ids, labels=...).loss               (full logits)
     chunked-ce    body -> chunked CE                               (kdcache, fused chunks)
     bucket-k64    body -> chunked sparse AKL, k = 64               (same tokenizer, topk_bucket)
+    chunked-exact body -> chunked exact-match AKL, no ULD (every student id has a match, as for
+                  a student BPE nested in the teacher's: ULD has nothing to rank and is skipped)
     chunked-xtok  body -> chunked exact-match AKL + ULD, closed-form gradient (cross-tokenizer)
     naive-xtok    model(input_ids).logits -> cross_tokenizer_kd_loss (full logits, autograd)
 
@@ -19,6 +21,7 @@ Memory: each variant's first step in a fresh subprocess, peak RSS (VmHWM) minus 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -39,8 +42,9 @@ from kdcache.trainer.cross_tokenizer.loss import (
     cross_tokenizer_kd_loss,
     cross_tokenizer_loss_and_grad,
 )
+from kdcache.trainer.cross_tokenizer.uld import unmatched_student_ids
 
-VARIANTS = ("hf-ce", "chunked-ce", "bucket-k64", "chunked-xtok", "naive-xtok")
+VARIANTS = ("hf-ce", "chunked-ce", "bucket-k64", "chunked-exact", "chunked-xtok", "naive-xtok")
 SAME_TOKENIZER = ("hf-ce", "chunked-ce", "bucket-k64")  # bench_step.py's variants
 
 
@@ -56,7 +60,10 @@ def cross_rows(vocab: int, topk_ids, topk_logprobs, tail_mass, seed: int = 0):
         "tail_mass": tail_mass + torch.where(unmatched, probs, 0.0).sum(-1),
         "unmatched_probs": torch.where(unmatched, probs, 0.0).sort(-1, descending=True).values,
     }
-    return rows, CrossTokenizerLoss(matched, "akl", uld_weight=1.0)
+    setting = CrossTokenizerLoss(
+        matched, "akl", uld_weight=1.0, unmatched_ids=unmatched_student_ids(matched)
+    )
+    return rows, setting
 
 
 def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int, k: int):
@@ -68,6 +75,8 @@ def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int,
         data[name].flatten(0, 1) for name in ("topk_ids", "topk_logprobs", "tail_mass")
     )
     rows, setting = cross_rows(vocab, topk_ids, topk_logprobs, tail_mass)
+    if variant == "chunked-exact":
+        setting = dataclasses.replace(setting, uld_weight=0.0)
     n = input_ids.numel()
     weight = torch.full((n,), 1.0 / n)
     head, body = split_head(model), body_of(model)

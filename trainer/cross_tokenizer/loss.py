@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kdcache.trainer.chunked import add_cross_entropy
-from kdcache.trainer.cross_tokenizer.uld import uld_loss, uld_loss_and_grad
+from kdcache.trainer.cross_tokenizer.uld import uld_correction, uld_loss, unmatched_student_ids
 from kdcache.trainer.targets.base import LossOptions
 from kdcache.trainer.targets.topk_bucket import bucket_divergence, bucket_loss_and_grad
 
@@ -33,6 +33,7 @@ class CrossTokenizerLoss:
     mu: float = 0.5
     temperature: float = 1.0
     uld_weight: float = 1.0
+    unmatched_ids: torch.Tensor | None = None  # (U,) ~student_matched's ids (None: derived)
 
     @property
     def options(self) -> LossOptions:
@@ -67,16 +68,16 @@ def cross_tokenizer_loss_and_grad(
     ``kd_weight`` (C,); ``labels`` (C,) next student token (-100 = none) and ``ce_weight`` (C,),
     or None for no CE. CE is at temperature 1.
     """
+    correction = None
+    if setting.uld_weight:
+        unmatched = setting.unmatched_ids
+        if unmatched is None:
+            unmatched = unmatched_student_ids(setting.student_matched)
+        correction = uld_correction(rows["unmatched_probs"], unmatched, setting.uld_weight)
     loss, grad = bucket_loss_and_grad(
         logits, rows["topk_ids"], rows["topk_logprobs"], rows["tail_mass"], kd_weight.float(),
-        setting.options,
+        setting.options, correction,
     )  # fmt: skip
     if labels is not None and ce_weight is not None:
         loss, grad = add_cross_entropy(logits, labels, ce_weight, loss, grad)
-    if setting.uld_weight:
-        uld, uld_grad = uld_loss_and_grad(
-            logits, rows["unmatched_probs"], setting.student_matched,
-            kd_weight * setting.uld_weight, setting.temperature,
-        )  # fmt: skip
-        loss, grad = loss + uld, grad.add_(uld_grad)
     return loss, grad

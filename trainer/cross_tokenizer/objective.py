@@ -22,6 +22,7 @@ from kdcache.trainer.cross_tokenizer.loss import (
     cross_tokenizer_kd_loss,
     cross_tokenizer_loss_and_grad,
 )
+from kdcache.trainer.cross_tokenizer.uld import unmatched_student_ids
 from kdcache.trainer.objective import position_weights
 
 ROW_NAMES = ("topk_ids", "topk_logprobs", "tail_mass", "unmatched_probs")
@@ -47,12 +48,18 @@ class CrossTokenizerObjective(nn.Module):
         self.model, self.setting, self.alpha = model, setting, alpha
         self.chunk_size, self.chunked = chunk_size, chunked
         self.register_buffer("student_matched", setting.student_matched, persistent=False)
+        unmatched = unmatched_student_ids(setting.student_matched)  # once, not per chunk
+        self.register_buffer("student_unmatched", unmatched, persistent=False)
 
     def forward(
         self, batch: dict[str, torch.Tensor], num_distilled: float, num_labels: float
     ) -> torch.Tensor:
         # the unmatched-id mask is a buffer: it follows the module to its device
-        setting = dataclasses.replace(self.setting, student_matched=self.student_matched)
+        setting = dataclasses.replace(
+            self.setting,
+            student_matched=self.student_matched,
+            unmatched_ids=self.student_unmatched,
+        )
         labels = batch["labels"]
         kd_weight, ce_weight = position_weights(
             batch["distill_mask"], labels, self.alpha, num_distilled, num_labels

@@ -220,11 +220,13 @@ def student_chunk(
 
 
 # correction(logits (C, V), chunk, log_p (C, k + 1), valid, head) -> (loss delta (C,), extra
-#   r_tail (C,), sample ids (C, s), sample gradient weights (C, s)): an estimator on top of the
-#   bucket, all per unit row weight (the kernel multiplies by the row weights).
+#   r_tail (C,), sample ids (C, s), sample gradient weights (C, s)[, extra r_sum (C,)]): a term
+#   on top of the bucket, all per unit row weight (the kernel multiplies by the row weights).
+#   Sample ids lie outside S; the optional extra r_sum adds -extra * q_j at every id j (the
+#   softmax's dense part of a term that depends on a few probabilities, e.g. ULD).
 Correction = Callable[
     [torch.Tensor, StudentChunk, torch.Tensor, torch.Tensor, torch.Tensor | None],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, ...],
 ]
 
 
@@ -259,9 +261,13 @@ def bucket_loss_and_grad(
     r_tail, r_sum = r[:, k], r.sum(-1)  # (C,)
     samples = None
     if correction is not None:
-        delta, extra_r_tail, sample_ids, sample_grad = correction(logits, chunk, log_p, valid, head)
+        delta, extra_r_tail, sample_ids, sample_grad, *extra_r_sum = correction(
+            logits, chunk, log_p, valid, head
+        )
         loss = loss + weight * delta
         r_tail = r_tail + weight * extra_r_tail
+        if extra_r_sum:
+            r_sum = r_sum + weight * extra_r_sum[0]
         samples = sample_ids, sample_grad * weight[:, None]
     coef = r_tail / chunk.sum_tail.clamp_min(1.0) - r_sum * chunk.log_q_scale.exp()  # (C,)
     grad = chunk.tail_exp.mul_(coef[:, None])  # (C, V): the tail's gradient, 0 at S
