@@ -15,8 +15,10 @@ from kdcache.cache.errors import ConfigError
 from kdcache.cli.app import app
 from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
 from kdcache.trainer.cross_tokenizer.batches import collate_student_records, student_record
-from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_objective
+from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_target
+from kdcache.trainer.objective import DistillObjective
 from kdcache.trainer.student import check_tokenizer
+from kdcache.trainer.targets.base import LossOptions
 from tests import train_helpers as helpers
 from tests.conftest import SPECIAL_TOKENS, stdlib_corpus
 
@@ -108,8 +110,6 @@ def test_collated_batch_has_ce_everywhere_and_kd_at_aligned_positions(small_cach
 def test_chunked_objective_equals_the_full_forward(small_cache, other_student):
     from transformers import AutoTokenizer
 
-    from kdcache.trainer import TrainConfig
-
     cross = _cross(small_cache, other_student)
     records = [student_record(r, cross) for r in list(open_cache(small_cache).sequences())[:4]]
     batch = collate_student_records(records)
@@ -117,9 +117,11 @@ def test_chunked_objective_equals_the_full_forward(small_cache, other_student):
     counts = (float(batch["distill_mask"].sum()), float((batch["labels"] != -100).sum()))
     grads = []
     for chunked in (True, False):
-        config = TrainConfig(cache="c", student="s", out="o", loss="akl", ce_weight=0.3,
-                             cross_tokenizer=True, uld_weight=0.5, chunk_size=7)  # fmt: skip
-        objective = cross_tokenizer_objective(model, cross, config, 2.0, chunked)
+        target = cross_tokenizer_target(cross, model, uld_weight=0.5)
+        options = LossOptions(kind="akl", temperature=2.0)
+        objective = DistillObjective(
+            model, target, options, alpha=0.3, chunk_size=7, chunked=chunked
+        )
         model.zero_grad()
         loss = objective(batch, *counts)
         loss.backward()

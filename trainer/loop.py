@@ -35,8 +35,7 @@ from kdcache.trainer.checkpoint import (
 )
 from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.cross_tokenizer.batches import AlignmentStats, CrossTokenizerDataset
-from kdcache.trainer.cross_tokenizer.objective import cross_tokenizer_batch_loss
-from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_objective
+from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_target
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
@@ -177,8 +176,9 @@ class _Run:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             self.target = DenseTeacherTarget(teacher, resolve_head(teacher, self.probe), vocab)
         make_dataset = CacheDataset
-        if self.cross is not None:  # batches in the student's tokens
+        if self.cross is not None:  # batches in the student's tokens, teacher rows mapped
             make_dataset = functools.partial(CrossTokenizerDataset, cross=self.cross)
+            self.target = cross_tokenizer_target(self.cross, self.model, config.uld_weight)
         self.dataset = make_dataset(
             cache,
             config.split,
@@ -193,7 +193,7 @@ class _Run:
             target=self.target,
             partitions=partitions_for(config.data_partitions, self.resume_state),
         )
-        self.batch_loss = batch_loss if self.cross is None else cross_tokenizer_batch_loss
+        self.batch_loss = batch_loss
         self.alignment = AlignmentStats()
         self.eval_split = _eval_split(config, cache)
         self.total_steps = self._total_steps()
@@ -243,8 +243,6 @@ class _Run:
 
     def _distill_objective(self, chunked: bool) -> nn.Module:
         model, config = self.model, self.config
-        if self.cross is not None:  # student tokens: exact-match KD + ULD (+ CE)
-            return cross_tokenizer_objective(model, self.cross, config, self.temperature, chunked)
         ce_only = config.loss == CE_ONLY
         kind = "fkl" if ce_only else config.loss  # CE only: the options are never used
         objective = DistillObjective(

@@ -3,7 +3,8 @@
 ``CrossTokenizer`` re-tokenizes each cached sequence for the student and aligns positions by
 byte offsets; ``map_teacher_rows`` carries the teacher's top-k into student ids (exact string
 matches, the rest to the bucket); ``cross_tokenizer_kd_loss`` adds the ULD term on the tokens
-without a match. See docs/LOSSES.md ("Students with another tokenizer").
+without a match; ``CrossTokenizerTarget`` is the teacher target the one training objective
+uses. See docs/LOSSES.md ("Students with another tokenizer").
 """
 
 from kdcache.trainer.cross_tokenizer.alignment import AlignedSequence, CrossTokenizer
@@ -13,6 +14,7 @@ from kdcache.trainer.cross_tokenizer.loss import (
     cross_tokenizer_loss_and_grad,
 )
 from kdcache.trainer.cross_tokenizer.mapping import MappedRows, map_teacher_rows
+from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
 from kdcache.trainer.cross_tokenizer.uld import uld_loss, uld_loss_and_grad
 from kdcache.trainer.cross_tokenizer.vocabulary import VocabularyBytes, vocabulary_bytes
 
@@ -20,6 +22,7 @@ __all__ = [
     "AlignedSequence",
     "CrossTokenizer",
     "CrossTokenizerLoss",
+    "CrossTokenizerTarget",
     "MappedRows",
     "VocabularyBytes",
     "cross_tokenizer_kd_loss",

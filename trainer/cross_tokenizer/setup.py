@@ -10,8 +10,7 @@ from torch import nn
 from kdcache.cache.errors import CacheError
 from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
 from kdcache.trainer.cross_tokenizer.batches import check_cross_tokenizer_cache
-from kdcache.trainer.cross_tokenizer.loss import CrossTokenizerLoss
-from kdcache.trainer.cross_tokenizer.objective import CrossTokenizerObjective
+from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
 
 
 def cross_tokenizer_for(cache: Any, student_tokenizer: Any) -> CrossTokenizer:
@@ -37,18 +36,9 @@ def student_matched_rows(cross: CrossTokenizer, vocab_rows: int) -> torch.Tensor
     return matched
 
 
-def cross_tokenizer_objective(
-    model: nn.Module, cross: CrossTokenizer, config: Any, temperature: float, chunked: bool
-) -> CrossTokenizerObjective:
-    """The objective of a ``--cross-tokenizer`` run (``config``: the ``TrainConfig``)."""
+def cross_tokenizer_target(
+    cross: CrossTokenizer, model: nn.Module, uld_weight: float
+) -> CrossTokenizerTarget:
+    """The teacher target of a ``--cross-tokenizer`` run, for ``model``'s output rows."""
     rows = int(model.get_output_embeddings().weight.shape[0])
-    setting = CrossTokenizerLoss(
-        student_matched_rows(cross, rows),
-        kind="fkl" if config.alpha >= 1.0 else config.loss,  # CE only: KD weight 0
-        mu=config.mu,
-        temperature=temperature,
-        uld_weight=config.uld_weight,
-    )
-    return CrossTokenizerObjective(
-        model, setting, alpha=config.alpha, chunk_size=config.chunk_size, chunked=chunked
-    )
+    return CrossTokenizerTarget(student_matched_rows(cross, rows), uld_weight)
