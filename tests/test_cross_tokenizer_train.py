@@ -159,6 +159,30 @@ def test_cli_trains_across_tokenizers(cross_run):
     assert (run / "final" / "config.json").is_file()
 
 
+def test_cross_tokenizer_resume_with_another_worker_count_is_exact(
+    tmp_path, small_cache, other_student
+):
+    """A cross-tokenizer run resumed from its step-2 checkpoint (with a DataLoader worker now)
+    ends with the weights of the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    flags = ["--cross-tokenizer", "--ce-weight", "0.5", "--steps", "4", "--save-every", "2"]
+    flags += ["--batch-size", "2"]  # overrides _train's 4: 4 batches per epoch, resume mid-epoch
+    first = _train(small_cache, other_student, run, *flags)
+    assert first.exit_code == 0, first.output
+    expected = load_file(run / "final" / "model.safetensors")
+    for name in ("final", "step-4"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    again = _train(small_cache, other_student, run, *flags, "--resume", "--workers", "1")
+    assert again.exit_code == 0, again.output
+    got = load_file(run / "final" / "model.safetensors")
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
 def test_eval_reports_bits_per_byte_for_both_kinds_of_student(tmp_path, small_cache, cross_run,
                                                              tiny_llama_dir):  # fmt: skip
     _, run = cross_run
