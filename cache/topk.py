@@ -17,7 +17,23 @@ from __future__ import annotations
 
 import torch
 
+from kdcache.cache.block_topk import fast_topk
 from kdcache.cache.heads import OutputHead
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "chunk_rows",
+    "fast_topk",
+    "head_logits",
+    "row_logsumexp",
+    "tempered_log_probs",
+    "tempered_logits",
+    "topk_from_hidden",
+    "topk_from_logit_rows",
+    "topk_from_logits",
+    "topk_of_log_probs",
+    "topk_of_scaled",
+]
 
 # Elements of one (chunk, V) float32 logits tensor; a chunk also needs one masked copy.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -82,7 +98,7 @@ def topk_of_scaled(
     Returns:
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, normalizer (N,).
     """
-    values, ids = torch.topk(scaled, top_k, dim=-1, largest=True, sorted=True)  # (N, k)
+    values, ids = fast_topk(scaled, top_k)  # (N, k); exact, ties by ascending id
     normalizer, _ = row_logsumexp(scaled, out=exp_out)  # (N,)
     return (ids, *_normalized_topk(values - normalizer[:, None], scaled.shape[-1]), normalizer)
 
@@ -106,7 +122,7 @@ def topk_of_log_probs(
     log_probs: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``topk_from_logits`` on already normalized (N, V) float32 log-probs (top_k may be 0)."""
-    logprobs, ids = torch.topk(log_probs, top_k, dim=-1, largest=True, sorted=True)  # (N, k)
+    logprobs, ids = fast_topk(log_probs, top_k)  # (N, k); exact, ties by ascending id
     return (ids, *_normalized_topk(logprobs, log_probs.shape[-1]))
 
 
