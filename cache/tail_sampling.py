@@ -99,7 +99,7 @@ def draw_from_weights(
     targets = uniforms.to(device=probs.device, dtype=torch.float64) * total  # (N, s)
     block = torch.searchsorted(block_cdf, targets, right=True).clamp_(max=blocks.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)  # (N, s)
-    inside = blocks.gather(1, block[..., None].expand(-1, -1, BLOCK))  # (N, s, 256)
+    inside = _block_windows(blocks, block)  # (N, s, 256)
     offset = torch.searchsorted(
         inside.cumsum(-1), (targets - before).float()[..., None], right=True
     ).squeeze(-1)  # (N, s); BLOCK when rounding puts the target past the block's float32 sum
@@ -115,6 +115,19 @@ def draw_from_weights(
     logprobs = log_prob_of(ids)
     ids = torch.where(has_tail, ids, 0)
     return ids, torch.where(has_tail, logprobs, -math.inf)
+
+
+def _block_windows(blocks: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """(N, s, 256) copies of the drawn blocks: ``blocks[n, block[n, j]]`` for (N, B, 256) blocks.
+
+    One ``index_select`` of whole 1 KiB rows (a memcpy each) instead of a ``gather`` through an
+    (N, s, 256) int64 index: 10.5 -> ~1 us per position at s = 16 (one CPU thread).
+    """
+    rows, count, width = blocks.shape
+    flat = block + torch.arange(rows, device=block.device)[:, None] * count  # (N, s)
+    return (
+        blocks.reshape(rows * count, width).index_select(0, flat.reshape(-1)).view(rows, -1, width)
+    )
 
 
 @torch.no_grad()
