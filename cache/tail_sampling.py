@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from kdcache.cache.topk import ScratchBuffers
 
 __all__ = [
     "draw_from_weights",
@@ -139,6 +143,7 @@ def topk_and_tail_samples(
     uniforms: np.ndarray,
     temperature: float = 1.0,
     chunk_elements: int = 1 << 24,
+    scratch: ScratchBuffers | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Top-k (``topk_from_logits``) and ``sample_tail`` draws of ``num_rows`` rows, from one
     evaluation of their logits: ``logits_of(start, end)`` gives the ``(end - start, V)`` logits
@@ -147,22 +152,27 @@ def topk_and_tail_samples(
 
     Args:
         uniforms: (N, s) host uniforms (``sequence_uniforms``).
+        scratch: where the sampler's (C, V') buffer lives across calls (the build keeps one per
+            teacher); None allocates one for this call.
 
     Returns:
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, sample ids (N, s)
         int64 and sample log-probs (N, s) float32, on the logits' device.
     """
-    from kdcache.cache.topk import chunk_rows, tempered_logits, topk_of_scaled
+    from kdcache.cache.topk import ScratchBuffers, chunk_rows, tempered_logits, topk_of_scaled
 
     rows = chunk_rows(vocab_size, chunk_elements)
     draws = torch.from_numpy(np.ascontiguousarray(uniforms))
     parts = []
+    scratch = scratch if scratch is not None else ScratchBuffers()
     weights = None  # one sampler buffer for every chunk (no fresh (C, V) allocation per chunk)
     for start in range(0, num_rows, rows):
         end = min(num_rows, start + rows)
         scaled = tempered_logits(logits_of(start, end), temperature)  # (C, V)
         if weights is None:
-            weights = padded_weights(end - start, vocab_size, device=scaled.device)
+            width = vocab_size + (-vocab_size % BLOCK)
+            weights = scratch.get("tail_weights", min(rows, num_rows), width, scaled.device)
+            weights[:, vocab_size:].zero_()  # the padding columns (never written below)
         padded = weights[: end - start]
         # exp(scaled - row max) goes straight into the sampler's buffer: one exp pass serves
         # the normalizer and the draws (no (C, V) log-softmax is written)

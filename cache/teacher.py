@@ -30,6 +30,7 @@ from kdcache.cache.heads import OutputHead, body_of, resolve_head
 from kdcache.cache.records import SequenceRecord
 from kdcache.cache.topk import (
     DEFAULT_CHUNK_ELEMENTS,
+    ScratchBuffers,
     chunk_rows,
     head_logits,
     topk_from_hidden,
@@ -163,6 +164,7 @@ class TeacherRunner:
         self.tail_samples, self.sample_seed = tail_samples, sample_seed
         self.temperature = temperature
         self.chunk_elements = chunk_elements
+        self.scratch = ScratchBuffers()  # the head's (C, V) buffers, reused from batch to batch
         self.device = next(model.parameters()).device
         self.head: OutputHead | None = None
         if use_head:
@@ -221,8 +223,9 @@ class TeacherRunner:
             )
         elif self.head is not None:
             ids, logprobs, tail = topk_from_hidden(
-                selected, self.head, self.top_k, self.temperature, self.chunk_elements
-            )
+                selected, self.head, self.top_k, self.temperature, self.chunk_elements,
+                scratch=self.scratch,
+            )  # fmt: skip
         else:
             ids, logprobs, tail = topk_from_logit_rows(
                 selected, self.top_k, self.temperature, self.chunk_elements
@@ -257,7 +260,9 @@ class TeacherRunner:
         if self.head is not None:
             head = self.head
             rows = chunk_rows(head.vocab_size, self.chunk_elements)
-            buffer = torch.empty(min(rows, selected.shape[0]), head.vocab_size, device=self.device)
+            buffer = self.scratch.get(
+                "logits", min(rows, selected.shape[0]), head.vocab_size, self.device
+            )
 
             def logits_of(start: int, end: int):
                 return head_logits(head, selected[start:end], buffer)  # one buffer, all chunks
@@ -268,7 +273,7 @@ class TeacherRunner:
 
         return topk_and_tail_samples(
             logits_of, selected.shape[0], output_vocab_size(self.model), self.top_k, uniforms,
-            self.temperature, self.chunk_elements,
+            self.temperature, self.chunk_elements, scratch=self.scratch,
         )  # fmt: skip
 
 
