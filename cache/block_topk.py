@@ -27,8 +27,8 @@ largest), as does everything below ``MIN_FAST_VALUES`` values per row, CUDA and 
 and k too large for the groups to save work. This is what keeps a cache's shards byte for byte
 the same as with ``torch.topk``.
 
-Measured on one CPU thread, per row (bench/bench_topk.py has the side-by-side run): V = 16,384,
-k = 64: 35 -> 28 us; k = 24: 22 -> 15 us; V = 131,072, k = 64: 130 -> 75 us.
+Measured on one CPU thread, process CPU time per row (``bench/bench_topk.py``, load ~3): V = 16,384,
+k = 64: 42 -> 34 us; k = 24: 29 -> 21 us; V = 131,072, k = 64: 169 -> 104 us, k = 24: 134 -> 73 us.
 """
 
 from __future__ import annotations
