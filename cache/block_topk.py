@@ -37,7 +37,8 @@ import torch
 
 __all__ = ["MIN_FAST_VALUES", "fast_topk", "group_size"]
 
-# Below this many values per row the gathers cost more than they save (measured: 8k is even).
+# Below this many values per row the gathers cost about what they save (measured, one thread:
+# at 8,192 values fast / torch.topk is 0.64 at k 8, 1.06 at k 24, 0.86 at k 64; mixed at 4,096).
 MIN_FAST_VALUES = 8192
 
 
