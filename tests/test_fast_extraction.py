@@ -60,3 +60,24 @@ def test_topk_and_samples_from_one_exp_pass_equal_the_dense_sampler():
     assert (drawn == ref_ids).float().mean() > 0.995
     assert not (drawn[:, :, None] == top[:, None, :]).any()  # never a top-k id
     torch.testing.assert_close(drawn_lp, dense.gather(1, drawn), atol=1e-5, rtol=0)
+
+
+def test_body_in_cpu_slices_writes_the_same_shards(tiny_llama_dir, tmp_path, monkeypatch):
+    """The CPU runs the body in slices of CPU_BODY_TOKENS tokens: same shard bytes as one call."""
+    import hashlib
+
+    from kdcache.cache import teacher as teacher_module
+    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.shards import SHARDS_DIR
+    from tests.conftest import text_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "docs.jsonl", text_rows(8, seed=4))
+
+    def build(out, body_tokens: int) -> dict[str, str]:
+        monkeypatch.setattr(teacher_module, "CPU_BODY_TOKENS", body_tokens)
+        build_cache(BuildConfig(teacher=str(tiny_llama_dir), data=str(data), out=out, top_k=8,
+                                max_length=48, holdout=0.0, batch_tokens=400, progress=False))  # fmt: skip
+        shards = sorted((out / SHARDS_DIR).glob("*.arrow"))
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+
+    assert build(tmp_path / "sliced", 48) == build(tmp_path / "whole", 1 << 30)
