@@ -25,18 +25,23 @@ import sys
 import time
 from pathlib import Path
 
-# The cross-tokenizer student's BPE is trained like the teacher's on the same files with 8,192
-# tokens: its merges are the first 8,192 of the teacher's, so every student token has an exact
-# teacher match (the same-family, smaller-vocabulary case). ULD then ranks no student token
-# and its gradient is 0: exact+uld trains exactly like exact (docs/QUALITY.md).
+# The cross-tokenizer student: a Unigram tokenizer (8,192 tokens) on the teacher-train files, so
+# its vocabulary is not a subset of the teacher's BPE (``--student-tokenizer bpe``: the BPE
+# trained like the teacher's, whose 8,192 tokens are all teacher tokens: ULD then ranks nothing).
+# The KD students use the defaults (``--vocab-map prefix``, ``--distill-inside``); the ``old/*``
+# ones the behaviour before them (exact matches only, boundary positions only).
+_KD = ["--loss", "akl", "--ce-weight", "0.5", "--cross-tokenizer"]
+_OLD = ["--vocab-map", "exact", "--no-distill-inside"]
 CONFIGS: dict[str, dict] = {
     "same/ce": {"student": "same", "flags": ["--loss", "ce"]},
     "same/akl": {"student": "same", "flags": ["--loss", "akl", "--ce-weight", "0.5"]},
     "xtok/ce": {"student": "xtok", "flags": ["--loss", "ce", "--cross-tokenizer"]},
-    "xtok/exact": {"student": "xtok", "flags": ["--loss", "akl", "--ce-weight", "0.5",
-                                                 "--cross-tokenizer", "--uld-weight", "0"]},
-    "xtok/exact+uld": {"student": "xtok", "flags": ["--loss", "akl", "--ce-weight", "0.5",
-                                                     "--cross-tokenizer", "--uld-weight", "1"]},
+    "xtok/exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0"]},
+    "xtok/exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1"]},
+    "xtok/prefix-only": {"student": "xtok",
+                         "flags": [*_KD, "--uld-weight", "0", "--no-distill-inside"]},
+    "xtok/old-exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0", *_OLD]},
+    "xtok/old-exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1", *_OLD]},
 }  # fmt: skip
 
 
@@ -44,8 +49,47 @@ def _kdcache() -> list[str]:
     return [sys.executable, "-c", "from kdcache.cli.app import main; main()"]
 
 
-def prepare(out: Path, vocab_size: int) -> tuple[Path, Path, Path]:
-    """(cache dir, same-tokenizer student config, cross-tokenizer student dir)."""
+def train_unigram_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level Unigram ``PreTrainedTokenizerFast`` on ``texts`` (the demo's specials).
+
+    The teacher's pre-tokenizer (GPT-2 byte-level split) and decoder, a Unigram model instead
+    of BPE: its pieces are chosen by likelihood, not by merges, so its vocabulary is *not* a
+    subset of the teacher's BPE vocabulary (the ULD term then has tokens to rank).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdcache.demo.train_teacher import CHAT_TEMPLATE, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=None,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def prepare(out: Path, vocab_size: int, kind: str = "unigram") -> tuple[Path, Path, Path]:
+    """(cache dir, same-tokenizer student config, cross-tokenizer student dir).
+
+    ``kind``: the cross student's tokenizer, ``unigram`` (not a subset of the teacher's
+    vocabulary) or ``bpe`` (trained like the teacher's: a subset).
+    """
     from kdcache.demo import corpus, demo_student_config_path
     from kdcache.demo.train_teacher import train_tokenizer
 
@@ -53,9 +97,10 @@ def prepare(out: Path, vocab_size: int) -> tuple[Path, Path, Path]:
     cache = out / "kdcache-demo" / "cache"
     if not (cache / "manifest.json").is_file():
         subprocess.run([*_kdcache(), "build"], cwd=out, check=True)
-    student_dir = out / f"student-{vocab_size}"
+    student_dir = out / f"student-{kind}-{vocab_size}"
     if not (student_dir / "config.json").is_file():
-        tokenizer = train_tokenizer(corpus.iter_texts("teacher-train"), vocab_size)
+        trainer = train_unigram_tokenizer if kind == "unigram" else train_tokenizer
+        tokenizer = trainer(corpus.iter_texts("teacher-train"), vocab_size)
         tokenizer.save_pretrained(student_dir)
         config = json.loads(demo_student_config_path().read_text())
         config["vocab_size"] = len(tokenizer)
@@ -84,13 +129,13 @@ def score(cache: Path, run: Path, same_tokenizer: bool) -> dict:
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
     student_tokenizer = AutoTokenizer.from_pretrained(run / "final")
-    cross = CrossTokenizer(teacher_tokenizer, student_tokenizer)
+    cross = CrossTokenizer(teacher_tokenizer, student_tokenizer, "exact", distill_inside=False)
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
     records = open_cache(cache).sequences("holdout")
     result = bits_per_byte(model, student_sequences(records, cross, same_tokenizer))
     train_lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     last = [line for line in train_lines if line["kind"] == "train"][-1]
-    for key in ("aligned_fraction", "matched_mass"):
+    for key in ("aligned_fraction", "matched_mass", "inside_fraction", "inside_ce_only_fraction"):
         if key in last:
             result[key] = last[key]
     return result
@@ -126,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--student-tokenizer", choices=["unigram", "bpe"], default="unigram")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--runs", nargs="+", help="only these NAME@SEED runs (else all)")
     parser.add_argument("--worker", default="all", help="results-<worker>.json (parallel runs)")
@@ -138,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             merged.update(json.loads(path.read_text()))
         print(table(merged))
         return 0
-    cache, same_student, cross_student = prepare(out, args.vocab_size)
+    cache, same_student, cross_student = prepare(out, args.vocab_size, args.student_tokenizer)
     results_path = out / f"results-{args.worker}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     keys = args.runs or [f"{name}@{seed}" for seed in args.seeds for name in args.configs]
