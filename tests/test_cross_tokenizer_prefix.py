@@ -111,7 +111,7 @@ def test_inside_target_against_a_dense_reference():
     logprobs = np.log(np.array([[0.4, 0.3, 0.1, 0.05]] * 2, dtype=np.float32))
     cross = _cross()
     tail = np.array([0.15, 0.15], dtype=np.float32)
-    rows = inside_rows(ids, logprobs, tail, [b"a", b"c"], cross.teacher,
+    rows = inside_rows(ids, logprobs, tail, [b"a", b"c"], cross.teacher_pieces,
                        cross.first_student_token)  # fmt: skip
     dense = np.zeros(6)
     dense[rows.topk_ids[0][np.isfinite(rows.topk_logprobs[0])]] = np.exp(

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.errors import ConfigError
+from kdcache.trainer.cross_tokenizer.inside import TeacherPieces
 from kdcache.trainer.cross_tokenizer.prefix import VOCAB_MAPS, FirstStudentToken, prefix_map
 from kdcache.trainer.cross_tokenizer.vocabulary import (
     VocabularyBytes,
@@ -141,6 +142,7 @@ class CrossTokenizer:
             if vocab_map == "exact"
             else prefix_map(self.teacher, self.exact_to_student, self.first_student_token)
         )
+        self.teacher_pieces = TeacherPieces(self.teacher) if self.distill_inside else None
         self.student_matched = np.zeros(self.student.size, dtype=bool)
         self.student_matched[self.exact_to_student[self.exact_to_student >= 0]] = True
         self.special_to_student = _special_map(

@@ -78,7 +78,8 @@ def student_record(record: SequenceRecord, cross: CrossTokenizer) -> StudentReco
         enclosing = aligned.inside_rows
         inside = inside_rows(
             record.topk_ids[enclosing], record.topk_logprobs[enclosing],
-            record.tail_mass[enclosing], aligned.inside_emitted, cross.teacher, cross.first_student_token,
+            record.tail_mass[enclosing], aligned.inside_emitted, cross.teacher_pieces,
+            cross.first_student_token,
         )  # fmt: skip
         keep = inside.has_target
         inside_ce_only += int((~keep).sum())

@@ -51,39 +51,67 @@ class InsideRows:
     has_target: np.ndarray
 
 
+class TeacherPieces:
+    """The teacher's token bytes as one padded matrix, for a vectorised prefix test.
+
+    ``matrix`` (V, L) uint8 (L the longest token, 0-padded), ``lengths`` (V,) int64 (0 for a
+    special token, so that it is never consistent), ``pieces`` the bytes themselves.
+    """
+
+    def __init__(self, teacher: VocabularyBytes) -> None:
+        self.pieces = teacher.pieces
+        self.size = teacher.size
+        lengths = np.array([len(piece) for piece in teacher.pieces], dtype=np.int64)
+        self.lengths = np.where(teacher.special, 0, lengths)
+        self.matrix = np.zeros((teacher.size, max(int(lengths.max(initial=0)), 1)), np.uint8)
+        for token_id, piece in enumerate(teacher.pieces):
+            if not teacher.special[token_id]:
+                self.matrix[token_id, : len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+
+
+def _consistent(ids: np.ndarray, present: np.ndarray, emitted: Sequence[bytes],
+                pieces: TeacherPieces) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(I, k) bool: the cached token starts with ``emitted`` and is longer; (I,) their sizes."""
+    width = pieces.matrix.shape[1]
+    sizes = np.array([len(prefix) for prefix in emitted], dtype=np.int64)  # (I,)
+    prefix = np.zeros((len(emitted), width), dtype=np.uint8)
+    for row, data in enumerate(emitted):
+        prefix[row, : min(len(data), width)] = np.frombuffer(data[:width], dtype=np.uint8)
+    safe = np.where(present, ids, 0)
+    candidates = pieces.matrix[safe]  # (I, k, L)
+    within = np.arange(width)[None, None, :] < sizes[:, None, None]  # (I, 1, L)
+    same = ((candidates == prefix[:, None, :]) | ~within).all(-1)  # (I, k)
+    longer = pieces.lengths[safe] > sizes[:, None]
+    return present & same & longer, sizes
+
+
 def inside_rows(
     topk_ids: np.ndarray,
     topk_logprobs: np.ndarray,
     tail_mass: np.ndarray,
     emitted: Sequence[bytes],
-    teacher: VocabularyBytes,
+    teacher: TeacherPieces,
     first: FirstStudentToken,
 ) -> InsideRows:
     """The module docstring's target at I inside positions.
 
     ``topk_ids`` (I, k) teacher ids, ``topk_logprobs`` (I, k) and ``tail_mass`` (I,) of the
-    enclosing teacher positions; ``emitted`` (I,) the bytes the student has emitted of the enclosing token.
+    enclosing teacher positions; ``emitted`` (I,) the bytes the student has emitted of the
+    enclosing token; ``teacher``: ``TeacherPieces`` of the teacher vocabulary.
     """
     ids = np.asarray(topk_ids, dtype=np.int64)
     logprobs = np.asarray(topk_logprobs, dtype=np.float32)
     count, width = ids.shape
-    pieces, special = teacher.pieces, teacher.special
-    cells: list[tuple[int, int]] = []
-    remainders: list[bytes] = []
-    for row in range(count):
-        prefix = emitted[row]
-        size = len(prefix)
-        for column in range(width):
-            token = int(ids[row, column])
-            if token >= teacher.size or not np.isfinite(logprobs[row, column]):
-                continue
-            piece = pieces[token]
-            if len(piece) > size and not special[token] and piece.startswith(prefix):
-                cells.append((row, column))
-                remainders.append(piece[size:])
+    present = np.isfinite(logprobs) & (ids < teacher.size) & (ids >= 0)
+    consistent, sizes = _consistent(ids, present, emitted, teacher)
+    rows, columns = np.nonzero(consistent)
     student_ids = np.full((count, width), -1, dtype=np.int64)
-    if cells:
-        rows, columns = np.asarray(cells, dtype=np.int64).T
+    if len(rows):
+        pieces = teacher.pieces
+        remainders = [
+            pieces[ids[r, c]][sizes[r] :]
+            for r, c in zip(rows.tolist(), columns.tolist(), strict=True)
+        ]
         student_ids[rows, columns] = first.many(remainders)
     probs = np.where(student_ids >= 0, np.exp(logprobs.astype(np.float64)), 0.0)  # (I, k)
     mass = probs.sum(-1)  # (I,)
