@@ -115,8 +115,8 @@ class CrossTokenizer:
     ``exact_to_student`` (V_teacher,) int64 is the exact-match map (-1: no student token has
     the same bytes); ``teacher_to_student`` the map the rows go through: the exact-match map,
     or (``vocab_map="prefix"``) that map completed by the prefix rule; ``student_matched``
-    (V_student,) bool marks student ids with an exact teacher match (the rest is what the ULD
-    term compares). ``distill_inside``: align inside positions too (module docstring).
+    (V_student,) bool marks student ids some teacher id maps to through ``teacher_to_student``
+    (the rest is what the ULD term ranks: never an id a row's mass went to). ``distill_inside``: align inside positions too (module docstring).
     """
 
     def __init__(
@@ -144,7 +144,9 @@ class CrossTokenizer:
         )
         self.teacher_pieces = TeacherPieces(self.teacher) if self.distill_inside else None
         self.student_matched = np.zeros(self.student.size, dtype=bool)
-        self.student_matched[self.exact_to_student[self.exact_to_student >= 0]] = True
+        self.student_matched[self.teacher_to_student[self.teacher_to_student >= 0]] = True
+        self.student_exact = np.zeros(self.student.size, dtype=bool)
+        self.student_exact[self.exact_to_student[self.exact_to_student >= 0]] = True
         self.special_to_student = _special_map(
             teacher_tokenizer, student_tokenizer, self.teacher, self.student
         )
@@ -154,10 +156,13 @@ class CrossTokenizer:
     def summary(self) -> str:
         """One line for the start-up log: how much of the teacher vocabulary matches."""
         matched = int((self.exact_to_student >= 0).sum())
-        student_matched = int(self.student_matched.sum())
+        student_matched = int(self.student_exact.sum())
         if self.vocab_map == "prefix":
             prefixed = int(((self.teacher_to_student >= 0) & (self.exact_to_student < 0)).sum())
-            rest = f"{prefixed:,} more pass their mass to their first student token (prefix map)"
+            rest = (
+                f"{prefixed:,} more pass their mass to their first student token (prefix map; "
+                f"ULD ranks the {int((~self.student_matched).sum()):,} student tokens none maps to)"
+            )
         else:
             rest = "the rest go to the bucket and ULD (exact map)"
         inside = "on" if self.distill_inside else "off"
