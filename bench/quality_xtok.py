@@ -1,18 +1,21 @@
-"""Cross-tokenizer study: the demo teacher's cache, a student with another BPE (8,192 tokens).
+"""Cross-tokenizer study: the demo teacher's cache, a student with another tokenizer (8,192).
 
 Same body, seed, steps and data (the demo cache's train split) for every student:
 
 * same tokenizer (the teacher's 16,384-token BPE): CE only, and AKL + 0.5 CE (the demo's KD);
-* the student BPE (8,192 tokens, trained like the teacher's on the teacher-train files):
-  CE only, cross-tokenizer KD with exact matches only (``--uld-weight 0``), and exact matches
-  + ULD (``--uld-weight 1``); AKL + 0.5 CE like the same-tokenizer KD student.
+* the cross student: a byte-level Unigram tokenizer with 8,192 tokens trained on the same
+  teacher-train files (``--student-tokenizer bpe``: a BPE trained like the teacher's, whose
+  tokens are all teacher tokens). CE only; cross-tokenizer KD with the defaults (``--vocab-map
+  prefix --distill-inside``) without ULD (``exact``) and with it (``exact+uld``); the prefix map
+  alone (``prefix-only``); and the behaviour before them (``old-*``: ``--vocab-map exact
+  --no-distill-inside``). AKL + 0.5 CE like the same-tokenizer KD student.
 
 Every student is trained with ``kdcache train`` (the real CLI) and scored on the cache's holdout
 split in bits per byte on its own tokenization (``bits_per_byte``). Resumable: finished runs are
-skipped. Results go to ``<out>/results-<worker>.json``; ``--table`` prints the markdown table
-of all of them.
+skipped. Results go to ``<out>/results-<worker>.json``; ``--table`` prints the markdown tables
+of all of them (bits per byte, then the KD gains against the same-tokenizer gain).
 
-    python bench/quality_xtok.py --out bench/out/xtok --steps 150 --seeds 0 1
+    python bench/quality_xtok.py --out bench/out/xtok --steps 60 --seeds 0 1 2
     python bench/quality_xtok.py --out bench/out/xtok --table
 """
 
@@ -141,28 +144,57 @@ def score(cache: Path, run: Path, same_tokenizer: bool) -> dict:
     return result
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per config, bits per byte per seed, mean, and the alignment stats."""
+    """Markdown: bits per byte per config and seed with the alignment counts, then the KD gains
+    (CE-only minus KD, same seed) and their share of the same-tokenizer gain."""
     seeds = sorted({int(key.split("@")[1]) for key in results})
     lines = ["| student | " + " | ".join(f"bpb seed {s}" for s in seeds)
-             + " | mean bpb | CE own tokens (mean) | aligned | exact-match mass |",
-             "|---" * (len(seeds) + 5) + "|"]  # fmt: skip
+             + " | mean bpb | aligned | inside distilled | inside CE only | exact-match mass |",
+             "|---" * (len(seeds) + 6) + "|"]  # fmt: skip
     for name in CONFIGS:
         runs = [results.get(f"{name}@{seed}") for seed in seeds]
         done = [run for run in runs if run]
         if not done:
             continue
-        cells = [f"{run['bpb']:.4f}" if run else "-" for run in runs]
+        cells = [f"{run['bpb']:.4f}" if run else "missing" for run in runs]
         mean_bpb = sum(run["bpb"] for run in done) / len(done)
-        mean_ce = sum(run["ce"] for run in done) / len(done)
-        aligned = done[0].get("aligned_fraction")
-        matched = done[0].get("matched_mass")
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {mean_bpb:.4f} | {mean_ce:.3f} | "
-            + (f"{aligned:.1%}" if aligned is not None else "-") + " | "
-            + (f"{matched:.1%}" if matched is not None else "-") + " |"
-        )  # fmt: skip
+        stats = [_pct(done[0].get(key)) for key in ("aligned_fraction", "inside_fraction",
+                 "inside_ce_only_fraction", "matched_mass")]  # fmt: skip
+        if name.startswith("same/"):
+            stats = ["-"] * 4
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_bpb:.4f} | "
+                     + " | ".join(stats) + " |")  # fmt: skip
+    lines += ["", "| KD gain (bpb) | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean | share of same-tokenizer gain (mean) |",
+              "|---" * (len(seeds) + 3) + "|"]  # fmt: skip
+    same_gain = _gains(results, "same/ce", "same/akl", seeds)
+    for base, name in [("same/ce", "same/akl")] + [
+        ("xtok/ce", name) for name in CONFIGS if name.startswith("xtok/") and name != "xtok/ce"
+    ]:
+        gains = _gains(results, base, name, seeds)
+        done = [(seed, gain) for seed, gain in gains.items() if gain is not None]
+        if not done:
+            continue
+        cells = [f"{gains[s]:+.4f}" if gains[s] is not None else "missing" for s in seeds]
+        mean = sum(gain for _, gain in done) / len(done)
+        pairs = [same_gain[s] for s, _ in done if same_gain[s] is not None]
+        share = mean / (sum(pairs) / len(pairs)) if pairs and len(pairs) == len(done) else None
+        lines.append(f"| {name} - {base} | " + " | ".join(cells) + f" | {mean:+.4f} | "
+                     + ("-" if share is None else f"{share:.0%}") + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _gains(results: dict, base: str, name: str, seeds: list[int]) -> dict[int, float | None]:
+    """Per seed: bpb of ``base`` minus bpb of ``name`` (positive: ``name`` is better)."""
+    out: dict[int, float | None] = {}
+    for seed in seeds:
+        a, b = results.get(f"{base}@{seed}"), results.get(f"{name}@{seed}")
+        out[seed] = None if a is None or b is None else a["bpb"] - b["bpb"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
