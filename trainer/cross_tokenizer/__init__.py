@@ -10,12 +10,12 @@ uses. See docs/LOSSES.md ("Students with another tokenizer").
 """
 
 from kdcache.trainer.cross_tokenizer.alignment import AlignedSequence, CrossTokenizer
+from kdcache.trainer.cross_tokenizer.inside import InsideRows, inside_rows
 from kdcache.trainer.cross_tokenizer.loss import (
     CrossTokenizerLoss,
     cross_tokenizer_kd_loss,
     cross_tokenizer_loss_and_grad,
 )
-from kdcache.trainer.cross_tokenizer.inside import InsideRows, inside_rows
 from kdcache.trainer.cross_tokenizer.mapping import MappedRows, map_teacher_rows
 from kdcache.trainer.cross_tokenizer.prefix import FirstStudentToken, prefix_map
 from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
