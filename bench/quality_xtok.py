@@ -43,6 +43,8 @@ CONFIGS: dict[str, dict] = {
     "xtok/exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1"]},
     "xtok/prefix-only": {"student": "xtok",
                          "flags": [*_KD, "--uld-weight", "0", "--no-distill-inside"]},
+    "xtok/exact-map+inside": {"student": "xtok",
+                              "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "exact"]},
     "xtok/old-exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0", *_OLD]},
     "xtok/old-exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1", *_OLD]},
 }  # fmt: skip
