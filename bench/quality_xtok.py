@@ -1,18 +1,21 @@
-"""Cross-tokenizer study: the demo teacher's cache, a student with another BPE (8,192 tokens).
+"""Cross-tokenizer study: the demo teacher's cache, a student with another tokenizer (8,192).
 
 Same body, seed, steps and data (the demo cache's train split) for every student:
 
 * same tokenizer (the teacher's 16,384-token BPE): CE only, and AKL + 0.5 CE (the demo's KD);
-* the student BPE (8,192 tokens, trained like the teacher's on the teacher-train files):
-  CE only, cross-tokenizer KD with exact matches only (``--uld-weight 0``), and exact matches
-  + ULD (``--uld-weight 1``); AKL + 0.5 CE like the same-tokenizer KD student.
+* the cross student: a byte-level Unigram tokenizer with 8,192 tokens trained on the same
+  teacher-train files (``--student-tokenizer bpe``: a BPE trained like the teacher's, whose
+  tokens are all teacher tokens). CE only; cross-tokenizer KD with the defaults (``--vocab-map
+  prefix --distill-inside``) without ULD (``exact``) and with it (``exact+uld``); the prefix map
+  alone (``prefix-only``); and the behaviour before them (``old-*``: ``--vocab-map exact
+  --no-distill-inside``). AKL + 0.5 CE like the same-tokenizer KD student.
 
 Every student is trained with ``kdcache train`` (the real CLI) and scored on the cache's holdout
 split in bits per byte on its own tokenization (``bits_per_byte``). Resumable: finished runs are
-skipped. Results go to ``<out>/results-<worker>.json``; ``--table`` prints the markdown table
-of all of them.
+skipped. Results go to ``<out>/results-<worker>.json``; ``--table`` prints the markdown tables
+of all of them (bits per byte, then the KD gains against the same-tokenizer gain).
 
-    python bench/quality_xtok.py --out bench/out/xtok --steps 150 --seeds 0 1
+    python bench/quality_xtok.py --out bench/out/xtok --steps 60 --seeds 0 1 2
     python bench/quality_xtok.py --out bench/out/xtok --table
 """
 
@@ -25,18 +28,25 @@ import sys
 import time
 from pathlib import Path
 
-# The cross-tokenizer student's BPE is trained like the teacher's on the same files with 8,192
-# tokens: its merges are the first 8,192 of the teacher's, so every student token has an exact
-# teacher match (the same-family, smaller-vocabulary case). ULD then ranks no student token
-# and its gradient is 0: exact+uld trains exactly like exact (docs/QUALITY.md).
+# The cross-tokenizer student: a Unigram tokenizer (8,192 tokens) on the teacher-train files, so
+# its vocabulary is not a subset of the teacher's BPE (``--student-tokenizer bpe``: the BPE
+# trained like the teacher's, whose 8,192 tokens are all teacher tokens: ULD then ranks nothing).
+# The KD students use the defaults (``--vocab-map prefix``, ``--distill-inside``); the ``old/*``
+# ones the behaviour before them (exact matches only, boundary positions only).
+_KD = ["--loss", "akl", "--ce-weight", "0.5", "--cross-tokenizer"]
+_OLD = ["--vocab-map", "exact", "--no-distill-inside"]
 CONFIGS: dict[str, dict] = {
     "same/ce": {"student": "same", "flags": ["--loss", "ce"]},
     "same/akl": {"student": "same", "flags": ["--loss", "akl", "--ce-weight", "0.5"]},
     "xtok/ce": {"student": "xtok", "flags": ["--loss", "ce", "--cross-tokenizer"]},
-    "xtok/exact": {"student": "xtok", "flags": ["--loss", "akl", "--ce-weight", "0.5",
-                                                 "--cross-tokenizer", "--uld-weight", "0"]},
-    "xtok/exact+uld": {"student": "xtok", "flags": ["--loss", "akl", "--ce-weight", "0.5",
-                                                     "--cross-tokenizer", "--uld-weight", "1"]},
+    "xtok/exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0"]},
+    "xtok/exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1"]},
+    "xtok/prefix-only": {"student": "xtok",
+                         "flags": [*_KD, "--uld-weight", "0", "--no-distill-inside"]},
+    "xtok/exact-map+inside": {"student": "xtok",
+                              "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "exact"]},
+    "xtok/old-exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0", *_OLD]},
+    "xtok/old-exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1", *_OLD]},
 }  # fmt: skip
 
 
@@ -44,8 +54,47 @@ def _kdcache() -> list[str]:
     return [sys.executable, "-c", "from kdcache.cli.app import main; main()"]
 
 
-def prepare(out: Path, vocab_size: int) -> tuple[Path, Path, Path]:
-    """(cache dir, same-tokenizer student config, cross-tokenizer student dir)."""
+def train_unigram_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level Unigram ``PreTrainedTokenizerFast`` on ``texts`` (the demo's specials).
+
+    The teacher's pre-tokenizer (GPT-2 byte-level split) and decoder, a Unigram model instead
+    of BPE: its pieces are chosen by likelihood, not by merges, so its vocabulary is *not* a
+    subset of the teacher's BPE vocabulary (the ULD term then has tokens to rank).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdcache.demo.train_teacher import CHAT_TEMPLATE, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=None,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def prepare(out: Path, vocab_size: int, kind: str = "unigram") -> tuple[Path, Path, Path]:
+    """(cache dir, same-tokenizer student config, cross-tokenizer student dir).
+
+    ``kind``: the cross student's tokenizer, ``unigram`` (not a subset of the teacher's
+    vocabulary) or ``bpe`` (trained like the teacher's: a subset).
+    """
     from kdcache.demo import corpus, demo_student_config_path
     from kdcache.demo.train_teacher import train_tokenizer
 
@@ -53,9 +102,10 @@ def prepare(out: Path, vocab_size: int) -> tuple[Path, Path, Path]:
     cache = out / "kdcache-demo" / "cache"
     if not (cache / "manifest.json").is_file():
         subprocess.run([*_kdcache(), "build"], cwd=out, check=True)
-    student_dir = out / f"student-{vocab_size}"
+    student_dir = out / f"student-{kind}-{vocab_size}"
     if not (student_dir / "config.json").is_file():
-        tokenizer = train_tokenizer(corpus.iter_texts("teacher-train"), vocab_size)
+        trainer = train_unigram_tokenizer if kind == "unigram" else train_tokenizer
+        tokenizer = trainer(corpus.iter_texts("teacher-train"), vocab_size)
         tokenizer.save_pretrained(student_dir)
         config = json.loads(demo_student_config_path().read_text())
         config["vocab_size"] = len(tokenizer)
@@ -84,40 +134,69 @@ def score(cache: Path, run: Path, same_tokenizer: bool) -> dict:
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
     student_tokenizer = AutoTokenizer.from_pretrained(run / "final")
-    cross = CrossTokenizer(teacher_tokenizer, student_tokenizer)
+    cross = CrossTokenizer(teacher_tokenizer, student_tokenizer, "exact", distill_inside=False)
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
     records = open_cache(cache).sequences("holdout")
     result = bits_per_byte(model, student_sequences(records, cross, same_tokenizer))
     train_lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     last = [line for line in train_lines if line["kind"] == "train"][-1]
-    for key in ("aligned_fraction", "matched_mass"):
+    for key in ("aligned_fraction", "matched_mass", "inside_fraction", "inside_ce_only_fraction"):
         if key in last:
             result[key] = last[key]
     return result
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per config, bits per byte per seed, mean, and the alignment stats."""
+    """Markdown: bits per byte per config and seed with the alignment counts, then the KD gains
+    (CE-only minus KD, same seed) and their share of the same-tokenizer gain."""
     seeds = sorted({int(key.split("@")[1]) for key in results})
     lines = ["| student | " + " | ".join(f"bpb seed {s}" for s in seeds)
-             + " | mean bpb | CE own tokens (mean) | aligned | exact-match mass |",
-             "|---" * (len(seeds) + 5) + "|"]  # fmt: skip
+             + " | mean bpb | aligned | inside distilled | inside CE only | exact-match mass |",
+             "|---" * (len(seeds) + 6) + "|"]  # fmt: skip
     for name in CONFIGS:
         runs = [results.get(f"{name}@{seed}") for seed in seeds]
         done = [run for run in runs if run]
         if not done:
             continue
-        cells = [f"{run['bpb']:.4f}" if run else "-" for run in runs]
+        cells = [f"{run['bpb']:.4f}" if run else "missing" for run in runs]
         mean_bpb = sum(run["bpb"] for run in done) / len(done)
-        mean_ce = sum(run["ce"] for run in done) / len(done)
-        aligned = done[0].get("aligned_fraction")
-        matched = done[0].get("matched_mass")
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {mean_bpb:.4f} | {mean_ce:.3f} | "
-            + (f"{aligned:.1%}" if aligned is not None else "-") + " | "
-            + (f"{matched:.1%}" if matched is not None else "-") + " |"
-        )  # fmt: skip
+        stats = [_pct(done[0].get(key)) for key in ("aligned_fraction", "inside_fraction",
+                 "inside_ce_only_fraction", "matched_mass")]  # fmt: skip
+        if name.startswith("same/"):
+            stats = ["-"] * 4
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_bpb:.4f} | "
+                     + " | ".join(stats) + " |")  # fmt: skip
+    lines += ["", "| KD gain (bpb) | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean | share of same-tokenizer gain (mean) |",
+              "|---" * (len(seeds) + 3) + "|"]  # fmt: skip
+    same_gain = _gains(results, "same/ce", "same/akl", seeds)
+    for base, name in [("same/ce", "same/akl")] + [
+        ("xtok/ce", name) for name in CONFIGS if name.startswith("xtok/") and name != "xtok/ce"
+    ]:
+        gains = _gains(results, base, name, seeds)
+        done = [(seed, gain) for seed, gain in gains.items() if gain is not None]
+        if not done:
+            continue
+        cells = [f"{gains[s]:+.4f}" if gains[s] is not None else "missing" for s in seeds]
+        mean = sum(gain for _, gain in done) / len(done)
+        pairs = [same_gain[s] for s, _ in done if same_gain[s] is not None]
+        share = mean / (sum(pairs) / len(pairs)) if pairs and len(pairs) == len(done) else None
+        lines.append(f"| {name} - {base} | " + " | ".join(cells) + f" | {mean:+.4f} | "
+                     + ("-" if share is None else f"{share:.0%}") + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _gains(results: dict, base: str, name: str, seeds: list[int]) -> dict[int, float | None]:
+    """Per seed: bpb of ``base`` minus bpb of ``name`` (positive: ``name`` is better)."""
+    out: dict[int, float | None] = {}
+    for seed in seeds:
+        a, b = results.get(f"{base}@{seed}"), results.get(f"{name}@{seed}")
+        out[seed] = None if a is None or b is None else a["bpb"] - b["bpb"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--student-tokenizer", choices=["unigram", "bpe"], default="unigram")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--runs", nargs="+", help="only these NAME@SEED runs (else all)")
     parser.add_argument("--worker", default="all", help="results-<worker>.json (parallel runs)")
@@ -138,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             merged.update(json.loads(path.read_text()))
         print(table(merged))
         return 0
-    cache, same_student, cross_student = prepare(out, args.vocab_size)
+    cache, same_student, cross_student = prepare(out, args.vocab_size, args.student_tokenizer)
     results_path = out / f"results-{args.worker}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     keys = args.runs or [f"{name}@{seed}" for seed in args.seeds for name in args.configs]

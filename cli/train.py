@@ -162,6 +162,17 @@ def train(
     uld_weight: float = typer.Option(
         _train("uld_weight"), help="Weight of the ULD term on unmatched tokens (--cross-tokenizer)."
     ),
+    vocab_map: str = typer.Option(
+        _train("vocab_map"),
+        help="--cross-tokenizer: where a teacher token without an exact student match sends its "
+        "probability: exact (the bucket and ULD) or prefix (its first student token).",
+    ),
+    distill_inside: bool = typer.Option(
+        _train("distill_inside"),
+        "--distill-inside/--no-distill-inside",
+        help="--cross-tokenizer: also distill student positions inside a teacher token "
+        "(the teacher's tokens consistent with the bytes emitted so far).",
+    ),
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
@@ -218,6 +229,8 @@ def train(
         teacher=teacher,
         cross_tokenizer=cross_tokenizer,
         uld_weight=uld_weight,
+        vocab_map=vocab_map,
+        distill_inside=distill_inside,
         progress=progress,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
@@ -241,6 +254,8 @@ def train(
         typer.echo(
             f"cross-tokenizer: {result.alignment['aligned_fraction']:.1%} of student positions "
             f"aligned (the rest CE only); {result.alignment['matched_mass']:.1%} of the teacher's "
-            "mass on exact-match tokens there"
+            "mass on exact-match tokens there; "
+            f"{result.alignment['inside_fraction']:.1%} distilled inside a teacher token, "
+            f"{result.alignment['inside_ce_only_fraction']:.1%} inside left CE only"
         )
     typer.echo(f"final checkpoint: {result.final}")

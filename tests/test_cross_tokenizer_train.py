@@ -78,12 +78,19 @@ def test_student_records_are_the_student_tokenization_of_the_same_text(small_cac
             "<|endoftext|>"
         ) * (len("<|endoftext|>") - 1)  # fmt: skip  (a special is 1 unit)
         # each distilled row's teacher row: the teacher read exactly the same text before it
-        rows = cross.align(record.input_ids, record.positions).teacher_rows
-        for position, row in zip(converted.positions, rows, strict=True):
+        aligned = cross.align(record.input_ids, record.positions)
+        boundary = converted.positions[~converted.inside]
+        for position, row in zip(boundary, aligned.teacher_rows, strict=True):
             before_student = student.decode(converted.input_ids[: position + 1])
             before_teacher = teacher.decode(record.input_ids[: record.positions[row] + 1])
             assert before_student == before_teacher
-        aligned_total += len(converted.positions)
+        # an inside position: the teacher's text up to its enclosing position + the emitted bytes
+        for position, row, emitted in zip(aligned.inside_positions, aligned.inside_rows,
+                                          aligned.inside_emitted, strict=True):  # fmt: skip
+            before_student = student.decode(converted.input_ids[: position + 1]).encode()
+            before_teacher = teacher.decode(record.input_ids[: record.positions[row] + 1])
+            assert before_student == before_teacher.encode() + emitted
+        aligned_total += len(boundary)
         positions_total += converted.num_tokens
     assert 0.3 < aligned_total / positions_total < 1.0  # different merges: some, not all
 
@@ -104,7 +111,10 @@ def test_collated_batch_has_ce_everywhere_and_kd_at_aligned_positions(small_cach
         teacher_rows = cross.align(cached.input_ids, cached.positions).teacher_rows
         want = np.exp(cached.topk_logprobs[teacher_rows]).sum(-1) + cached.tail_mass[teacher_rows]
         got = batch["topk_logprobs"][row].exp().sum(-1) + batch["tail_mass"][row]
-        np.testing.assert_allclose(got[record.positions].numpy(), want, rtol=1e-5)
+        np.testing.assert_allclose(got[record.positions[~record.inside]].numpy(), want, rtol=1e-5)
+        # an inside row is a conditional distribution: its top-k and bucket add up to 1
+        inside = record.positions[record.inside]
+        np.testing.assert_allclose(got[inside].numpy(), 1.0, rtol=1e-5)
 
 
 def test_chunked_objective_equals_the_full_forward(small_cache, other_student):
@@ -239,6 +249,12 @@ def test_bits_per_byte_against_the_models_own_forward(small_cache, tiny_llama_di
         ([], "pass --cross-tokenizer"),
         (["--uld-weight", "0.5"], "--uld-weight needs --cross-tokenizer"),
         (["--cross-tokenizer", "--uld-weight", "-1"], "--uld-weight must be a number >= 0"),
+        (["--vocab-map", "exact"], "--vocab-map needs --cross-tokenizer"),
+        (["--no-distill-inside"], "--no-distill-inside needs --cross-tokenizer"),
+        (
+            ["--cross-tokenizer", "--vocab-map", "nearest"],
+            "--vocab-map must be one of exact, prefix",
+        ),
         (["--cross-tokenizer", "--eval-every", "2"], "--eval-every is not available"),
         (["--cross-tokenizer", "--loss", "js"], "--cross-tokenizer trains with --loss fkl"),
     ],

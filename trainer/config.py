@@ -16,6 +16,8 @@ from typing import Any
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.storage import DEFAULT_CACHE_LIMIT
 
+VOCAB_MAPS = ("exact", "prefix")  # --vocab-map (kdcache.trainer.cross_tokenizer.prefix)
+
 CE_ONLY = "ce"  # next-token cross-entropy alone (no teacher): the baseline student
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
@@ -67,12 +69,22 @@ def _check_common(problems: list[str], batch_size: int, chunk_size: int, device:
 
 
 def _cross_tokenizer_problems(config: TrainConfig) -> list[str]:
-    if not (config.uld_weight >= 0 and math.isfinite(config.uld_weight)):
-        return [f"--uld-weight must be a number >= 0, got {config.uld_weight}"]
-    if not config.cross_tokenizer:
-        default = TrainConfig.__dataclass_fields__["uld_weight"].default
-        return [] if config.uld_weight == default else ["--uld-weight needs --cross-tokenizer"]
     problems = []
+    if not (config.uld_weight >= 0 and math.isfinite(config.uld_weight)):
+        problems.append(f"--uld-weight must be a number >= 0, got {config.uld_weight}")
+    if config.vocab_map not in VOCAB_MAPS:
+        problems.append(
+            f"--vocab-map must be one of {', '.join(VOCAB_MAPS)}, got {config.vocab_map!r}"
+        )
+    if problems:
+        return problems
+    if not config.cross_tokenizer:
+        defaults = TrainConfig.__dataclass_fields__
+        flags = {"uld_weight": "--uld-weight", "vocab_map": "--vocab-map",
+                 "distill_inside": "--no-distill-inside"}  # fmt: skip
+        changed = [flag for name, flag in flags.items()
+                   if getattr(config, name) != defaults[name].default]  # fmt: skip
+        return [f"{flag} needs --cross-tokenizer" for flag in changed]
     if config.teacher is not None:
         problems.append("--cross-tokenizer distills from a cache; drop --teacher")
     if config.loss not in (CE_ONLY, "fkl", "rkl", "akl"):
@@ -128,6 +140,8 @@ class TrainConfig:
     teacher: str | None = None  # online: run this teacher in the loop, full-vocabulary KD
     cross_tokenizer: bool = False  # allow a student tokenizer other than the teacher's
     uld_weight: float = 1.0  # weight of the ULD term on unmatched tokens (--cross-tokenizer)
+    vocab_map: str = "prefix"  # exact | prefix: where unmatched teacher tokens' mass goes
+    distill_inside: bool = True  # distill student positions inside a teacher token too
     progress: bool = True  # tqdm progress bar
     split: str = "train"  # cache split to train on
     eval_split: str = "holdout"  # cache split used by eval_every

@@ -154,7 +154,11 @@ class _Run:
             self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
         )
         check_vocab_size(self.model, self.tokenizer)
-        self.cross = None if same_tokenizer else cross_tokenizer_for(cache, self.tokenizer)
+        self.cross = (
+            None
+            if same_tokenizer
+            else cross_tokenizer_for(cache, self.tokenizer, config.vocab_map, config.distill_inside)
+        )
         notice = (
             vocab_coverage_notice(
                 int(self.model.get_output_embeddings().weight.shape[0]),

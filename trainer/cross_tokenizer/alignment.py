@@ -9,8 +9,13 @@ Alignment rule: student position ``i`` predicts the student token that starts at
 teacher position ``j`` predicts the teacher token that starts at ``teacher_ends[j]``. Student
 position ``i`` is *distilled* from teacher position ``j`` exactly when ``ends[i] ==
 teacher_ends[j]`` (both have read the same bytes and predict what starts at the same byte), the
-teacher stored position ``j``, and the student's next token is not empty. Every other student
-position gets CE only; ``AlignedSequence`` counts both.
+teacher stored position ``j``, and the student's next token is not empty.
+
+With ``distill_inside`` a student position whose next token starts strictly *inside* teacher
+token ``j + 1`` (``teacher_ends[j] < ends[i] < teacher_ends[j + 1]``) is an *inside* position
+of the enclosing teacher position ``j``: the student has already emitted the first
+``ends[i] - teacher_ends[j]`` bytes of that token (its target is built by
+``kdcache.trainer.cross_tokenizer.inside``). Every other student position gets CE only.
 
 A packed block may start or end inside a multi-byte UTF-8 character (a byte-level token can hold
 part of one): those edge bytes are left out of the student's text. A segment whose bytes are not
@@ -20,12 +25,14 @@ student tokens with no distilled position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kdcache.cache.errors import ConfigError
+from kdcache.trainer.cross_tokenizer.inside import TeacherPieces
+from kdcache.trainer.cross_tokenizer.prefix import VOCAB_MAPS, FirstStudentToken, prefix_map
 from kdcache.trainer.cross_tokenizer.vocabulary import (
     VocabularyBytes,
     describe_id,
@@ -44,6 +51,10 @@ class AlignedSequence:
     ``positions`` (A,) the distilled student positions, increasing; ``teacher_rows`` (A,) the
     row of the teacher record (index into its top-k arrays) each one is distilled from;
     ``token_bytes`` (S,) bytes of each student token (1 for a special token), for bits per byte.
+    Inside positions (empty unless ``distill_inside``): ``inside_positions`` (I,) increasing,
+    ``inside_rows`` (I,) the enclosing teacher position's record row, ``inside_emitted`` (I,
+    bytes each) what the student has emitted of the enclosing teacher token;
+    ``inside_unstored`` how many inside positions have no stored enclosing teacher position.
     """
 
     input_ids: np.ndarray
@@ -51,6 +62,10 @@ class AlignedSequence:
     positions: np.ndarray
     teacher_rows: np.ndarray
     token_bytes: np.ndarray
+    inside_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inside_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inside_emitted: tuple[bytes, ...] = ()
+    inside_unstored: int = 0
 
 
 def _utf8_edges(data: bytes) -> tuple[int, int]:
@@ -97,18 +112,41 @@ def _special_map(
 class CrossTokenizer:
     """The teacher -> student translation of one run: vocabularies, id map, re-tokenization.
 
-    ``teacher_to_student`` (V_teacher,) int64 is the exact-match map (-1: no student token has
-    the same bytes); ``student_matched`` (V_student,) bool marks student ids some teacher id maps
-    to (the rest is what the ULD term compares).
+    ``exact_to_student`` (V_teacher,) int64 is the exact-match map (-1: no student token has
+    the same bytes); ``teacher_to_student`` the map the rows go through: the exact-match map,
+    or (``vocab_map="prefix"``) that map completed by the prefix rule; ``student_matched``
+    (V_student,) bool marks student ids some teacher id maps to through ``teacher_to_student``
+    (the rest is what the ULD term ranks: never an id a row's mass went to). ``distill_inside``: align inside positions too (module docstring).
     """
 
-    def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        student_tokenizer: Any,
+        vocab_map: str = "prefix",
+        distill_inside: bool = True,
+    ) -> None:
+        if vocab_map not in VOCAB_MAPS:
+            raise ConfigError(
+                f"vocab_map must be one of {', '.join(VOCAB_MAPS)}, got {vocab_map!r}"
+            )
         self.student_tokenizer = student_tokenizer
+        self.vocab_map = vocab_map
+        self.distill_inside = bool(distill_inside)
         self.teacher = vocabulary_bytes(teacher_tokenizer)
         self.student = vocabulary_bytes(student_tokenizer)
-        self.teacher_to_student = exact_match_map(self.teacher, self.student)
+        self.exact_to_student = exact_match_map(self.teacher, self.student)
+        self.first_student_token = FirstStudentToken(self.student, student_tokenizer)
+        self.teacher_to_student = (
+            self.exact_to_student
+            if vocab_map == "exact"
+            else prefix_map(self.teacher, self.exact_to_student, self.first_student_token)
+        )
+        self.teacher_pieces = TeacherPieces(self.teacher) if self.distill_inside else None
         self.student_matched = np.zeros(self.student.size, dtype=bool)
         self.student_matched[self.teacher_to_student[self.teacher_to_student >= 0]] = True
+        self.student_exact = np.zeros(self.student.size, dtype=bool)
+        self.student_exact[self.exact_to_student[self.exact_to_student >= 0]] = True
         self.special_to_student = _special_map(
             teacher_tokenizer, student_tokenizer, self.teacher, self.student
         )
@@ -117,10 +155,21 @@ class CrossTokenizer:
 
     def summary(self) -> str:
         """One line for the start-up log: how much of the teacher vocabulary matches."""
-        matched = int((self.teacher_to_student >= 0).sum())
+        matched = int((self.exact_to_student >= 0).sum())
+        student_matched = int(self.student_exact.sum())
+        if self.vocab_map == "prefix":
+            prefixed = int(((self.teacher_to_student >= 0) & (self.exact_to_student < 0)).sum())
+            rest = (
+                f"{prefixed:,} more pass their mass to their first student token (prefix map; "
+                f"ULD ranks the {int((~self.student_matched).sum()):,} student tokens none maps to)"
+            )
+        else:
+            rest = "the rest go to the bucket and ULD (exact map)"
+        inside = "on" if self.distill_inside else "off"
         return (
             f"cross-tokenizer: {matched:,} of {self.teacher.size:,} teacher tokens have an exact "
-            f"match among the student's {self.student.size:,}; the rest go to the bucket and ULD"
+            f"match ({student_matched:,} of the student's {self.student.size:,} tokens); {rest}; "
+            f"positions inside a teacher token distilled: {inside}"
         )
 
     def student_token_bytes(self, input_ids: np.ndarray) -> np.ndarray:
@@ -181,33 +230,92 @@ class CrossTokenizer:
             offset += len(data)
             index = stop
         ids_array, ends_array = np.asarray(ids, np.int64), np.asarray(ends, np.int64)
-        positions, rows = _matches(
-            ends_array, unaligned, teacher_ends, np.asarray(teacher_positions, np.int64)
-        )
+        stored = np.asarray(teacher_positions, np.int64)
+        candidate = _candidates(ends_array, unaligned)
+        positions, rows = _matches(ends_array, candidate, teacher_ends, stored)
+        inside: dict[str, Any] = {}
+        if self.distill_inside:
+            candidate[positions] = False
+            candidate[-1:] = False  # the last student token has no next token in the block
+            inside_positions, inside_rows, emitted, unstored = _inside(
+                ends_array, candidate, teacher_ends, stored
+            )
+            next_tokens = teacher_ids[stored[inside_rows] + 1]  # (I,) the enclosing tokens
+            inside = {
+                "inside_positions": inside_positions,
+                "inside_rows": inside_rows,
+                "inside_emitted": tuple(
+                    self.teacher.pieces[token][:size]
+                    for token, size in zip(next_tokens.tolist(), emitted.tolist(), strict=True)
+                ),
+                "inside_unstored": unstored,
+            }
         return AlignedSequence(
             input_ids=ids_array,
             ends=ends_array,
             positions=positions,
             teacher_rows=rows,
             token_bytes=self.student_token_bytes(ids_array),
+            **inside,
         )
+
+
+def _candidates(ends: np.ndarray, unaligned: list[tuple[int, int]]) -> np.ndarray:
+    """(S,) bool: student positions that may be distilled (a non-empty next token, outside the
+    segments the student tokenizer did not reproduce)."""
+    candidate = np.ones(len(ends), dtype=bool)
+    candidate[:-1] = ends[1:] > ends[:-1]  # the next student token is not empty
+    for first, last in unaligned:
+        candidate[first:last] = False
+    return candidate
+
+
+def _inside(
+    ends: np.ndarray,
+    candidate: np.ndarray,
+    teacher_ends: np.ndarray,
+    teacher_positions: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Inside positions: (positions (I,), record rows (I,), emitted byte counts (I,), unstored).
+
+    ``candidate`` (S,) bool: positions not aligned at a boundary that may be distilled. A
+    candidate whose end falls strictly inside teacher token ``j`` (``j >= 1``) belongs to
+    teacher position ``j - 1``; those whose position is not stored are counted (``unstored``).
+    """
+    if len(teacher_ends) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    token = np.searchsorted(teacher_ends, ends, side="left")  # (S,) first token ending >= end
+    clipped = np.minimum(token, len(teacher_ends) - 1)
+    strictly = candidate & (token < len(teacher_ends)) & (teacher_ends[clipped] != ends)
+    enclosing = token - 1  # (S,) the teacher position that predicts token `token`
+    if len(teacher_positions) == 0:
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            int(strictly.sum()),
+        )
+    rows = np.searchsorted(teacher_positions, enclosing)  # (S,)
+    safe_rows = np.minimum(rows, len(teacher_positions) - 1)
+    has_row = (enclosing >= 0) & (teacher_positions[safe_rows] == enclosing)
+    positions = np.flatnonzero(strictly & has_row)
+    unstored = int((strictly & ~has_row).sum())
+    emitted = ends[positions] - teacher_ends[enclosing[positions]]
+    return positions, safe_rows[positions], emitted, unstored
 
 
 def _matches(
     ends: np.ndarray,
-    unaligned: list[tuple[int, int]],
+    candidate: np.ndarray,
     teacher_ends: np.ndarray,
     teacher_positions: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(distilled student positions (A,), their teacher rows (A,)) by the alignment rule.
 
-    ``ends`` (S,) student end offsets; ``teacher_ends`` (T,); ``teacher_positions`` (M,) the
-    stored teacher positions, increasing (row r of the record is position teacher_positions[r]).
+    ``ends`` (S,) student end offsets; ``candidate`` (S,) bool (``_candidates``);
+    ``teacher_ends`` (T,); ``teacher_positions`` (M,) the stored teacher positions, increasing
+    (row r of the record is position teacher_positions[r]).
     """
-    candidate = np.ones(len(ends), dtype=bool)
-    candidate[:-1] = ends[1:] > ends[:-1]  # the next student token is not empty
-    for first, last in unaligned:
-        candidate[first:last] = False
     stored_ends = teacher_ends[teacher_positions]  # (M,) increasing
     if len(stored_ends) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -4,7 +4,8 @@
 (student ids, the distilled positions and their teacher rows in student ids);
 ``collate_student_records`` pads them like ``kdcache.trainer.data.collate_records`` with two
 differences: CE labels exist at *every* student position that has a next token (unaligned
-positions get CE only), and the ULD inputs ride along. ``CrossTokenizerDataset`` is the cache
+positions get CE only), and the ULD inputs ride along. With ``distill_inside`` the positions
+inside a teacher token get their rows from ``inside_rows`` (no ULD mass). ``CrossTokenizerDataset`` is the cache
 dataset (same shards, order, resume state) that yields such batches.
 """
 
@@ -20,6 +21,7 @@ import torch
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.records import SequenceRecord
 from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
+from kdcache.trainer.cross_tokenizer.inside import inside_rows
 from kdcache.trainer.cross_tokenizer.mapping import map_teacher_rows
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 
@@ -35,8 +37,10 @@ class StudentRecord:
     topk_logprobs: np.ndarray  # (A, k) float32, -inf where unmatched
     tail_mass: np.ndarray  # (A,) float32 bucket (tail + unmatched)
     unmatched_probs: np.ndarray  # (A, k) float32 sorted descending, 0-padded
-    matched_mass: np.ndarray  # (A,) float32 teacher mass on exact-match ids
+    matched_mass: np.ndarray  # (A,) float32 teacher mass on exact-match ids (0 inside)
     token_bytes: np.ndarray  # (S,) int64 bytes of each student token
+    inside: np.ndarray | None = None  # (A,) bool: the position is inside a teacher token
+    inside_ce_only: int = 0  # inside positions left CE only (no stored or consistent row)
 
     @property
     def num_tokens(self) -> int:
@@ -58,18 +62,45 @@ def student_record(record: SequenceRecord, cross: CrossTokenizer) -> StudentReco
     rows = aligned.teacher_rows
     mapped = map_teacher_rows(
         record.topk_ids[rows], record.topk_logprobs[rows], record.tail_mass[rows],
-        cross.teacher_to_student,
+        cross.teacher_to_student, cross.exact_to_student,
     )  # fmt: skip
+    fields = {
+        "positions": aligned.positions,
+        "topk_ids": mapped.topk_ids,
+        "topk_logprobs": mapped.topk_logprobs,
+        "tail_mass": mapped.tail_mass,
+        "unmatched_probs": mapped.unmatched_probs,
+        "matched_mass": mapped.matched_mass,
+        "inside": np.zeros(len(aligned.positions), dtype=bool),
+    }
+    inside_ce_only = aligned.inside_unstored
+    if len(aligned.inside_positions):
+        enclosing = aligned.inside_rows
+        inside = inside_rows(
+            record.topk_ids[enclosing], record.topk_logprobs[enclosing],
+            record.tail_mass[enclosing], aligned.inside_emitted, cross.teacher_pieces,
+            cross.first_student_token,
+        )  # fmt: skip
+        keep = inside.has_target
+        inside_ce_only += int((~keep).sum())
+        count, width = int(keep.sum()), mapped.topk_ids.shape[1]
+        extra = {
+            "positions": aligned.inside_positions[keep],
+            "topk_ids": inside.topk_ids[keep],
+            "topk_logprobs": inside.topk_logprobs[keep],
+            "tail_mass": inside.tail_mass[keep],
+            "unmatched_probs": np.zeros((count, width), np.float32),
+            "matched_mass": np.zeros(count, np.float32),
+            "inside": np.ones(count, dtype=bool),
+        }
+        order = np.argsort(np.concatenate([fields["positions"], extra["positions"]]))
+        fields = {name: np.concatenate([fields[name], extra[name]])[order] for name in fields}
     return StudentRecord(
         sequence_id=int(record.sequence_id),
         input_ids=aligned.input_ids,
-        positions=aligned.positions,
-        topk_ids=mapped.topk_ids,
-        topk_logprobs=mapped.topk_logprobs,
-        tail_mass=mapped.tail_mass,
-        unmatched_probs=mapped.unmatched_probs,
-        matched_mass=mapped.matched_mass,
         token_bytes=aligned.token_bytes,
+        inside_ce_only=inside_ce_only,
+        **fields,
     )
 
 
@@ -83,7 +114,8 @@ def collate_student_records(
     ``topk_ids`` (B, T, k) int64, ``topk_logprobs`` (B, T, k) float32 (-inf where absent),
     ``tail_mass`` (B, T) float32 (1 where absent), ``unmatched_probs`` (B, T, k) float32,
     ``matched_mass`` (B, T) float32, ``token_bytes`` (B, T) int64 (0 on padding),
-    ``sequence_ids`` (B,).
+    ``inside_mask`` (B, T) bool (distilled positions inside a teacher token),
+    ``inside_ce_only`` (B,) int64 (inside positions left CE only), ``sequence_ids`` (B,).
     """
     if not records:
         raise ValueError("collate_student_records needs at least one record")
@@ -99,6 +131,7 @@ def collate_student_records(
         "unmatched_probs": np.zeros((batch, length, top_k), dtype=np.float32),
         "matched_mass": np.zeros((batch, length), dtype=np.float32),
         "distill_mask": np.zeros((batch, length), dtype=bool),
+        "inside_mask": np.zeros((batch, length), dtype=bool),
         "token_bytes": np.zeros((batch, length), dtype=np.int64),
     }
     for row, record in enumerate(records):
@@ -110,7 +143,10 @@ def collate_student_records(
         for name in ("topk_ids", "topk_logprobs", "tail_mass", "unmatched_probs", "matched_mass"):
             out[name][row, positions] = getattr(record, name)
         out["distill_mask"][row, positions] = True
+        if record.inside is not None:
+            out["inside_mask"][row, positions[record.inside]] = True
     tensors = {name: torch.from_numpy(value) for name, value in out.items()}
+    tensors["inside_ce_only"] = torch.tensor([r.inside_ce_only for r in records], dtype=torch.int64)
     tensors["sequence_ids"] = torch.tensor([r.sequence_id for r in records], dtype=torch.int64)
     return tensors
 
@@ -134,22 +170,31 @@ class CrossTokenizerDataset(CacheDataset):
 
 
 class AlignmentStats:
-    """Running counts of a cross-tokenizer run: aligned positions and exact-match teacher mass."""
+    """Running counts of a cross-tokenizer run: aligned positions, exact-match teacher mass and
+    the positions inside a teacher token (distilled or left CE only)."""
 
     def __init__(self) -> None:
-        self.positions = self.aligned = 0
+        self.positions = self.aligned = self.inside = self.inside_ce_only = 0
         self.matched_mass = 0.0
 
     def update(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
         for batch in batches:
+            inside = batch["inside_mask"]
             self.positions += int(batch["attention_mask"].sum())
-            self.aligned += int(batch["distill_mask"].sum())
+            self.aligned += int((batch["distill_mask"] & ~inside).sum())
+            self.inside += int(inside.sum())
+            self.inside_ce_only += int(batch["inside_ce_only"].sum())
             self.matched_mass += float(batch["matched_mass"].sum())
 
     def as_dict(self) -> dict[str, float]:
-        """``aligned_fraction`` of student positions distilled; ``matched_mass``: the mean
-        teacher probability on exact-match tokens at those positions."""
+        """``aligned_fraction``: share of student positions at a common token boundary
+        (distilled); ``matched_mass``: the mean teacher probability on exact-match tokens at
+        those; ``inside_fraction``: share distilled inside a teacher token;
+        ``inside_ce_only_fraction``: share inside a teacher token but left CE only."""
+        positions = max(self.positions, 1)
         return {
-            "aligned_fraction": self.aligned / max(self.positions, 1),
+            "aligned_fraction": self.aligned / positions,
             "matched_mass": self.matched_mass / max(self.aligned, 1),
+            "inside_fraction": self.inside / positions,
+            "inside_ce_only_fraction": self.inside_ce_only / positions,
         }

@@ -116,7 +116,7 @@ def held_out_byte_metrics(
         return {}
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     try:
-        cross = CrossTokenizer(teacher_tokenizer, student_tokenizer)
+        cross = CrossTokenizer(teacher_tokenizer, student_tokenizer, "exact", distill_inside=False)
     except ConfigError:
         if same_tokenizer:
             return {}

@@ -13,8 +13,11 @@ from kdcache.trainer.cross_tokenizer.batches import check_cross_tokenizer_cache
 from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
 
 
-def cross_tokenizer_for(cache: Any, student_tokenizer: Any) -> CrossTokenizer:
-    """The teacher (``<cache>/tokenizer/``) -> student translation, after the cache's checks."""
+def cross_tokenizer_for(
+    cache: Any, student_tokenizer: Any, vocab_map: str = "prefix", distill_inside: bool = True
+) -> CrossTokenizer:
+    """The teacher (``<cache>/tokenizer/``) -> student translation, after the cache's checks
+    (``vocab_map``, ``distill_inside``: see ``CrossTokenizer``)."""
     from transformers import AutoTokenizer
 
     check_cross_tokenizer_cache(cache.manifest)
@@ -24,7 +27,8 @@ def cross_tokenizer_for(cache: Any, student_tokenizer: Any) -> CrossTokenizer:
             f"--cross-tokenizer needs the teacher's tokenizer, and the cache has none at "
             f"{teacher_dir}; rebuild the cache (the build saves it)"
         )
-    return CrossTokenizer(AutoTokenizer.from_pretrained(teacher_dir), student_tokenizer)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    return CrossTokenizer(teacher_tokenizer, student_tokenizer, vocab_map, distill_inside)
 
 
 def student_matched_rows(cross: CrossTokenizer, vocab_rows: int) -> torch.Tensor:
