@@ -6,9 +6,11 @@ Same body, seed, steps and data (the demo cache's train split) for every student
 * the cross student: a byte-level Unigram tokenizer with 8,192 tokens trained on the same
   teacher-train files (``--student-tokenizer bpe``: a BPE trained like the teacher's, whose
   tokens are all teacher tokens). CE only; cross-tokenizer KD with the defaults (``--vocab-map
-  prefix --distill-inside``) without ULD (``exact``) and with it (``exact+uld``); the prefix map
-  alone (``prefix-only``); and the behaviour before them (``old-*``: ``--vocab-map exact
-  --no-distill-inside``). AKL + 0.5 CE like the same-tokenizer KD student.
+  exact --distill-inside``) without ULD (``exact+inside``) and with it (``exact+inside+uld``,
+  ``--uld-weight 1``, the default); the same with ``--vocab-map prefix`` (``prefix+inside*``);
+  the prefix map alone (``prefix-only``); and the behaviour before the inside positions
+  (``old-*``: ``--vocab-map exact --no-distill-inside``). AKL + 0.5 CE like the same-tokenizer
+  KD student. Every flag is passed explicitly, so the runs do not depend on the defaults.
 
 Every student is trained with ``kdcache train`` (the real CLI) and scored on the cache's holdout
 split in bits per byte on its own tokenization (``bits_per_byte``). Resumable: finished runs are
@@ -31,20 +33,26 @@ from pathlib import Path
 # The cross-tokenizer student: a Unigram tokenizer (8,192 tokens) on the teacher-train files, so
 # its vocabulary is not a subset of the teacher's BPE (``--student-tokenizer bpe``: the BPE
 # trained like the teacher's, whose 8,192 tokens are all teacher tokens: ULD then ranks nothing).
-# The KD students use the defaults (``--vocab-map prefix``, ``--distill-inside``); the ``old/*``
-# ones the behaviour before them (exact matches only, boundary positions only).
+# The ``old-*`` students: the behaviour before the inside positions (exact matches only,
+# boundary positions only).
 _KD = ["--loss", "akl", "--ce-weight", "0.5", "--cross-tokenizer"]
 _OLD = ["--vocab-map", "exact", "--no-distill-inside"]
+_INSIDE = ["--distill-inside"]
 CONFIGS: dict[str, dict] = {
     "same/ce": {"student": "same", "flags": ["--loss", "ce"]},
     "same/akl": {"student": "same", "flags": ["--loss", "akl", "--ce-weight", "0.5"]},
     "xtok/ce": {"student": "xtok", "flags": ["--loss", "ce", "--cross-tokenizer"]},
-    "xtok/exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0"]},
-    "xtok/exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1"]},
+    "xtok/exact+inside": {"student": "xtok",
+                          "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "exact", *_INSIDE]},
+    "xtok/exact+inside+uld": {"student": "xtok",
+                              "flags": [*_KD, "--uld-weight", "1", "--vocab-map", "exact", *_INSIDE]},
+    "xtok/prefix+inside": {"student": "xtok",
+                           "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "prefix", *_INSIDE]},
+    "xtok/prefix+inside+uld": {"student": "xtok",
+                               "flags": [*_KD, "--uld-weight", "1", "--vocab-map", "prefix", *_INSIDE]},
     "xtok/prefix-only": {"student": "xtok",
-                         "flags": [*_KD, "--uld-weight", "0", "--no-distill-inside"]},
-    "xtok/exact-map+inside": {"student": "xtok",
-                              "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "exact"]},
+                         "flags": [*_KD, "--uld-weight", "0", "--vocab-map", "prefix",
+                                   "--no-distill-inside"]},
     "xtok/old-exact": {"student": "xtok", "flags": [*_KD, "--uld-weight", "0", *_OLD]},
     "xtok/old-exact+uld": {"student": "xtok", "flags": [*_KD, "--uld-weight", "1", *_OLD]},
 }  # fmt: skip

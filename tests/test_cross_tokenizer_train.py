@@ -249,7 +249,7 @@ def test_bits_per_byte_against_the_models_own_forward(small_cache, tiny_llama_di
         ([], "pass --cross-tokenizer"),
         (["--uld-weight", "0.5"], "--uld-weight needs --cross-tokenizer"),
         (["--cross-tokenizer", "--uld-weight", "-1"], "--uld-weight must be a number >= 0"),
-        (["--vocab-map", "exact"], "--vocab-map needs --cross-tokenizer"),
+        (["--vocab-map", "prefix"], "--vocab-map needs --cross-tokenizer"),
         (["--no-distill-inside"], "--no-distill-inside needs --cross-tokenizer"),
         (
             ["--cross-tokenizer", "--vocab-map", "nearest"],

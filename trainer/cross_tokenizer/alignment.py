@@ -123,7 +123,7 @@ class CrossTokenizer:
         self,
         teacher_tokenizer: Any,
         student_tokenizer: Any,
-        vocab_map: str = "prefix",
+        vocab_map: str = "exact",
         distill_inside: bool = True,
     ) -> None:
         if vocab_map not in VOCAB_MAPS:

@@ -14,7 +14,7 @@ from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
 
 
 def cross_tokenizer_for(
-    cache: Any, student_tokenizer: Any, vocab_map: str = "prefix", distill_inside: bool = True
+    cache: Any, student_tokenizer: Any, vocab_map: str = "exact", distill_inside: bool = True
 ) -> CrossTokenizer:
     """The teacher (``<cache>/tokenizer/``) -> student translation, after the cache's checks
     (``vocab_map``, ``distill_inside``: see ``CrossTokenizer``)."""
