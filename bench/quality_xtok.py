@@ -69,32 +69,9 @@ def train_unigram_tokenizer(texts: list[str], vocab_size: int):
     of BPE: its pieces are chosen by likelihood, not by merges, so its vocabulary is *not* a
     subset of the teacher's BPE vocabulary (the ULD term then has tokens to rank).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from kdcache.demo.train_teacher import train_tokenizer
 
-    from kdcache.demo.train_teacher import CHAT_TEMPLATE, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS
-
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS,
-        eos_token=EOS,
-        unk_token=None,
-        pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=1024,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_tokenizer(texts, vocab_size, kind="unigram")
 
 
 def prepare(out: Path, vocab_size: int, kind: str = "unigram") -> tuple[Path, Path, Path]:

@@ -72,15 +72,22 @@ class TeacherSettings:
         return self.steps * self.batch_size * self.seq_len
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` with the demo specials."""
+def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
+    """A byte-level ``PreTrainedTokenizerFast`` trained on ``texts`` with the demo specials.
+
+    ``kind``: ``"bpe"`` (the demo teacher's) or ``"unigram"`` (pieces chosen by likelihood,
+    not by merges, so its vocabulary is not a subset of a BPE's trained on the same texts).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    if kind not in ("bpe", "unigram"):
+        raise ValueError(f"kind must be 'bpe' or 'unigram', got {kind!r}")
+    tok = Tokenizer(models.BPE() if kind == "bpe" else models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    trainer_class = trainers.BpeTrainer if kind == "bpe" else trainers.UnigramTrainer
+    trainer = trainer_class(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
