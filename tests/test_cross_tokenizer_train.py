@@ -292,3 +292,31 @@ def _swap_two_ids(tmp_path: Path, tokenizer, first: int):
     vocab[by_id[first]], vocab[by_id[first + 1]] = first + 1, first
     path.write_text(json.dumps(state))
     return AutoTokenizer.from_pretrained(tmp_path / "swapped")
+
+
+def _stored_before_the_flags(config) -> dict:
+    """A run.json as written before --vocab-map / --distill-inside existed."""
+    stored = config.to_dict()
+    del stored["vocab_map"], stored["distill_inside"]
+    return stored
+
+
+def test_resume_of_a_run_from_before_the_vocab_map_flags():
+    from kdcache.trainer.config import TrainConfig
+
+    # a same-tokenizer run: the cross-tokenizer fields change nothing, so nothing to refuse
+    plain = TrainConfig(cache="c", student="s", out="o")
+    assert plain.differences(_stored_before_the_flags(plain)) == []
+    # a cross-tokenizer run of that version behaved as --vocab-map exact --no-distill-inside
+    cross = TrainConfig(cache="c", student="s", out="o", cross_tokenizer=True)
+    stored = _stored_before_the_flags(cross)
+    assert cross.differences(stored) == ["distill_inside: False -> True"]
+    same_as_then = TrainConfig(
+        cache="c", student="s", out="o", cross_tokenizer=True, distill_inside=False
+    )
+    assert same_as_then.differences(stored) == []
+    prefix = TrainConfig(
+        cache="c", student="s", out="o", cross_tokenizer=True, distill_inside=False,
+        vocab_map="prefix",
+    )  # fmt: skip
+    assert prefix.differences(stored) == ["vocab_map: 'exact' -> 'prefix'"]

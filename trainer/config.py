@@ -24,6 +24,10 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
 # Settings that may change between an interrupted run and its --resume (they do not change the
 # result); every other field must match the stored run.json.
+# What a field missing from an older run.json meant: the behaviour before the field existed.
+ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": False}
+# Fields that change nothing unless the run is --cross-tokenizer.
+CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
     | {"storage_options", "cache_dir", "cache_limit"}
@@ -224,10 +228,16 @@ class TrainConfig:
                 )
             return False
 
+        def stored_value(name: str) -> Any:
+            return stored.get(name, ABSENT_FIELD_MEANS.get(name))
+
+        neither_cross = not self.cross_tokenizer and not stored.get("cross_tokenizer")
         return [
-            f"{name}: {stored.get(name)!r} -> {value!r}"
+            f"{name}: {stored_value(name)!r} -> {value!r}"
             for name, value in self.to_dict().items()
-            if name not in RESUMABLE_CHANGES and not same(name, stored.get(name), value)
+            if name not in RESUMABLE_CHANGES
+            and not (neither_cross and name in CROSS_TOKENIZER_FIELDS)
+            and not same(name, stored_value(name), value)
         ]
 
 
