@@ -79,8 +79,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        from kdcache.cache.data import RecordStream
-        from kdcache.cache.teacher import load_tokenizer, resolve_dtype
+        from kdcache.cache.build.data import RecordStream
+        from kdcache.cache.build.teacher import load_tokenizer, resolve_dtype
 
         self.args, self.root = args, root
         self.teacher = root / "teacher"
@@ -108,7 +108,7 @@ class Bench:
         self.bare_tokens = sum(b.numel() for b in self.batches)
 
     def config(self, docs: int, mode: str):
-        from kdcache.cache.build import BuildConfig
+        from kdcache.cache.build.pipeline import BuildConfig
 
         return BuildConfig(
             teacher=str(self.teacher), data=str(self.data[docs]), out=self.root / "cache",
@@ -128,7 +128,7 @@ class Bench:
 
     def build(self, docs: int, mode: str) -> tuple[np.ndarray, int]:
         """(wall, cpu) seconds of one fresh build and its tokens."""
-        from kdcache.cache.build import build_cache
+        from kdcache.cache.build.pipeline import build_cache
 
         shutil.rmtree(self.root / "cache", ignore_errors=True)
         start = _clock()

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from kdcache.cache.codecs.base import planes, sorted_id_deltas
-from kdcache.cache.codecs.topk import _to_id_order
-from kdcache.cache.format import BlockCodec
+from kdcache.cache.format.blocks import BlockCodec
+from kdcache.cache.format.codecs.base import planes, sorted_id_deltas
+from kdcache.cache.format.codecs.topk import _to_id_order
 from kdcache.cache.records import SequenceRecord
 
 KS = (8, 32, 64, 128)

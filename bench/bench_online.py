@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kdcache.cache.heads import split_head
+from kdcache.cache.extraction.heads import split_head
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.targets import DenseTeacherTarget, LossOptions, TopkBucketTarget
 

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # the shared student, batch and teacher of the step benchmark
 
-from kdcache.cache.heads import body_of, split_head
+from kdcache.cache.extraction.heads import body_of, split_head
 from kdcache.trainer.chunked import chunked_head_loss
 from kdcache.trainer.cross_tokenizer.loss import (
     CrossTokenizerLoss,

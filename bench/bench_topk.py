@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kdcache.cache.topk import fast_topk
+from kdcache.cache.extraction.topk import fast_topk
 
 
 def _timed(function, values: torch.Tensor, top_k: int) -> tuple[float, float]:

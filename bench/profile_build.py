@@ -61,8 +61,11 @@ def _timed_iterator(name: str, function):
 
 def instrument() -> None:
     """Wrap the build's stages with timers (module attributes, looked up at call time)."""
-    from kdcache.cache import build, shards, tail_sampling, teacher
-    from kdcache.cache.heads import body_of
+    from kdcache.cache.build import pipeline as build
+    from kdcache.cache.build import teacher
+    from kdcache.cache.extraction import tail_sampling
+    from kdcache.cache.extraction.heads import body_of
+    from kdcache.cache.format import shards
 
     teacher.TeacherRunner.run = _timed("teacher: run() total", teacher.TeacherRunner.run)
     teacher.topk_from_hidden = _timed("teacher: head + top-k", teacher.topk_from_hidden)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
     import tempfile
 
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
     out = args.out or Path(tempfile.mkdtemp(prefix="kdcache-profile-")) / "cache"
     shutil.rmtree(out, ignore_errors=True)

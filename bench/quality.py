@@ -54,7 +54,7 @@ from quality_data import (  # bench/ is on sys.path when this file runs as a scr
 from rskd import sampled_kd_loss  # bench/ is on sys.path when this file runs as a script
 from torch.nn import functional as F
 
-from kdcache.cache.heads import resolve_head
+from kdcache.cache.extraction.heads import resolve_head
 from kdcache.trainer.losses import akl_head_mask, dense_kd_loss, sparse_kd_loss
 from kdcache.trainer.sampled import topk_tail_kd_loss
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from rskd import draw_samples  # bench/ is on sys.path when this file runs as a script
 
-from kdcache.cache.format import BlockCodec
-from kdcache.cache.heads import body_of
+from kdcache.cache.extraction.heads import body_of
+from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.records import SequenceRecord
 
 

@@ -13,40 +13,40 @@ from kdcache.cache._lazy import lazy_exports
 from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 
 _LAZY = {
-    "BuildConfig": "build",
-    "BuildSummary": "build",
-    "build_cache": "build",
-    "EstimateReport": "estimate",
-    "estimate_build": "estimate",
-    "FORMAT_VERSION": "format",
-    "canonical_order": "format",
-    "OutputHead": "heads",
-    "CacheReport": "inspect",
-    "inspect_cache": "inspect",
-    "resolve_head": "heads",
-    "read_manifest": "manifest",
-    "shard_summary": "manifest",
-    "write_manifest": "manifest",
-    "Cache": "reader",
-    "open_cache": "reader",
+    "BuildConfig": "build.pipeline",
+    "BuildSummary": "build.pipeline",
+    "build_cache": "build.pipeline",
+    "EstimateReport": "build.estimate",
+    "estimate_build": "build.estimate",
+    "FORMAT_VERSION": "format.blocks",
+    "canonical_order": "format.blocks",
+    "OutputHead": "extraction.heads",
+    "CacheReport": "read.inspect",
+    "inspect_cache": "read.inspect",
+    "resolve_head": "extraction.heads",
+    "read_manifest": "format.manifest",
+    "shard_summary": "format.manifest",
+    "write_manifest": "format.manifest",
+    "Cache": "read.reader",
+    "open_cache": "read.reader",
     "SequenceRecord": "records",
-    "ShardInfo": "shards",
-    "ShardWriter": "shards",
-    "list_complete_shards": "shards",
-    "verify_cache": "verify",
+    "ShardInfo": "format.shards",
+    "ShardWriter": "format.shards",
+    "list_complete_shards": "format.shards",
+    "verify_cache": "read.verify",
 }
 
 if TYPE_CHECKING:
-    from kdcache.cache.build import BuildConfig, BuildSummary, build_cache
-    from kdcache.cache.estimate import EstimateReport, estimate_build
-    from kdcache.cache.format import FORMAT_VERSION, canonical_order
-    from kdcache.cache.heads import OutputHead, resolve_head
-    from kdcache.cache.inspect import CacheReport, inspect_cache
-    from kdcache.cache.manifest import read_manifest, shard_summary, write_manifest
-    from kdcache.cache.reader import Cache, open_cache
+    from kdcache.cache.build.estimate import EstimateReport, estimate_build
+    from kdcache.cache.build.pipeline import BuildConfig, BuildSummary, build_cache
+    from kdcache.cache.extraction.heads import OutputHead, resolve_head
+    from kdcache.cache.format.blocks import FORMAT_VERSION, canonical_order
+    from kdcache.cache.format.manifest import read_manifest, shard_summary, write_manifest
+    from kdcache.cache.format.shards import ShardInfo, ShardWriter, list_complete_shards
+    from kdcache.cache.read.inspect import CacheReport, inspect_cache
+    from kdcache.cache.read.reader import Cache, open_cache
+    from kdcache.cache.read.verify import verify_cache
     from kdcache.cache.records import SequenceRecord
-    from kdcache.cache.shards import ShardInfo, ShardWriter, list_complete_shards
-    from kdcache.cache.verify import verify_cache
 
 
 __getattr__, __dir__ = lazy_exports("kdcache.cache", _LAZY, globals())

@@ -20,15 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcache.cache.build.lock import TOKENIZER_DIR, remove_cache_files
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.lock import TOKENIZER_DIR, remove_cache_files
-from kdcache.cache.manifest import MANIFEST_NAME, atomic_write_bytes, manifest_path
-from kdcache.cache.reader import open_cache
-from kdcache.cache.remote_cache import read_remote_manifest
-from kdcache.cache.remote_lock import RemoteLock
-from kdcache.cache.shard_sources import LocalShards, RemoteShards
-from kdcache.cache.shards import SHARDS_DIR, shard_path
-from kdcache.cache.storage import (
+from kdcache.cache.format.manifest import MANIFEST_NAME, atomic_write_bytes, manifest_path
+from kdcache.cache.format.shards import SHARDS_DIR, shard_path
+from kdcache.cache.read.reader import Cache, open_cache
+from kdcache.cache.storage.location import (
     Location,
     check_bucket,
     download_tree,
@@ -36,6 +33,9 @@ from kdcache.cache.storage import (
     resolve_location,
     upload_tree,
 )
+from kdcache.cache.storage.remote_cache import read_remote_manifest
+from kdcache.cache.storage.remote_lock import RemoteLock
+from kdcache.cache.storage.shard_sources import LocalShards, RemoteShards
 
 Report = Callable[[str], None]
 
@@ -152,8 +152,6 @@ def pull_cache(
     remote = RemoteShards(location, out, 1)
     local_shards = LocalShards(out)
     copied = skipped = size = 0
-    from kdcache.cache.reader import Cache
-
     cache = Cache(out, manifest, source=remote, location=location.url)
     for info in (info for split in cache.splits for info in cache.shards(split)):
         final = shard_path(out, info.name)

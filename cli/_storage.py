@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from kdcache.cache.storage import DEFAULT_CACHE_LIMIT
+from kdcache.cache.storage.location import DEFAULT_CACHE_LIMIT
 from kdcache.cli._defaults import resolved
 
 CACHE_HOME_TEXT = "$KDCACHE_CACHE_HOME, else $XDG_CACHE_HOME/kdcache, else ~/.cache/kdcache"
@@ -41,8 +41,8 @@ def reader_settings(
     storage_options: list[str], cache_dir: str | None, cache_limit: str
 ) -> dict[str, Any]:
     """TrainConfig / EvalConfig keywords from the three options above (validated)."""
-    from kdcache.cache.shard_sources import parse_size
-    from kdcache.cache.storage import parse_storage_options
+    from kdcache.cache.storage.location import parse_storage_options
+    from kdcache.cache.storage.shard_sources import parse_size
 
     parse_size(cache_limit)  # refuse a bad size before anything runs
     return {

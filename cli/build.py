@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from kdcache.cache.build_config import (
+from kdcache.cache.build.config import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
     ESTIMATE_SAMPLE_SEQUENCES,
@@ -33,7 +33,7 @@ def _build(name: str):
 
 def _demo_defaults(out: str | None) -> tuple[str, str, str]:
     """(teacher, data, out) of the embedded demo; writes the demo dataset next to the cache."""
-    from kdcache.cache.storage import resolve_location
+    from kdcache.cache.storage.location import resolve_location
     from kdcache.demo import DEFAULT_CACHE_DIR, demo_teacher_dir, write_demo_dataset
 
     out = out or str(DEFAULT_CACHE_DIR)
@@ -160,8 +160,8 @@ def build(
     ),
 ) -> None:
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
-    from kdcache.cache.build import build_cache
-    from kdcache.cache.storage import parse_storage_options
+    from kdcache.cache.build.pipeline import build_cache
+    from kdcache.cache.storage.location import parse_storage_options
 
     defaults: dict[str, int | float] = {
         "max_length": _build("max_length"),
@@ -199,7 +199,7 @@ def build(
         staging_dir=staging_dir,
     )
     if estimate:
-        from kdcache.cache.estimate import estimate_build
+        from kdcache.cache.build.estimate import estimate_build
 
         report = estimate_build(config, sample_sequences=sample_sequences)
         typer.echo(report.text())

@@ -16,7 +16,7 @@ def _inspect_default(name: str) -> Any:
     """A default of ``inspect_cache``, which defines the sampling settings."""
     import inspect as signatures
 
-    from kdcache.cache.inspect import inspect_cache
+    from kdcache.cache.read.inspect import inspect_cache
 
     return signatures.signature(inspect_cache).parameters[name].default
 
@@ -46,16 +46,16 @@ def inspect(
 ) -> None:
     """Show the manifest and the top-k mass, entropy and kept mass at smaller k of a cache."""
     from kdcache.cache.errors import ConfigError
-    from kdcache.cache.inspect import inspect_cache
+    from kdcache.cache.read.inspect import inspect_cache
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot must name a .png file, got '{plot}'")
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
 
     opened = open_cache(cache, **_storage.reader_settings(storage_option, cache_dir, cache_limit))
     report = inspect_cache(opened, sample_positions=sample, full=full, seed=seed)
     if plot is not None:
-        from kdcache.cache.plot import plot_report
+        from kdcache.cache.read.plot import plot_report
 
         plot_report(report, plot)
     if as_json:

@@ -18,7 +18,7 @@ def push(
     overwrite: bool = typer.Option(False, help="Replace a different cache already at URL."),
 ) -> None:
     """Upload a finished cache (shards verified on arrival, manifest.json last)."""
-    from kdcache.cache.storage import parse_storage_options
+    from kdcache.cache.storage.location import parse_storage_options
     from kdcache.cache.transfer import push_cache
 
     summary = push_cache(
@@ -35,7 +35,7 @@ def pull(
     overwrite: bool = typer.Option(False, help="Replace a different cache already in LOCAL."),
 ) -> None:
     """Download a finished cache (shards verified on arrival, manifest.json last)."""
-    from kdcache.cache.storage import parse_storage_options
+    from kdcache.cache.storage.location import parse_storage_options
     from kdcache.cache.transfer import pull_cache
 
     summary = pull_cache(

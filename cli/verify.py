@@ -16,8 +16,8 @@ def verify(
     storage_option: list[str] = _storage.storage_option(),
 ) -> None:
     """Check every shard of CACHE against the manifest (size + sha256); exit 1 if any is bad."""
-    from kdcache.cache.storage import parse_storage_options
-    from kdcache.cache.verify import verify_cache
+    from kdcache.cache.read.verify import verify_cache
+    from kdcache.cache.storage.location import parse_storage_options
 
     checked: list[str] = []
 

@@ -109,7 +109,7 @@ def run_demo(
     tiny sizes (tests). Returns ``{"results": {name: metrics}, "plot", "eval_json", "seconds",
     "settings", "cache"}``.
     """
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
     from kdcache.demo import (
         demo_student_config_path,
         demo_teacher_dir,

@@ -267,7 +267,7 @@ def s3(s3_server, tmp_path, monkeypatch):
 def crash_shard_writes_at(monkeypatch, call: int):
     """Make the ``call``-th ``ShardWriter.write`` raise "simulated crash" (a build dying mid-way);
     returns a function that restores the real ``write``."""
-    from kdcache.cache.shards import ShardWriter
+    from kdcache.cache.format.shards import ShardWriter
 
     original_write, calls = ShardWriter.write, {"n": 0}
 

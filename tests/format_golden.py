@@ -1,7 +1,7 @@
 """Golden digests of the shard encoding: proof that a refactor of the codecs keeps the bytes.
 
 ``tests/format_golden.json`` was written by ``python tests/format_golden.py --write`` with the
-encoder of commit b7736fd (``cache/format.py`` before it was split into ``cache/codecs/``), and
+encoder of commit b7736fd (``cache/format/blocks.py`` before it was split into ``cache/format/codecs/``), and
 ``tests/test_codecs.py`` recomputes the digests with the current encoder. A digest covers, for
 each case below, the Arrow schema (names and types), the schema metadata (keys in order), the
 list columns and the sha256 of every binary column *after* zstd decompression: the compressed
@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from kdcache.cache.format import BlockCodec
+from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.records import SequenceRecord
 
 GOLDEN_PATH = Path(__file__).with_name("format_golden.json")
@@ -146,7 +146,7 @@ def shard_file_digests() -> dict[str, list[str]]:
     """sha256 of the whole shard files ``ShardWriter`` writes for each case (blocks of 7
     positions). Equal across encoders only with the same pyarrow and libzstd: compare the
     output of two checkouts run in one environment."""
-    from kdcache.cache.shards import SHARDS_DIR, ShardWriter
+    from kdcache.cache.format.shards import SHARDS_DIR, ShardWriter
 
     digests = {}
     for name, (mode, top_k, vocab_size, tail_samples) in CASES.items():

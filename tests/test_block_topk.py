@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcache.cache import block_topk
-from kdcache.cache.build import BuildConfig, build_cache
-from kdcache.cache.shards import SHARDS_DIR
-from kdcache.cache.topk import fast_topk
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
+from kdcache.cache.extraction import block_topk
+from kdcache.cache.extraction.topk import fast_topk
+from kdcache.cache.format.shards import SHARDS_DIR
 from tests.conftest import text_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,5 +158,5 @@ def test_build_shards_equal_a_build_with_torch_topk(
         return _shard_digests(out)
 
     fast = build(tmp_path / "fast")
-    monkeypatch.setattr("kdcache.cache.topk.fast_topk", _plain_topk)
+    monkeypatch.setattr("kdcache.cache.extraction.topk.fast_topk", _plain_topk)
     assert build(tmp_path / "plain") == fast

@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.build.fingerprint import tokenizer_fingerprint
+from kdcache.cache.build.lock import STATE_NAME, BuildLock
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.fingerprint import tokenizer_fingerprint
-from kdcache.cache.lock import STATE_NAME, BuildLock
-from kdcache.cache.reader import open_cache
-from kdcache.cache.shards import SHARDS_DIR, list_complete_shards
+from kdcache.cache.format.shards import SHARDS_DIR, list_complete_shards
+from kdcache.cache.read.reader import open_cache
 from tests.conftest import crash_shard_writes_at, text_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,7 +97,7 @@ def test_build_equals_model_forward(tiny_teacher_dir, docs_jsonl, tmp_path):
 def test_chat_build_stores_assistant_positions(
     tiny_llama_dir, chat_jsonl, tiny_tokenizer, tmp_path
 ):
-    from kdcache.cache.data import render_chat
+    from kdcache.cache.build.data import render_chat
     from tests.conftest import chat_rows
 
     out = tmp_path / "chat"
@@ -168,8 +168,8 @@ _SLOW_BUILD = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-from kdcache.cache import teacher
-from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.build import teacher
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
 run = teacher.TeacherRunner.run
 def slow_run(self, *args, **kwargs):
     time.sleep(0.3)
@@ -255,7 +255,7 @@ def test_two_rank_build_equals_single_process(tiny_llama_dir, docs_jsonl, tmp_pa
 def test_fingerprints_follow_content_not_paths(tiny_llama_dir, tiny_tokenizer, tmp_path):
     import shutil
 
-    from kdcache.cache.fingerprint import differences, teacher_fingerprint
+    from kdcache.cache.build.fingerprint import differences, teacher_fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     copy = Path(shutil.copytree(tiny_llama_dir, tmp_path / "copy"))

@@ -142,7 +142,7 @@ def test_demo_defaults_are_announced_and_used(tiny_llama_dir, tmp_path, monkeypa
     result = CliRunner().invoke(app, ["build", "--out", str(out), "--top-k", "4"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0].startswith("Using the demo defaults: ")
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
 
     manifest = open_cache(out).manifest
     assert manifest["top_k"] == 4  # explicit flags win
@@ -151,7 +151,7 @@ def test_demo_defaults_are_announced_and_used(tiny_llama_dir, tmp_path, monkeypa
 
 
 def test_build_config_reports_every_problem_at_once(tmp_path):
-    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.build.pipeline import BuildConfig
     from kdcache.cache.errors import ConfigError
 
     with pytest.raises(ConfigError) as error:

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.heads import OutputHead
 from kdcache.trainer.head_losses import chunked_dense_distill_loss, chunked_distill_loss
 from kdcache.trainer.losses import LOSS_KINDS, dense_kd_loss, sparse_kd_loss
 from kdcache.trainer.objective import loss_kernel

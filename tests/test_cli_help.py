@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kdcache.cache.build_config import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, BuildConfig
+from kdcache.cache.build.config import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, BuildConfig
 from kdcache.cli.app import app
 from kdcache.demo import DEMO_BUILD_SETTINGS
 from kdcache.demo.run import QUICK, DemoSettings

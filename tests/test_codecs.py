@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.cache import CacheError, ConfigError, ShardWriter, open_cache, shard_summary
-from kdcache.cache.codecs import CODECS, MODES, ShardSettings, codecs_for
-from kdcache.cache.format import BlockCodec, synthetic_records
-from kdcache.cache.manifest import write_manifest
-from kdcache.cache.modes import describe_storage, storage_mode
+from kdcache.cache.format.blocks import BlockCodec, synthetic_records
+from kdcache.cache.format.codecs import CODECS, MODES, ShardSettings, codecs_for
+from kdcache.cache.format.manifest import write_manifest
+from kdcache.cache.format.modes import describe_storage, storage_mode
 from kdcache.cli.app import app
 from tests import format_golden
 
@@ -131,7 +131,7 @@ COMPACT_SAMPLES = "--mode compact cannot store tail samples"
 
 
 def test_compact_with_tail_samples_is_refused_by_the_build_config(tmp_path):
-    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.build.pipeline import BuildConfig
 
     settings = dict(teacher="t", data="d", out=tmp_path / "c", mode="compact")
     with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 8 \+ 4 samples\)"):
@@ -195,7 +195,7 @@ def test_build_settings_hash_is_the_one_older_caches_recorded(
 ):
     """The settings fingerprint now comes from the codecs' settings; the hashes (first 16 hex
     digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume."""
-    from kdcache.cache import build
+    from kdcache.cache.build import pipeline as build
 
     for name in ("teacher_fingerprint", "tokenizer_details", "data_fingerprint"):
         monkeypatch.setattr(build, name, lambda *args: {})

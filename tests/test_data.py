@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kdcache.cache.data import DataSpec, RecordStream, is_holdout, render_chat
+from kdcache.cache.build.data import DataSpec, RecordStream, is_holdout, render_chat
 from kdcache.cache.errors import ConfigError
 from tests.conftest import chat_rows, make_tokenizer, text_rows, write_jsonl
 

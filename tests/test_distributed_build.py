@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.reader import open_cache
-from kdcache.cache.shards import SHARDS_DIR, list_complete_shards, shard_name
-from kdcache.cache.verify import verify_cache
+from kdcache.cache.format.shards import SHARDS_DIR, list_complete_shards, shard_name
+from kdcache.cache.read.reader import open_cache
+from kdcache.cache.read.verify import verify_cache
 from tests.conftest import text_rows, write_jsonl
 
 RANK_TIMEOUT_S = 180  # a hung rank fails the test instead of hanging the suite
@@ -258,7 +258,7 @@ def test_cli_refusal_of_other_world_size_is_one_line(
 def _build_rank_blind(rank: int, world_size: int, config: BuildConfig):
     """A rank 0 that cannot see the other ranks' shards, as with a node-local --out."""
     if rank == 0:
-        from kdcache.cache import shards
+        from kdcache.cache.format import shards
 
         real = shards.list_complete_shards
         shards.list_complete_shards = lambda path: [s for s in real(path) if s.rank == 0]
@@ -296,7 +296,8 @@ _CRASHING_RANK = """
 import os, sys
 import torch
 torch.set_num_threads(1)
-from kdcache.cache import shards, teacher
+from kdcache.cache.format import shards
+from kdcache.cache.build import teacher
 
 init = shards.ShardWriter.__init__
 

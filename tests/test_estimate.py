@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kdcache.cache.build import BuildConfig, build_cache
-from kdcache.cache.estimate import estimate_build, k_primes, kept_mass
-from kdcache.cache.reader import open_cache
+from kdcache.cache.build.estimate import estimate_build, k_primes, kept_mass
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
+from kdcache.cache.read.reader import open_cache
 from kdcache.cli.app import app
 from tests.conftest import text_rows, write_jsonl
 

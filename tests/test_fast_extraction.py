@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.cache.heads import OutputHead
-from kdcache.cache.tail_sampling import sample_tail, sequence_uniforms, topk_and_tail_samples
-from kdcache.cache.topk import head_logits, topk_from_hidden
+from kdcache.cache.extraction.heads import OutputHead
+from kdcache.cache.extraction.tail_sampling import (
+    sample_tail,
+    sequence_uniforms,
+    topk_and_tail_samples,
+)
+from kdcache.cache.extraction.topk import head_logits, topk_from_hidden
 
 V, H = 1000, 24  # V not a multiple of the sampler's 256-id blocks
 
@@ -66,9 +70,9 @@ def test_body_in_cpu_slices_writes_the_same_shards(tiny_llama_dir, tmp_path, mon
     """The CPU runs the body in slices of CPU_BODY_TOKENS tokens: same shard bytes as one call."""
     import hashlib
 
-    from kdcache.cache import teacher as teacher_module
-    from kdcache.cache.build import BuildConfig, build_cache
-    from kdcache.cache.shards import SHARDS_DIR
+    from kdcache.cache.build import teacher as teacher_module
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
+    from kdcache.cache.format.shards import SHARDS_DIR
     from tests.conftest import text_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "docs.jsonl", text_rows(8, seed=4))

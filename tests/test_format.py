@@ -10,8 +10,7 @@ import pyarrow as pa
 import pytest
 
 from kdcache.cache import CacheError, ConfigError, ShardWriter, canonical_order
-from kdcache.cache.codecs import ENCODINGS
-from kdcache.cache.format import (
+from kdcache.cache.format.blocks import (
     COMPACT_GROWTH,
     COMPACT_KEEP_MASS,
     COMPACT_LEVELS,
@@ -20,6 +19,7 @@ from kdcache.cache.format import (
     stored_logprobs,
     synthetic_records,
 )
+from kdcache.cache.format.codecs import ENCODINGS
 
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.build import BuildConfig, build_cache
-from kdcache.cache.reader import open_cache
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
+from kdcache.cache.read.reader import open_cache
 from tests import train_helpers as helpers
 
 CUDA = torch.cuda.is_available()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdcache.cache.heads import body_of, resolve_head
+from kdcache.cache.extraction.heads import body_of, resolve_head
 
 
 def test_split_equals_model_forward(tiny_teacher_dir):

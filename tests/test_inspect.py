@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.inspect import PERCENTILES, inspect_cache, kprime_values
+from kdcache.cache.read.inspect import PERCENTILES, inspect_cache, kprime_values
 from kdcache.cache.records import SequenceRecord
 
 TOP_K = 12
@@ -246,7 +246,7 @@ def test_empty_cache_reports_no_statistics():
 @pytest.fixture
 def cli_cache(monkeypatch, teacher_cache):
     """Route ``kdcache inspect fake-cache`` to the in-memory cache."""
-    import kdcache.cache.reader as reader_module
+    import kdcache.cache.read.reader as reader_module
 
     real_open = reader_module.open_cache
 
@@ -308,7 +308,7 @@ def test_cli_bad_flags_exit_2(cli_cache, tmp_path):
 
 
 def test_cli_not_a_cache_exits_2(tmp_path):
-    pytest.importorskip("kdcache.cache.reader")
+    pytest.importorskip("kdcache.cache.read.reader")
     for path in (tmp_path / "missing", tmp_path):  # absent; a directory without a manifest
         result = _invoke([str(path)])
         assert result.exit_code == 2, result.output
@@ -321,8 +321,8 @@ def test_cli_not_a_cache_exits_2(tmp_path):
 @pytest.fixture(scope="module")
 def stored_cache(tmp_path_factory, teacher_cache) -> Path:
     """The teacher records written through ``ShardWriter`` + ``write_manifest`` (several shards)."""
-    shards = pytest.importorskip("kdcache.cache.shards")
-    manifest_module = pytest.importorskip("kdcache.cache.manifest")
+    shards = pytest.importorskip("kdcache.cache.format.shards")
+    manifest_module = pytest.importorskip("kdcache.cache.format.manifest")
     out = tmp_path_factory.mktemp("stored-cache")
     manifest = teacher_cache.manifest
     written = []
@@ -340,7 +340,7 @@ def stored_cache(tmp_path_factory, teacher_cache) -> Path:
 
 
 def test_stored_cache_report_equals_direct_computation(stored_cache):
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
 
     cache = open_cache(stored_cache)
     report = inspect_cache(stored_cache, full=True)
@@ -375,8 +375,8 @@ def test_cli_incomplete_cache_exits_2(stored_cache, tmp_path):
 
 def test_built_cache_end_to_end(tiny_gpt2_dir, text_jsonl, tmp_path):
     """``kdcache build`` output: the CLI's JSON equals a direct computation from open_cache."""
-    build = pytest.importorskip("kdcache.cache.build")
-    from kdcache.cache.reader import open_cache
+    build = pytest.importorskip("kdcache.cache.build.pipeline")
+    from kdcache.cache.read.reader import open_cache
 
     out = tmp_path / "built"
     build.build_cache(

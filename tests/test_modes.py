@@ -3,7 +3,7 @@
 import pytest
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.modes import STORAGE_MODES, storage_mode
+from kdcache.cache.format.modes import STORAGE_MODES, storage_mode
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def _load(name: str):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, tiny_llama_dir, text_jsonl) -> Path:
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("online") / "cache"
     build_cache(
@@ -42,8 +42,8 @@ def test_online_loss_with_a_gpt2_teacher_is_dense_kd_on_its_logits(
 ):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from kdcache.cache.heads import split_head
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.extraction.heads import split_head
+    from kdcache.cache.read.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import dense_kd_loss
     from kdcache.trainer.objective import DistillObjective

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kdcache.cache import CacheError, ShardWriter, open_cache, read_manifest, shard_summary
-from kdcache.cache.format import synthetic_records
-from kdcache.cache.manifest import REQUIRED_KEYS, write_manifest
+from kdcache.cache.format.blocks import synthetic_records
+from kdcache.cache.format.manifest import REQUIRED_KEYS, write_manifest
 
 TOP_K, VOCAB = 4, 500
 
@@ -133,7 +133,7 @@ def test_truncated_and_missing_shards_name_the_shard(tmp_path):
 
 
 def test_unknown_shard_mode_is_refused(tmp_path, monkeypatch):
-    from kdcache.cache import format as fmt
+    from kdcache.cache.format import blocks as fmt
 
     build(tmp_path, splits=("train",))
     cache = open_cache(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcache.cache.build_config import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+from kdcache.cache.build.config import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from kdcache.cli._defaults import field_default
 from kdcache.demo import DEMO_BUILD_SETTINGS
 from kdcache.demo.run import DemoSettings

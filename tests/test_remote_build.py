@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
 from kdcache.cache.errors import CacheError
-from kdcache.cache.reader import open_cache
-from kdcache.cache.remote_lock import RemoteLock
-from kdcache.cache.storage import resolve_location
+from kdcache.cache.read.reader import open_cache
+from kdcache.cache.storage.location import resolve_location
+from kdcache.cache.storage.remote_lock import RemoteLock
 from kdcache.cli.app import app
 from tests.conftest import crash_shard_writes_at, text_rows, write_jsonl
 
@@ -92,7 +92,7 @@ _KILLABLE_BUILD = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from kdcache.cache.build import BuildConfig, build_cache
+from kdcache.cache.build.pipeline import BuildConfig, build_cache
 settings = json.loads(sys.argv[4])
 build_cache(BuildConfig(teacher=sys.argv[1], data=sys.argv[2], out=sys.argv[3], progress=False,
     storage_options=json.loads(sys.argv[5]), **settings))
@@ -175,7 +175,7 @@ def test_a_crashed_build_resumes_from_the_remote_alone(
     kept, the rest is computed again, and the cache equals the uninterrupted build."""
     import shutil
 
-    from kdcache.cache.build_target import RemoteTarget
+    from kdcache.cache.build.output import RemoteTarget
 
     url = f"s3://{s3.bucket}/crashed"
     restore = crash_shard_writes_at(monkeypatch, 9)

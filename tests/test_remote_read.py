@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.reader import open_cache
-from kdcache.cache.shard_sources import RemoteShards
-from kdcache.cache.storage import resolve_location
+from kdcache.cache.read.reader import open_cache
+from kdcache.cache.read.verify import verify_cache
+from kdcache.cache.storage.location import resolve_location
+from kdcache.cache.storage.shard_sources import RemoteShards
 from kdcache.cache.transfer import pull_cache, push_cache
-from kdcache.cache.verify import verify_cache
 from kdcache.cli.app import app
 from kdcache.trainer import TrainConfig, train
 from tests import train_helpers as helpers

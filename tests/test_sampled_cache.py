@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from bench.rskd import sampled_kd_loss  # the RS-KD counts formula: an independent reference
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.format import BlockCodec
-from kdcache.cache.reader import open_cache
+from kdcache.cache.format.blocks import BlockCodec
+from kdcache.cache.read.reader import open_cache
 from kdcache.cache.records import SequenceRecord
 from kdcache.cli.app import app
 from kdcache.trainer.sampled import topk_tail_kd_loss
@@ -64,7 +64,7 @@ def test_codec_refuses_no_entries_and_no_samples():
 
 
 def test_build_refuses_top_k_0_without_samples(tmp_path):
-    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.build.pipeline import BuildConfig
 
     with pytest.raises(ConfigError, match="--top-k 0 stores no teacher entries"):
         BuildConfig(teacher="t", data="d", out=tmp_path, top_k=0)
@@ -78,7 +78,7 @@ def test_build_refuses_top_k_0_without_samples(tmp_path):
 @pytest.fixture(scope="module")
 def sampled_cache(tmp_path_factory, tiny_llama_dir, text_jsonl):
     """A real `kdcache build --top-k 0 --tail-samples 24` cache of the tiny teacher."""
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("sampled") / "cache"
     build_cache(
@@ -129,7 +129,7 @@ def test_objective_on_a_sampled_cache_is_the_rskd_estimate(sampled_cache, chunke
 
 def test_sampled_estimate_averages_to_the_dense_fkl():
     """k = 0: the mean of the estimate over many independent draws is the full-vocabulary FKL."""
-    from kdcache.cache.tail_sampling import sample_tail, sequence_uniforms
+    from kdcache.cache.extraction.tail_sampling import sample_tail, sequence_uniforms
     from kdcache.trainer.losses import dense_kd_loss
 
     gen = torch.Generator().manual_seed(3)
@@ -197,7 +197,7 @@ def test_train_and_eval_on_a_sampled_cache(sampled_cache, tiny_tokenizer, tmp_pa
 
 def test_inspect_a_sampled_cache(sampled_cache):
     """No top-k mass to summarize: the manifest and splits, and a line that says why."""
-    from kdcache.cache.inspect import inspect_cache
+    from kdcache.cache.read.inspect import inspect_cache
 
     report = inspect_cache(sampled_cache)
     assert report.stats is None and report.splits[0].positions > 0

@@ -18,8 +18,8 @@ from kdcache.cache import (
     shard_summary,
     write_manifest,
 )
-from kdcache.cache.format import synthetic_records
-from kdcache.cache.shards import TEMP_PREFIX, remove_incomplete
+from kdcache.cache.format.blocks import synthetic_records
+from kdcache.cache.format.shards import TEMP_PREFIX, remove_incomplete
 
 TOP_K, VOCAB = 8, 3000
 
@@ -182,7 +182,7 @@ def test_orphans_and_bad_journals_are_ignored(tmp_path):
 
 
 def test_thread_error_is_reraised_by_close(tmp_path, monkeypatch):
-    from kdcache.cache.format import BlockCodec
+    from kdcache.cache.format.blocks import BlockCodec
 
     def broken(self, block):
         raise OSError("disk full")
@@ -230,7 +230,7 @@ def test_bad_settings_and_records_are_refused(tmp_path):
 def test_write_hands_records_to_the_thread_without_waiting_for_encoding(tmp_path, monkeypatch):
     import threading
 
-    from kdcache.cache.format import BlockCodec
+    from kdcache.cache.format.blocks import BlockCodec
 
     release = threading.Event()
     encoder_threads = set()

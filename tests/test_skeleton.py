@@ -86,9 +86,9 @@ def test_reading_side_does_not_import_torch():
         "import kdcache.cli.app\n"
         "from kdcache.cache import open_cache, verify_cache, CacheError\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "from kdcache.cache.build_config import BuildConfig\n"
+        "from kdcache.cache.build.config import BuildConfig\n"
         "assert 'torch' not in sys.modules, 'BuildConfig imported torch'\n"
-        "import kdcache.cache.teacher\n"
+        "import kdcache.cache.build.teacher\n"
         "assert 'torch' in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.reader import open_cache
-from kdcache.cache.shard_sources import parse_size
-from kdcache.cache.storage import parse_storage_options, resolve_location
+from kdcache.cache.read.reader import open_cache
+from kdcache.cache.storage.location import parse_storage_options, resolve_location
+from kdcache.cache.storage.shard_sources import parse_size
 from kdcache.cli.app import app
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.tail_sampling import sample_tail, sequence_uniforms
+from kdcache.cache.extraction.tail_sampling import sample_tail, sequence_uniforms
 from kdcache.trainer.sampled import topk_tail_kd_loss
 from tests import train_helpers as helpers
 
@@ -152,9 +152,9 @@ def _row_multisets(ids: np.ndarray, logprobs: np.ndarray) -> list[list[tuple[int
 
 def test_tail_samples_round_trip_through_shards(tmp_path):
     """ShardWriter -> open_cache gives back each row's samples (as a multiset; fp16 log-probs)."""
-    from kdcache.cache.manifest import shard_summary, write_manifest
-    from kdcache.cache.reader import open_cache
-    from kdcache.cache.shards import ShardWriter, list_complete_shards
+    from kdcache.cache.format.manifest import shard_summary, write_manifest
+    from kdcache.cache.format.shards import ShardWriter, list_complete_shards
+    from kdcache.cache.read.reader import open_cache
 
     records = _records(s=6)
     with ShardWriter(tmp_path, "train", top_k=K, vocab_size=V, tail_samples=6) as writer:
@@ -178,7 +178,7 @@ def test_tail_samples_round_trip_through_shards(tmp_path):
 
 
 def test_a_cache_without_tail_samples_reads_none(tmp_path):
-    from kdcache.cache.format import BlockCodec
+    from kdcache.cache.format.blocks import BlockCodec
 
     plain = [dataclasses.replace(r, tail_ids=None, tail_logprobs=None) for r in _records(s=2)]
     codec = BlockCodec("exact", top_k=K, vocab_size=V)
@@ -189,7 +189,7 @@ def test_a_cache_without_tail_samples_reads_none(tmp_path):
 
 def test_writer_refuses_missing_or_unexpected_tail_samples(tmp_path):
     from kdcache.cache.errors import ConfigError
-    from kdcache.cache.shards import ShardWriter
+    from kdcache.cache.format.shards import ShardWriter
 
     record = _records(s=4)[0]
     plain = ShardWriter(tmp_path / "a", "train", top_k=K, vocab_size=V)
@@ -203,12 +203,12 @@ def test_writer_refuses_missing_or_unexpected_tail_samples(tmp_path):
 
 
 def _build(teacher_dir, data, out, **settings):
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
     config = dict(top_k=8, max_length=48, holdout=0.0, progress=False, tail_samples=16)
     config.update(settings)
     build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), out=out, **config))
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
 
     return open_cache(out)
 
@@ -287,7 +287,7 @@ def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp
     ],
 )
 def test_build_defaults(tmp_path, given, resolved):
-    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.build.pipeline import BuildConfig
 
     config = BuildConfig(teacher="t", data="d", out=tmp_path, **given)
     assert (config.top_k, config.tail_samples) == resolved
@@ -296,7 +296,7 @@ def test_build_defaults(tmp_path, given, resolved):
 def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, text_jsonl, tmp_path):
     from typer.testing import CliRunner
 
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
     from kdcache.cli.app import app
     from kdcache.demo import DEMO_BUILD_SETTINGS
 
@@ -310,7 +310,7 @@ def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, tex
 
 
 def test_build_refuses_bad_tail_samples(tmp_path):
-    from kdcache.cache.build import BuildConfig
+    from kdcache.cache.build.pipeline import BuildConfig
     from kdcache.cache.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--tail-samples must be in \[0, 255\]"):
@@ -338,7 +338,7 @@ def tail_cache(tmp_path_factory, tiny_llama_dir, text_jsonl):
 
 
 def test_collate_pads_tail_samples(tail_cache):
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.targets import target_for_cache
 
@@ -358,7 +358,7 @@ def test_collate_pads_tail_samples(tail_cache):
 @pytest.mark.parametrize("kind", ["fkl", "akl"])
 def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunked):
     """DistillObjective with tail samples == mean of topk_tail_kd_loss over full logits (+ CE)."""
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.objective import DistillObjective, batch_loss
     from kdcache.trainer.targets import LossOptions, target_for_cache
@@ -384,7 +384,7 @@ def test_objective_on_tail_samples_is_the_reference_mean(tail_cache, kind, chunk
 
 def test_divergences_without_a_sample_estimator_use_the_bucket(tail_cache):
     """--loss js on a topk+tail cache: the plain top-k + bucket loss (samples ignored)."""
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import sparse_kd_loss
     from kdcache.trainer.objective import DistillObjective, batch_loss
@@ -410,7 +410,7 @@ def test_train_on_a_tail_cache_lowers_heldout_kl(tail_cache, tiny_tokenizer, tmp
     """kdcache train on a topk+tail cache (FKL, chunked path) runs and the held-out KL falls."""
     from transformers import AutoModelForCausalLM
 
-    from kdcache.cache.reader import open_cache
+    from kdcache.cache.read.reader import open_cache
     from kdcache.trainer.config import TrainConfig
     from kdcache.trainer.evaluation import evaluate_model
     from kdcache.trainer.loop import train

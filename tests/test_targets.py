@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.heads import OutputHead
 from kdcache.cache.records import SequenceRecord
 from kdcache.trainer.chunked import chunked_head_loss
 from kdcache.trainer.data import collate_records

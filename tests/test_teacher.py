@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdcache.cache.build.teacher import TeacherRunner, load_model, plan_batches, resolve_dtype
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import split_head
-from kdcache.cache.teacher import TeacherRunner, load_model, plan_batches, resolve_dtype
-from kdcache.cache.topk import topk_from_hidden, topk_from_logits
+from kdcache.cache.extraction.heads import split_head
+from kdcache.cache.extraction.topk import topk_from_hidden, topk_from_logits
 
 
 def _dense_reference(model, seq: np.ndarray, temperature: float) -> torch.Tensor:
@@ -106,7 +106,7 @@ def test_bad_dtype_and_missing_teacher(tmp_path):
 def test_prefetch_keeps_order_reraises_and_stops():
     import threading
 
-    from kdcache.cache.teacher import prefetch
+    from kdcache.cache.build.teacher import prefetch
 
     assert list(prefetch(range(50), size=2)) == list(range(50))
 

@@ -242,7 +242,7 @@ def test_online_teacher_in_the_loop(teacher_cache, student_json, tiny_llama_dir,
 def test_online_objective_is_the_dense_mean(teacher_cache, tiny_llama_dir, chunked):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdcache.cache.heads import split_head
+    from kdcache.cache.extraction.heads import split_head
     from kdcache.trainer.data import collate_records
     from kdcache.trainer.losses import dense_kd_loss
     from kdcache.trainer.objective import DistillObjective
@@ -274,7 +274,7 @@ def test_a_cache_from_build_cache_trains(
     chat, tiny_llama_dir, text_jsonl, chat_jsonl, student_json, tmp_path
 ):
     """Stage one's real build (text, and chat with assistant-only positions) feeds stage two."""
-    from kdcache.cache.build import BuildConfig, build_cache
+    from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
     build_cache(
         BuildConfig(

@@ -135,7 +135,7 @@ def test_bad_flags(tmp_path, small_cache, student_json, extra, fragment):
 def test_max_tokens_without_steps_is_refused_before_decoding(tmp_path, small_cache, student_json,
                                                              epochs, monkeypatch):  # fmt: skip
     """It used to decode the whole split (once per rank) to count batches before training."""
-    from kdcache.cache.reader import Cache
+    from kdcache.cache.read.reader import Cache
 
     def no_decoding(*_args, **_kwargs):
         raise AssertionError("a shard was decoded before the refusal")

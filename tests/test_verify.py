@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.cache import CacheError, ShardWriter, shard_summary, verify_cache, write_manifest
-from kdcache.cache.format import synthetic_records
+from kdcache.cache.format.blocks import synthetic_records
 from kdcache.cli.app import app
 
 TOP_K, VOCAB = 4, 500

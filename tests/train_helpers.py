@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdcache.cache import SequenceRecord, ShardWriter, shard_summary, write_manifest
-from kdcache.cache.fingerprint import tokenizer_fingerprint
+from kdcache.cache.build.fingerprint import tokenizer_fingerprint
 
 
 def token_blocks(tokenizer, texts: list[str], num_blocks: int, seed: int = 0) -> list[np.ndarray]:

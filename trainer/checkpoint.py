@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.manifest import fsync_dir
+from kdcache.cache.format.manifest import fsync_dir
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.heads import OutputHead
 
 __all__ = ["METHODS", "RowKernel", "add_cross_entropy", "chunked_head_loss", "logits_loss"]
 

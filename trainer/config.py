@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.storage import DEFAULT_CACHE_LIMIT
+from kdcache.cache.storage.location import DEFAULT_CACHE_LIMIT
 
 VOCAB_MAPS = ("exact", "prefix")  # --vocab-map (kdcache.trainer.cross_tokenizer.prefix)
 

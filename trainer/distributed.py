@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kdcache.cache.teacher import resolve_device
+from kdcache.cache.build.teacher import resolve_device
 
 
 @dataclass

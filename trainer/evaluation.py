@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.heads import body_of, resolve_head
+from kdcache.cache.extraction.heads import body_of, resolve_head
 from kdcache.trainer.config import EvalConfig
 from kdcache.trainer.data import IGNORE_INDEX, collate_records
 from kdcache.trainer.targets import MEASURES, DenseTeacherTarget, TeacherTarget, target_for_cache
@@ -156,7 +156,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     Returns ``{"cache", "split", "students": {student: metrics}, "json": [paths written]}``.
     """
     from kdcache.cache import open_cache
-    from kdcache.cache.teacher import resolve_device
+    from kdcache.cache.build.teacher import resolve_device
     from kdcache.trainer.config import reader_options
     from kdcache.trainer.cross_tokenizer.bits_per_byte import held_out_byte_metrics
     from kdcache.trainer.student import (

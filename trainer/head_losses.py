@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.heads import OutputHead
 from kdcache.trainer.chunked import chunked_head_loss
 from kdcache.trainer.losses import check_teacher_ids
 from kdcache.trainer.objective import loss_kernel

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.heads import resolve_head
+from kdcache.cache.extraction.heads import resolve_head
 from kdcache.trainer import distributed as dist_utils
 from kdcache.trainer.checkpoint import (
     FINAL,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import body_of, split_head
+from kdcache.cache.extraction.heads import body_of, split_head
 from kdcache.trainer.chunked import RowKernel, add_cross_entropy, chunked_head_loss, logits_loss
 from kdcache.trainer.data import IGNORE_INDEX
 from kdcache.trainer.targets.base import LossOptions, TeacherRows, TeacherTarget, chunk_rows

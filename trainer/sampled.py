@@ -5,7 +5,7 @@
 s draws of the teacher's tail, RKL with the bucket, AKL mixing both with the bucket's gap
 weights. With k = 0 (a ``samples`` cache: the "tail" is everything) it is the plain unbiased
 FKL estimate. ``draw_tail_samples`` is the reference sampler of the tests (the cache builder has
-its own, ``kdcache.cache.tail_sampling``: cache/ never imports trainer/).
+its own, ``kdcache.cache.extraction.tail_sampling``: cache/ never imports trainer/).
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def check_tokenizer(
 def _fingerprint(tokenizer: Any) -> str | None:
     """The build's tokenizer fingerprint, when the build module provides one."""
     try:
-        from kdcache.cache import fingerprint
+        from kdcache.cache.build import fingerprint
     except ImportError:
         return None
     function = getattr(fingerprint, "tokenizer_fingerprint", None)

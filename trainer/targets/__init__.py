@@ -5,7 +5,7 @@
     samples.py       samples from the whole teacher      FKL only (unbiased)
     dense.py         the online teacher (not a cache)    every kind; fkl / rkl / akl closed form
 
-The storage mode is read in exactly one place, ``kdcache.cache.modes.storage_mode``; a new
+The storage mode is read in exactly one place, ``kdcache.cache.format.modes.storage_mode``; a new
 target is one module with a ``TeacherTarget`` subclass plus one line in ``CACHE_TARGETS`` (or, for
 a target that is not a storage mode, built by its own flag like ``DenseTeacherTarget``).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kdcache.cache.modes import storage_mode
+from kdcache.cache.format.modes import storage_mode
 from kdcache.trainer.targets.base import LossOptions, TeacherRows, TeacherTarget, chunk_rows
 from kdcache.trainer.targets.dense import DenseTeacherTarget
 from kdcache.trainer.targets.samples import SamplesTarget
@@ -36,7 +36,7 @@ __all__ = [
     "target_for_cache",
 ]
 
-# storage mode (kdcache.cache.modes.STORAGE_MODES) -> its teacher target
+# storage mode (kdcache.cache.format.modes.STORAGE_MODES) -> its teacher target
 CACHE_TARGETS: dict[str, type[TeacherTarget]] = {
     "topk_bucket": TopkBucketTarget,
     "topk_samples": TopkSamplesTarget,

@@ -1,6 +1,6 @@
 """The teacher-target protocol: everything the trainer asks of a teacher, whatever its storage.
 
-A cache stores its teacher in one storage mode (``kdcache.cache.modes.storage_mode``): top-k +
+A cache stores its teacher in one storage mode (``kdcache.cache.format.modes.storage_mode``): top-k +
 tail bucket, top-k + tail samples, samples only; online, the dense teacher itself runs in the
 loop. The trainer knows the mode in exactly one place: the ``TeacherTarget`` built once per run
 (``kdcache.trainer.targets.target_for_cache``). A target

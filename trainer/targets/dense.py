@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdcache.cache.heads import OutputHead, body_of
+from kdcache.cache.extraction.heads import OutputHead, body_of
 from kdcache.cache.records import SequenceRecord
 from kdcache.trainer.divergences import (
     LOSS_KINDS,

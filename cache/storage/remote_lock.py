@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.storage import Location, remote_errors
+from kdcache.cache.storage.location import Location, remote_errors
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0

@@ -6,7 +6,7 @@ ids are the same as in the unbatched forward, so the batched result equals the u
 every sequence (tested on Llama- and GPT-2-style models with mixed lengths).
 
 The body runs once per batch; the output head + log-softmax + top-k then run chunk by chunk over
-the selected positions only (``kdcache.cache.topk``), so the full (B, T, V) logits never exist.
+the selected positions only (``kdcache.cache.extraction.topk``), so the full (B, T, V) logits never exist.
 Models whose logits cannot be split from the body (unknown post-processing) use the full forward.
 """
 
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcache.cache.build_config import DTYPE_NAMES
-from kdcache.cache.data import SequenceInput
+from kdcache.cache.build.config import DTYPE_NAMES
+from kdcache.cache.build.data import SequenceInput
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.heads import OutputHead, body_of, resolve_head
+from kdcache.cache.extraction.heads import OutputHead, body_of, resolve_head
 from kdcache.cache.records import SequenceRecord
-from kdcache.cache.topk import (
+from kdcache.cache.extraction.topk import (
     DEFAULT_CHUNK_ELEMENTS,
     ScratchBuffers,
     chunk_rows,
@@ -270,7 +270,7 @@ class TeacherRunner:
 
     def _topk_and_samples(self, selected, positions, sequence_ids):
         """topk+tail mode: top-k plus (N, s) draws from each row's tail, seeded per sequence."""
-        from kdcache.cache.tail_sampling import sequence_uniforms, topk_and_tail_samples
+        from kdcache.cache.extraction.tail_sampling import sequence_uniforms, topk_and_tail_samples
 
         if sequence_ids is None:
             raise ValueError("tail samples need the sequence ids (they seed the draws)")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.codecs.base import BlockColumns, ColumnCodec, ShardSettings
 from kdcache.cache.errors import ConfigError
+from kdcache.cache.format.codecs.base import BlockColumns, ColumnCodec, ShardSettings
 from kdcache.cache.records import SequenceRecord
 
 

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.codecs import MODES
 from kdcache.cache.errors import CacheError
-from kdcache.cache.format import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
+from kdcache.cache.format.blocks import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
+from kdcache.cache.format.codecs import MODES
 
 MANIFEST_NAME = "manifest.json"
 BUILD_STATE_NAME = "build_state.json"  # fingerprints of an unfinished build, written before shards

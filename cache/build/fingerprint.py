@@ -125,7 +125,7 @@ def tokenizer_details(tokenizer: Any) -> dict[str, Any]:
 
 def data_fingerprint(spec: Any, tokenizer: Any, rows: Any) -> dict[str, Any]:
     """Source, split, fields, row count, preprocessing settings and (local files) content hashes."""
-    from kdcache.cache.data import local_data_files
+    from kdcache.cache.build.data import local_data_files
 
     local = local_data_files(spec.data)
     files: dict[str, str] = {}

@@ -20,10 +20,10 @@ from types import TracebackType
 from typing import Any
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.fingerprint import differences
-from kdcache.cache.manifest import BUILD_STATE_NAME as STATE_NAME
-from kdcache.cache.manifest import manifest_path, read_manifest
-from kdcache.cache.shards import SHARDS_DIR, atomic_write_bytes
+from kdcache.cache.build.fingerprint import differences
+from kdcache.cache.format.manifest import BUILD_STATE_NAME as STATE_NAME
+from kdcache.cache.format.manifest import manifest_path, read_manifest
+from kdcache.cache.format.shards import SHARDS_DIR, atomic_write_bytes
 
 TOKENIZER_DIR = "tokenizer"  # the teacher's tokenizer, saved with the cache
 

@@ -5,7 +5,7 @@ cache with top_k = 0); the schema metadata then holds ``tail_samples`` = s. Colu
 (byte planes of uint32 deltas: each row's s ids sorted ascending, the first absolute) and
 ``tail_logprobs`` (2 byte planes of the fp16 bits of their full-distribution log-probs, in the
 same order). Every row has exactly s entries; an absent sample is ``(id 0, logprob -inf)``. How
-the samples are drawn is in ``cache/tail_sampling.py``.
+the samples are drawn is in ``cache/extraction/tail_sampling.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.codecs.base import (
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.format.codecs.base import (
     BlockColumns,
     ColumnCodec,
     ShardSettings,
@@ -23,7 +24,6 @@ from kdcache.cache.codecs.base import (
     planes,
     unplanes,
 )
-from kdcache.cache.errors import ConfigError
 from kdcache.cache.records import SequenceRecord
 
 MAX_TAIL_SAMPLES = 255

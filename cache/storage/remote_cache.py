@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.manifest import MANIFEST_NAME, TEMP_PREFIX, validate_manifest
-from kdcache.cache.shard_sources import RemoteShards, file_lock, parse_size
-from kdcache.cache.storage import (
+from kdcache.cache.format.manifest import MANIFEST_NAME, TEMP_PREFIX, validate_manifest
+from kdcache.cache.storage.location import (
     DEFAULT_CACHE_LIMIT,
     Location,
     cache_home,
@@ -28,6 +27,7 @@ from kdcache.cache.storage import (
     download_tree,
     remote_errors,
 )
+from kdcache.cache.storage.shard_sources import RemoteShards, file_lock, parse_size
 
 STATE_NAME = "build_state.json"  # the same name as cache.lock.STATE_NAME (that module needs fcntl)
 TOKENIZER_DIR = "tokenizer"
@@ -66,15 +66,14 @@ def read_remote_manifest(location: Location) -> tuple[dict[str, Any], bytes]:
     return validate_manifest(manifest, where), raw
 
 
-def open_remote(
+def prepare_remote(
     location: Location,
     cache_dir: str | os.PathLike | None,
     cache_limit: str | int | None,
     prefetch: int,
-):
-    """A ``Cache`` over a remote location, reading shards through ``cache_dir``."""
-    from kdcache.cache.reader import Cache
-
+) -> tuple[Path, dict, RemoteShards]:
+    """What a ``Cache`` over a remote location needs: ``(local copy of manifest + tokenizer,
+    manifest, shard source reading through cache_dir)``. The reader builds the ``Cache``."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_read_cache_dir()
     limit = parse_size(cache_limit if cache_limit is not None else DEFAULT_CACHE_LIMIT)
     manifest, raw = read_remote_manifest(location)
@@ -85,7 +84,7 @@ def open_remote(
     with file_lock(root / "locks" / f"cache-{version}.lock"):
         if not (local / MANIFEST_NAME).is_file():
             _fetch_metadata(location, raw, local)
-    return Cache(local, manifest, source=source, location=location.url)
+    return local, manifest, source
 
 
 def _fetch_metadata(location: Location, raw: bytes, local: Path) -> None:

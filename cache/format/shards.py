@@ -27,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.format import BlockCodec
-from kdcache.cache.manifest import (
+from kdcache.cache.format.blocks import BlockCodec
+from kdcache.cache.format.manifest import (
     SHARDS_DIR,
     TEMP_PREFIX,
     ShardInfo,

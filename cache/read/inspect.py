@@ -262,7 +262,7 @@ def manifest_summary(manifest: dict[str, Any], splits: list[SplitInfo]) -> dict[
 
 
 def _open(path: str | Path) -> Any:
-    from kdcache.cache.reader import open_cache  # lands with the storage layer
+    from kdcache.cache.read.reader import open_cache  # lands with the storage layer
 
     return open_cache(path)
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kdcache.cache.reader import open_cache
+from kdcache.cache.read.reader import open_cache
 
 
 def verify_cache(

@@ -10,12 +10,13 @@ from typing import Any
 import pyarrow as pa
 
 from kdcache.cache.errors import CacheError
-from kdcache.cache.format import BlockCodec
-from kdcache.cache.manifest import read_manifest
+from kdcache.cache.format.blocks import BlockCodec
+from kdcache.cache.format.manifest import read_manifest
+from kdcache.cache.format.shards import ShardInfo
 from kdcache.cache.records import SequenceRecord
-from kdcache.cache.shard_sources import ADVICE, DEFAULT_PREFETCH, LocalShards
-from kdcache.cache.shards import ShardInfo
-from kdcache.cache.storage import resolve_location
+from kdcache.cache.storage.location import resolve_location
+from kdcache.cache.storage.remote_cache import prepare_remote
+from kdcache.cache.storage.shard_sources import ADVICE, DEFAULT_PREFETCH, LocalShards
 
 
 class Cache:
@@ -132,9 +133,8 @@ def open_cache(
     location = resolve_location(path, storage_options)
     if not location.is_remote:
         return Cache(location.local_path, read_manifest(location.local_path))
-    from kdcache.cache.remote_cache import open_remote
-
-    return open_remote(location, cache_dir, cache_limit, prefetch)
+    local, manifest, source = prepare_remote(location, cache_dir, cache_limit, prefetch)
+    return Cache(local, manifest, source=source, location=location.url)
 
 
 def check_shard(cache_dir: str | os.PathLike, info: ShardInfo) -> str | None:

@@ -11,11 +11,11 @@ A new storage mode is a new group: one module here with a ``ColumnCodec`` subcla
 
 from __future__ import annotations
 
-from kdcache.cache.codecs import topk_compact  # noqa: F401 (registers the compact encoding)
-from kdcache.cache.codecs.base import BlockColumns, ColumnCodec, ShardSettings
-from kdcache.cache.codecs.tail_samples import TailSamplesCodec
-from kdcache.cache.codecs.tokens import TokensCodec
-from kdcache.cache.codecs.topk import ENCODINGS, TopkCodec, TopkEncoding
+from kdcache.cache.format.codecs import topk_compact  # noqa: F401 (registers the compact encoding)
+from kdcache.cache.format.codecs.base import BlockColumns, ColumnCodec, ShardSettings
+from kdcache.cache.format.codecs.tail_samples import TailSamplesCodec
+from kdcache.cache.format.codecs.tokens import TokensCodec
+from kdcache.cache.format.codecs.topk import ENCODINGS, TopkCodec, TopkEncoding
 
 __all__ = [
     "CODECS",

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.codecs.base import (
+from kdcache.cache.errors import ConfigError
+from kdcache.cache.format.codecs.base import (
     BlockColumns,
     ColumnCodec,
     ShardSettings,
@@ -26,7 +27,6 @@ from kdcache.cache.codecs.base import (
     sorted_id_deltas,
     unplanes,
 )
-from kdcache.cache.errors import ConfigError
 from kdcache.cache.records import SequenceRecord
 
 
@@ -85,7 +85,7 @@ class ExactEncoding(TopkEncoding):
         return unplanes(raw, 4, "<u4").view("<f4")
 
 
-# mode name -> encoding, filled by the encodings' modules (kdcache.cache.codecs imports them)
+# mode name -> encoding, filled by the encodings' modules (kdcache.cache.format.codecs imports them)
 ENCODINGS: dict[str, TopkEncoding] = {"exact": ExactEncoding()}
 
 

@@ -2,7 +2,7 @@
 
 A shard is an Arrow IPC file. Each row is a *block* of whole sequences (a few thousand positions)
 whose columns are grouped by what they store; each group is one codec, registered by name in
-``kdcache.cache.codecs``:
+``kdcache.cache.format.codecs``:
 
 * ``tokens`` (``codecs/tokens.py``): sequence ids, lengths, input ids, stored positions;
 * ``topk`` (``codecs/topk.py``): the top-k ids (sorted, delta-coded, byte planes), their
@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from kdcache.cache.codecs import CODECS, MODES, ColumnCodec, ShardSettings, codecs_for
-from kdcache.cache.codecs.base import SEQUENCE_FIELDS, TOKEN_FIELDS, BlockColumns, id_planes
-from kdcache.cache.codecs.topk_compact import (  # noqa: F401 (re-exported)
+from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
+from kdcache.cache.format.codecs import CODECS, MODES, ColumnCodec, ShardSettings, codecs_for
+from kdcache.cache.format.codecs.base import SEQUENCE_FIELDS, TOKEN_FIELDS, BlockColumns, id_planes
+from kdcache.cache.format.codecs.topk_compact import (  # noqa: F401 (re-exported)
     COMPACT_GROWTH,
     COMPACT_KEEP_MASS,
     COMPACT_LEVELS,
@@ -38,8 +39,7 @@ from kdcache.cache.codecs.topk_compact import (  # noqa: F401 (re-exported)
     COMPACT_SCHEME,
     COMPACT_STEP,
 )
-from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
-from kdcache.cache.modes import storage_mode
+from kdcache.cache.format.modes import storage_mode
 from kdcache.cache.records import SequenceRecord
 
 __all__ = [

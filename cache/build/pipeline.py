@@ -21,23 +21,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.build_config import (  # noqa: F401 (BuildConfig, MODES: re-exported here)
+from kdcache.cache.build.config import (  # noqa: F401 (BuildConfig, MODES: re-exported here)
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
     MODES,
     BuildConfig,
 )
-from kdcache.cache.data import SPLITS, RecordStream
+from kdcache.cache.build.data import SPLITS, RecordStream
 from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
-from kdcache.cache.fingerprint import (
+from kdcache.cache.build.fingerprint import (
     data_fingerprint,
     stable_hash,
     teacher_fingerprint,
     tokenizer_details,
 )
-from kdcache.cache.format import BlockCodec
-from kdcache.cache.lock import TOKENIZER_DIR
-from kdcache.cache.manifest import ShardInfo, read_manifest, shard_summary, write_manifest
+from kdcache.cache.format.blocks import BlockCodec
+from kdcache.cache.build.lock import TOKENIZER_DIR
+from kdcache.cache.build.output import build_target
+from kdcache.cache.format.manifest import ShardInfo, read_manifest, shard_summary, write_manifest
 
 
 @dataclass
@@ -69,17 +70,6 @@ class BuildSummary:
             f"{self.bytes} bytes ({self.bytes_per_token:.1f} B/token), "
             f"{self.tokens_per_second:.0f} tokens/s -> {self.out}"
         )
-
-
-def check_writable(out: Path) -> None:
-    """ConfigError when ``out`` (or its nearest existing parent) cannot be written."""
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
 
 
 def storage_settings(config: BuildConfig, vocab_size: int) -> dict[str, Any]:
@@ -143,11 +133,10 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
 
     ``rank`` / ``world_size``: this process's slice of the data under torchrun (sequences with
     ``sequence_id % world_size == rank``); rank 0 writes the manifest after a barrier. A URL
-    ``out`` builds in a local staging directory and uploads (cache/build_target.py): each rank
+    ``out`` builds in a local staging directory and uploads (cache/build/output.py): each rank
     its own shards, rank 0 the manifest, last.
     """
-    from kdcache.cache.build_target import build_target
-    from kdcache.cache.teacher import (
+    from kdcache.cache.build.teacher import (
         TeacherRunner,
         load_model,
         load_tokenizer,
@@ -252,8 +241,8 @@ def _run_split(
     Returns the number of tokens run. ``done``: this (split, rank)'s complete shards, which hold
     a prefix of the rank's record stream (shard indices 0..n-1).
     """
-    from kdcache.cache.shards import ShardWriter
-    from kdcache.cache.teacher import run_sequences
+    from kdcache.cache.format.shards import ShardWriter
+    from kdcache.cache.build.teacher import run_sequences
 
     indices = sorted(info.index for info in done)
     if indices != list(range(len(indices))):

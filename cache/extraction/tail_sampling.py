@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from kdcache.cache.topk import ScratchBuffers
+    from kdcache.cache.extraction.topk import ScratchBuffers
 
 __all__ = [
     "draw_from_weights",
@@ -159,7 +159,12 @@ def topk_and_tail_samples(
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, sample ids (N, s)
         int64 and sample log-probs (N, s) float32, on the logits' device.
     """
-    from kdcache.cache.topk import ScratchBuffers, chunk_rows, tempered_logits, topk_of_scaled
+    from kdcache.cache.extraction.topk import (
+        ScratchBuffers,
+        chunk_rows,
+        tempered_logits,
+        topk_of_scaled,
+    )
 
     rows = chunk_rows(vocab_size, chunk_elements)
     draws = torch.from_numpy(np.ascontiguousarray(uniforms))

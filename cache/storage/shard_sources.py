@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.manifest import TEMP_PREFIX, ShardInfo, fsync_dir
-from kdcache.cache.shards import SHARDS_DIR, shard_path
-from kdcache.cache.storage import Location, remote_errors
+from kdcache.cache.format.manifest import TEMP_PREFIX, ShardInfo, fsync_dir
+from kdcache.cache.format.shards import SHARDS_DIR, shard_path
+from kdcache.cache.storage.location import Location, remote_errors
 
 DEFAULT_PREFETCH = 2
 DOWNLOAD_ATTEMPTS = 3

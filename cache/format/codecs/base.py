@@ -3,8 +3,8 @@
 A shard block (one Arrow row, docs/FORMAT.md) is the concatenation of column groups. Each group
 is one ``ColumnCodec``: it names its Arrow columns, the schema metadata and manifest settings it
 stands for, checks the records the writer is given, and encodes / decodes its own columns. The
-block codec (``kdcache.cache.format.BlockCodec``) only composes the groups that the registry
-(``kdcache.cache.codecs``) says a shard's settings need; it never branches on a storage mode.
+block codec (``kdcache.cache.format.blocks.BlockCodec``) only composes the groups that the registry
+(``kdcache.cache.format.codecs``) says a shard's settings need; it never branches on a storage mode.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class BlockColumns:
 
 
 class ColumnCodec(ABC):
-    """One column group of a shard block (registered by ``name`` in ``kdcache.cache.codecs``).
+    """One column group of a shard block (registered by ``name`` in ``kdcache.cache.format.codecs``).
 
     ``encode`` returns, per column of ``fields``, either the uncompressed bytes of a binary column
     (the block codec compresses them) or a 1-D array for a list column. ``decode`` returns

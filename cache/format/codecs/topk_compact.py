@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdcache.cache.codecs.base import ShardSettings, planes, unplanes
-from kdcache.cache.codecs.topk import ENCODINGS, TopkEncoding
 from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.format.codecs.base import ShardSettings, planes, unplanes
+from kdcache.cache.format.codecs.topk import ENCODINGS, TopkEncoding
 
 COMPACT_STEP = 1.0 / 16.0
 COMPACT_GROWTH = 0.06

@@ -10,7 +10,7 @@ import itertools
 from pathlib import Path
 
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.inspect import CacheReport
+from kdcache.cache.read.inspect import CacheReport
 
 
 def plot_report(report: CacheReport, out_path: str | Path) -> Path:

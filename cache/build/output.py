@@ -28,21 +28,33 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache import shards as shard_files
+from kdcache.cache.format import shards as shard_files
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.lock import (
+from kdcache.cache.build.lock import (
     STATE_NAME,
     TOKENIZER_DIR,
     BuildLock,
     prepare_directory,
     remove_cache_files,
 )
-from kdcache.cache.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
-from kdcache.cache.remote_lock import RemoteLock
-from kdcache.cache.shards import SHARDS_DIR
-from kdcache.cache.storage import Location, cache_home, check_bucket, remote_errors, upload_tree
+from kdcache.cache.format.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
+from kdcache.cache.storage.remote_lock import RemoteLock
+from kdcache.cache.format.shards import SHARDS_DIR
+from kdcache.cache.storage.location import Location, cache_home, check_bucket, remote_errors, upload_tree
 
 UPLOAD_PAUSE_ENV = "KDCACHE_TEST_PAUSE_IN_UPLOAD"  # tests: seconds between a shard and its journal
+
+
+def check_writable(out: Path) -> None:
+    """ConfigError when ``out`` (or its nearest existing parent) cannot be written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
+
 
 
 class LocalTarget:
@@ -52,8 +64,6 @@ class LocalTarget:
         self.local_dir, self.display, self.rank = out, str(out), rank
 
     def check_writable(self) -> None:
-        from kdcache.cache.build import check_writable
-
         check_writable(self.local_dir)
 
     def lock(self) -> contextlib.AbstractContextManager:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdcache.cache.build import BuildConfig
-from kdcache.cache.build_config import ESTIMATE_SAMPLE_SEQUENCES
-from kdcache.cache.data import SPLITS, RecordStream
+from kdcache.cache.build.pipeline import BuildConfig
+from kdcache.cache.build.config import ESTIMATE_SAMPLE_SEQUENCES
+from kdcache.cache.build.data import SPLITS, RecordStream
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.inspect import kprime_values as k_primes
-from kdcache.cache.modes import describe_storage
+from kdcache.cache.read.inspect import kprime_values as k_primes
+from kdcache.cache.format.modes import describe_storage
 from kdcache.cache.records import SequenceRecord
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -167,7 +167,7 @@ def count_tokens(
 
 def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRecord]) -> int:
     """Bytes of one shard holding ``records``, written by the real ``ShardWriter``."""
-    from kdcache.cache.shards import ShardWriter
+    from kdcache.cache.format.shards import ShardWriter
 
     with tempfile.TemporaryDirectory(prefix="kdcache-estimate-") as directory:
         writer = ShardWriter(
@@ -192,7 +192,7 @@ def estimate_build(
     count_rows: int = 20000,
 ) -> EstimateReport:
     """Measure a sample of the build described by ``config`` and project the whole (writes nothing)."""
-    from kdcache.cache.teacher import (
+    from kdcache.cache.build.teacher import (
         TeacherRunner,
         load_model,
         load_tokenizer,

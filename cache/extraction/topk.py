@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.cache.block_topk import fast_topk
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.block_topk import fast_topk
+from kdcache.cache.extraction.heads import OutputHead
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",

@@ -1,0 +1,1 @@
+"""Reading a finished cache: ``open_cache`` / ``Cache`` (``reader``), ``verify``, ``inspect``, ``plot``."""
