@@ -41,6 +41,8 @@ from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
 from kdcache.trainer.student import (
+    CE_OTHER_TOKENIZER_HINT,
+    CE_OTHER_TOKENIZER_NOTE,
     autocast_dtype,
     check_tokenizer,
     check_vocab_size,
@@ -151,8 +153,9 @@ class _Run:
             self.source = "checkpoint"
         self.tokenizer = load_student_tokenizer(spec, cache.path)  # cache.path: a local copy
         same_tokenizer = check_tokenizer(
-            self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
-        )
+            self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer,
+            **({"hint": CE_OTHER_TOKENIZER_HINT} if config.loss == CE_ONLY else {}),
+        )  # fmt: skip
         check_vocab_size(self.model, self.tokenizer)
         self.cross = (
             None
@@ -167,6 +170,8 @@ class _Run:
             if self.cross is None
             else self.cross.summary()
         )
+        if self.cross is not None and config.loss == CE_ONLY:
+            notice = CE_OTHER_TOKENIZER_NOTE
         if notice is not None and info.is_main:
             print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
