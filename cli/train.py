@@ -176,6 +176,15 @@ def train(
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
+    report_to: str = typer.Option(
+        _train("report_to"),
+        help="Also log the metrics to these trackers, comma-separated: tensorboard, wandb, "
+        "mlflow, trackio; all (the installed ones) or none (metrics.jsonl only). Each is an "
+        "extra: pip install 'kdcache[wandb]'.",
+    ),
+    run_name: str | None = typer.Option(
+        None, help="The run's name in the trackers (default: the --out folder's name)."
+    ),
     storage_option: list[str] = _storage.storage_option(),
     cache_dir: str | None = _storage.cache_dir_option(),
     cache_limit: str = _storage.cache_limit_option(),
@@ -232,6 +241,8 @@ def train(
         vocab_map=vocab_map,
         distill_inside=distill_inside,
         progress=progress,
+        report_to=report_to,
+        run_name=run_name,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
     result = run_training(config)
