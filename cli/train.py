@@ -12,6 +12,7 @@ import typer
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cli import _storage
+from kdcache.cli._config import config_option
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
@@ -188,6 +189,9 @@ def train(
     storage_option: list[str] = _storage.storage_option(),
     cache_dir: str | None = _storage.cache_dir_option(),
     cache_limit: str = _storage.cache_limit_option(),
+    config_file: str | None = config_option(
+        aliases={"num_workers": "workers"}, settings=(TrainConfig, DemoSettings)
+    ),
 ) -> None:
     """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""
     from kdcache.trainer import TrainConfig
