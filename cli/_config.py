@@ -28,8 +28,9 @@ from kdcache.cli._errors import fail
 __all__ = ["config_option", "read_config_file"]
 
 CONFIG_HELP = (
-    "YAML or JSON file of options by flag name (ce-weight: 0.5); flags given on the command line "
-    "override it. A run's run.json or a cache's manifest.json repeats that run or build."
+    "YAML or JSON file of options by flag name, e.g. ce-weight: 0.5; flags given on the command "
+    "line override it; a run's run.json or a cache's manifest.json repeats that run or build "
+    "(default: none)."
 )
 
 
