@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.requirements import check_min_version
-from kdcache.cache.storage import resolve_location
+from kdcache.cache.storage.location import resolve_location
 from kdcache.cli.app import app
 
 
