@@ -161,9 +161,12 @@ class KDTrainer(Trainer):
         objective = self.objective_for(student)
         num_distilled = float(inputs["distill_mask"].sum())
         num_labels = float((inputs["labels"] != IGNORE_INDEX).sum())
-        if model is student:
-            loss = objective(inputs, num_distilled, num_labels)
-        else:  # DDP and friends: through the wrapper's forward, which syncs the gradients
-            with _forward_is(student, objective):
-                loss = model(inputs, num_distilled, num_labels)
+        # accelerate's mixed precision patches the student's forward, which the fused path
+        # does not call (it runs the body and the head itself): autocast here, as kdcache train
+        with self.accelerator.autocast():
+            if model is student:
+                loss = objective(inputs, num_distilled, num_labels)
+            else:  # DDP and friends: through the wrapper's forward, which syncs the gradients
+                with _forward_is(student, objective):
+                    loss = model(inputs, num_distilled, num_labels)
         return (loss, {"loss": loss}) if return_outputs else loss

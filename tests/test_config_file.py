@@ -187,3 +187,19 @@ def test_eval_from_a_config_equals_eval_by_flags(tmp_path, flag_run, small_cache
     result = _invoke("eval", "--config", config)
     assert result.exit_code == 0, result.output
     assert json.loads(by_file.read_text()) == json.loads(by_flags.read_text())
+
+
+def test_the_readme_config_file_is_accepted_by_train(tmp_path, small_cache, student_json):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (text,) = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+               if "ce-weight" in block]  # fmt: skip
+    text = text.replace("caches/qwen-1.5b", str(small_cache))
+    text = text.replace("Qwen/Qwen2.5-0.5B", str(student_json)).replace("wandb", "none")
+    (tmp_path / "akl.yaml").write_text(text)
+    result = _invoke("train", "--config", tmp_path / "akl.yaml", "--out", tmp_path / "run",
+                     "--steps", "1", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["loss"], run["ce_weight"], run["report_to"]) == ("akl", 0.2, "none")

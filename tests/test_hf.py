@@ -189,3 +189,41 @@ def test_kdtrainer_under_ddp_reads_each_ranks_share_and_keeps_the_ranks_in_sync(
     # each rank collated 2 batches of 2 of its own share (plus what its loader fetched ahead)
     assert len(seen0) >= 4 and len(seen1) >= 4 and not set(seen0) & set(seen1)
     assert weights0 == weights1  # DDP synchronized the gradients of different batches
+
+
+def test_the_readme_trainer_snippet_runs_as_written(small_cache, tiny_llama_dir, tmp_path):
+    """The README's lines, with the tiny model, the test cache and 2 steps on CPU."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "KDTrainer" in block]  # fmt: skip
+    for old, new in (('"Qwen/Qwen2.5-0.5B"', repr(str(tiny_llama_dir))),
+                     ('"caches/qwen-1.5b"', repr(str(small_cache))),
+                     ('"runs/hf-akl"', repr(str(tmp_path / "hf"))), ("max_steps=20000", "max_steps=2"),
+                     ("bf16=True", "use_cpu=True"), ('report_to="wandb"', 'report_to="none"')):  # fmt: skip
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2
+
+
+def test_kdtrainer_autocasts_the_fused_loss_under_bf16(small_cache, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.hf import KDTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    trainer = KDTrainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True),
+                        train_dataset=cache_dataset(small_cache), loss="fkl")  # fmt: skip
+    seen: list[torch.dtype] = []
+    linear = model.model.layers[0].mlp.down_proj  # a Linear of the body: bf16 under autocast
+    hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    batch = KDCollator(small_cache)(_records(small_cache, [0, 1]))
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, batch)
+    hook.remove()
+    assert torch.isfinite(loss) and seen[-1] == torch.bfloat16  # (earlier: the fp32 head probe)
+    trainer.train()
+    assert trainer.state.global_step == 2
