@@ -79,6 +79,47 @@ def test_kdtrainer_loss_equals_kdcache_trains_loss_on_the_same_batch(
     assert float(got.detach()) == pytest.approx(logged["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("build_flags", "loss"),
+    [
+        (["--top-k", "4", "--tail-samples", "4"], "akl"),
+        (["--top-k", "0", "--tail-samples", "8"], "fkl"),
+    ],
+    ids=["topk+tail", "samples"],
+)
+def test_kdtrainer_loss_equals_kdcache_train_for_the_other_cache_modes(
+    build_flags, loss, tmp_path, tiny_llama_dir, tiny_tokenizer
+):
+    from typer.testing import CliRunner
+
+    from kdcache.cli.app import app
+    from kdcache.hf import KDTrainer
+    from kdcache.trainer import TrainConfig, train
+    from kdcache.trainer.data import CacheDataset
+    from kdcache.trainer.student import load_student_model
+    from tests.conftest import text_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "docs.jsonl", text_rows(8))
+    cache = tmp_path / "cache"
+    built = CliRunner().invoke(app, ["build", "--teacher", str(tiny_llama_dir), "--data", str(data),
+                                     "--out", str(cache), "--max-length", "32", "--holdout", "0",
+                                     *build_flags])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    student = helpers.student_config(tmp_path / "s.json", tiny_tokenizer)
+    config = TrainConfig(cache=str(cache), student=str(student), out=str(tmp_path / "run"),
+                         loss=loss, ce_weight=0.1, steps=1, batch_size=2, progress=False,
+                         log_every=1, device="cpu", chunk_size=16)  # fmt: skip
+    train(config)
+    (logged,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    first = next(CacheDataset(open_cache(cache), batch_size=2).epoch_batches())
+    batch = KDCollator(cache)(_records(cache, first["sequence_ids"].tolist()))
+    model, _ = load_student_model(str(student), seed=0)
+    trainer = KDTrainer(model=model, args=_args(tmp_path / "hf"), train_dataset=cache_dataset(cache),
+                        loss=loss, ce_weight=0.1, chunk_size=16)  # fmt: skip
+    got = trainer.compute_loss(trainer.model, batch)
+    assert float(got.detach()) == pytest.approx(logged["loss"], rel=1e-5)
+
+
 def test_kdtrainer_trains_a_tiny_student_with_max_steps(small_cache, student_json, tmp_path):
     from kdcache.hf import KDTrainer
     from kdcache.trainer.student import load_student_model
