@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -268,3 +269,34 @@ def test_kdtrainer_autocasts_the_fused_loss_under_bf16(small_cache, tiny_llama_d
     assert torch.isfinite(loss) and seen[-1] == torch.bfloat16  # (earlier: the fp32 head probe)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kdtrainer_on_cuda_matches_kdcache_train_and_trains_in_bf16(small_cache, student_json,
+                                                                    tmp_path):  # fmt: skip
+    from kdcache.hf import KDTrainer
+    from kdcache.trainer import TrainConfig, train
+    from kdcache.trainer.data import CacheDataset
+    from kdcache.trainer.student import load_student_model
+
+    config = TrainConfig(cache=str(small_cache), student=str(student_json), out=str(tmp_path / "run"),
+                         loss="akl", ce_weight=0.25, steps=1, batch_size=4, progress=False,
+                         log_every=1, device="cuda", dtype="float32", chunk_size=16)  # fmt: skip
+    train(config)
+    (logged,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    first = next(CacheDataset(open_cache(small_cache), batch_size=4).epoch_batches())
+    batch = KDCollator(small_cache)(_records(small_cache, first["sequence_ids"].tolist()))
+    model, _ = load_student_model(str(student_json), seed=0)
+    trainer = KDTrainer(model=model, args=_args(tmp_path / "hf", use_cpu=False),
+                        train_dataset=cache_dataset(small_cache), loss="akl", ce_weight=0.25,
+                        chunk_size=16)  # fmt: skip
+    batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
+    got = trainer.compute_loss(trainer.model, batch)
+    assert float(got.detach()) == pytest.approx(logged["loss"], rel=1e-4)
+    model, _ = load_student_model(str(student_json), seed=0)
+    bf16 = KDTrainer(model=model, args=_args(tmp_path / "bf16", use_cpu=False, bf16=True),
+                     train_dataset=cache_dataset(small_cache), loss="akl")  # fmt: skip
+    bf16.train()
+    logged_bf16 = [entry["loss"] for entry in bf16.state.log_history if "loss" in entry]
+    assert bf16.state.global_step == 3 and all(np.isfinite(logged_bf16))
