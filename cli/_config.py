@@ -120,6 +120,8 @@ def _default_map(
             )
         if getattr(param, "multiple", False) and not isinstance(value, list | tuple):
             value = [] if value is None else [value]
+        elif not getattr(param, "multiple", False) and isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)  # report-to: [wandb, tensorboard]
         if isinstance(value, dict):  # e.g. storage options: not stored, not settable here
             raise ValueError(f"--config {path}: {raw_key!r} takes a value, not a mapping")
         default_map[param.name] = value

@@ -96,6 +96,20 @@ def test_command_line_flags_override_the_file(tmp_path, small_cache, student_jso
     assert not (tmp_path / "from-file").exists()
 
 
+def test_a_list_for_a_single_value_option_is_comma_joined(tmp_path, small_cache, student_json):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"cache: {small_cache}\nstudent: {student_json}\nsteps: 1\n"
+                      "report-to: [none]\nprogress: false\n")  # fmt: skip
+    result = _invoke("train", "--config", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["report_to"] == "none"
+    config.write_text(
+        f"cache: {small_cache}\nstudent: {student_json}\nreport-to: [none, wandb, tensorbord]\n"
+    )
+    refused = _invoke("train", "--config", config, "--out", tmp_path / "run2")
+    assert refused.exit_code == 2 and "unknown --report-to 'tensorbord'" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
