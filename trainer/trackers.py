@@ -12,7 +12,7 @@ each tracker as ``train/<key>`` or ``eval/<key>`` at the entry's step (``train/l
 Where each tracker writes follows its own environment variables, as under HF Trainer:
 ``WANDB_PROJECT`` / ``WANDB_MODE`` / ``WANDB_DIR``, ``MLFLOW_TRACKING_URI`` /
 ``MLFLOW_EXPERIMENT_NAME``, ``TRACKIO_PROJECT`` / ``TRACKIO_DIR``; TensorBoard writes event files
-into ``<out>/tensorboard``. A tracker whose package is missing is refused before training starts,
+into the run directory itself (``tensorboard --logdir runs`` shows each run by its folder). A tracker whose package is missing is refused before training starts,
 in one line naming the extra that installs it.
 """
 
@@ -48,7 +48,6 @@ _REQUIREMENTS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 BACKENDS: tuple[str, ...] = tuple(_REQUIREMENTS)
 DEFAULT_PROJECT = "kdcache"  # wandb project / mlflow experiment / trackio project
-TENSORBOARD_DIR = "tensorboard"  # below the run directory
 _ENTRY_FIELDS = ("kind", "step", "split")  # what an entry says about itself, not a metric
 
 
@@ -121,7 +120,7 @@ class _TensorBoard:
     def __init__(self, out: Path, run_name: str, settings: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(log_dir=str(out))  # `tensorboard --logdir runs`: one per run
         self.writer.add_text("settings", json.dumps(settings, indent=2), global_step=0)
         self.writer.add_text("run_name", run_name, global_step=0)
 
