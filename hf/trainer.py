@@ -86,6 +86,10 @@ class KDTrainer(Trainer):
         if kwargs.get("data_collator") is None and isinstance(dataset, CacheSequences):
             kwargs["data_collator"] = KDCollator(dataset.cache)
         collator = kwargs.get("data_collator")
+        if isinstance(collator, KDCollator) and collator.manifest is None:
+            if not isinstance(dataset, CacheSequences):
+                raise ConfigError("KDCollator() has no cache: pass KDCollator(cache)")
+            collator.bind(dataset.cache)
         if not isinstance(collator, KDCollator):
             raise ConfigError(
                 "KDTrainer needs data_collator=KDCollator(cache) (or train_dataset=cache_dataset"

@@ -171,6 +171,12 @@ def test_refusals(small_cache, student_json, tmp_path):
         KDTrainer(model=model, args=_args(tmp_path), train_dataset=[1, 2], loss="akl")
     with pytest.raises(ConfigError, match=r"KDCollator batches the items of"):
         KDCollator(small_cache)([{"input_ids": [1, 2]}])
+    with pytest.raises(ConfigError, match=r"KDCollator\(\) has no cache"):
+        KDCollator()(_records(small_cache, [0]))
+    unbound = KDCollator()  # KDTrainer binds it to its dataset's cache
+    KDTrainer(model=model, args=_args(tmp_path), train_dataset=cache_dataset(small_cache),
+              data_collator=unbound)  # fmt: skip
+    assert unbound.temperature == open_cache(small_cache).manifest["temperature"]
 
 
 def test_dataset_splits_by_worker_in_one_process(small_cache):
