@@ -46,7 +46,8 @@ def evaluate(
     cross_tokenizer: bool = typer.Option(
         _eval("cross_tokenizer"),
         help="Allow students whose tokenizer differs from the teacher's: CE / perplexity on "
-        "their own tokens and bits per byte (no KL to the teacher).",
+        "their own tokens and bits per byte (no KL to the teacher). Not needed for a checkpoint "
+        "whose run.json (beside or above it) says the run was --cross-tokenizer.",
     ),
     config_file: str | None = config_option(
         aliases={"students": "student"}, settings=(EvalConfig,)

@@ -158,7 +158,8 @@ def train(
     cross_tokenizer: bool = typer.Option(
         _train("cross_tokenizer"),
         help="Allow a student whose tokenizer differs from the cache's teacher's: positions "
-        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md).",
+        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md). With "
+        "--loss ce: train on the cache's text with the student's own tokenizer (no teacher).",
     ),
     uld_weight: float = typer.Option(
         _train("uld_weight"), help="Weight of the ULD term on unmatched tokens (--cross-tokenizer)."
