@@ -207,7 +207,8 @@ def test_mlflow_file_store_holds_every_metric_and_the_settings(
 
     uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3: the file store is opt-in
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "unset")  # (so that the end of the test
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # restores it): unset, kdcache allows the store
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "kd-test")
     out = tmp_path / "run"
     result = _train(small_cache, student_json, out, "--report-to", "mlflow", "--run-name", "r1")

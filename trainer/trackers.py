@@ -153,10 +153,16 @@ class _Wandb:
 
 class _Mlflow:
     def __init__(self, out: Path, run_name: str, settings: dict[str, Any]) -> None:
+        import mlflow
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        self.client = client = MlflowClient()  # MLFLOW_TRACKING_URI, as mlflow itself reads it
+        uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, as mlflow itself reads it
+        if uri.startswith("file:") or "://" not in uri:
+            # a local file store (mlflow-skinny's default, ./mlruns) is refused by mlflow 3 unless
+            # allowed: the user chose it (or has no server), so allow it unless they said otherwise
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = client = MlflowClient()
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
         experiment = client.get_experiment_by_name(name)
         experiment_id = (
