@@ -249,3 +249,31 @@ def test_trackio_local_database_holds_every_metric_and_the_settings(
     config = storage.SQLiteStorage.get_run_config("kd-test", "r1")
     settings = _settings(out)
     assert {key: config[key] for key in settings} == settings
+
+
+def _train_rank(rank: int, world_size: int, config):
+    from kdcache.trainer import train
+
+    return train(config).steps
+
+
+def test_only_rank_zero_reports_under_two_gloo_ranks(small_cache, student_json, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdcache.trainer import TrainConfig
+    from tests.test_distributed_build import run_ranks
+
+    out = tmp_path / "run"
+    config = TrainConfig(cache=str(small_cache), student=str(student_json), out=str(out), steps=2,
+                         batch_size=2, progress=False, log_every=1, device="cpu",
+                         report_to="tensorboard")  # fmt: skip
+    assert run_ranks(_train_rank, 2, config) == [2, 2]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1  # rank 0's writer only
+    events = EventAccumulator(str(out))
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    expected = {
+        key[1]: value for key, value in _jsonl_metrics(out).items() if key[0] == "train/loss"
+    }
+    assert losses == pytest.approx(expected) and sorted(losses) == [1, 2]

@@ -28,8 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format import shards as shard_files
-from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.build.lock import (
     STATE_NAME,
     TOKENIZER_DIR,
@@ -37,10 +35,18 @@ from kdcache.cache.build.lock import (
     prepare_directory,
     remove_cache_files,
 )
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.format import shards as shard_files
 from kdcache.cache.format.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
-from kdcache.cache.storage.remote_lock import RemoteLock
 from kdcache.cache.format.shards import SHARDS_DIR
-from kdcache.cache.storage.location import Location, cache_home, check_bucket, remote_errors, upload_tree
+from kdcache.cache.storage.location import (
+    Location,
+    cache_home,
+    check_bucket,
+    remote_errors,
+    upload_tree,
+)
+from kdcache.cache.storage.remote_lock import RemoteLock
 
 UPLOAD_PAUSE_ENV = "KDCACHE_TEST_PAUSE_IN_UPLOAD"  # tests: seconds between a shard and its journal
 
@@ -54,7 +60,6 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
-
 
 
 class LocalTarget:

@@ -14,7 +14,6 @@ manifest is written last by rank 0, after a barrier, from the complete shards of
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,16 +27,16 @@ from kdcache.cache.build.config import (  # noqa: F401 (BuildConfig, MODES: re-e
     BuildConfig,
 )
 from kdcache.cache.build.data import SPLITS, RecordStream
-from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 from kdcache.cache.build.fingerprint import (
     data_fingerprint,
     stable_hash,
     teacher_fingerprint,
     tokenizer_details,
 )
-from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.build.lock import TOKENIZER_DIR
 from kdcache.cache.build.output import build_target
+from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
+from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.format.manifest import ShardInfo, read_manifest, shard_summary, write_manifest
 
 
@@ -241,8 +240,8 @@ def _run_split(
     Returns the number of tokens run. ``done``: this (split, rank)'s complete shards, which hold
     a prefix of the rank's record stream (shard indices 0..n-1).
     """
-    from kdcache.cache.format.shards import ShardWriter
     from kdcache.cache.build.teacher import run_sequences
+    from kdcache.cache.format.shards import ShardWriter
 
     indices = sorted(info.index for info in done)
     if indices != list(range(len(indices))):
