@@ -130,6 +130,11 @@ def train(
     chunk_size: int = typer.Option(
         _train("chunk_size"), help="Positions per lm_head + loss chunk."
     ),
+    shuffle_window: int = typer.Option(
+        _train("shuffle_window"),
+        help="Shards whose sequences are shuffled together each epoch (after the shard order is "
+        "shuffled); memory: this many decoded shards per data partition (docs/TRAINING.md).",
+    ),
     save_every: int = typer.Option(
         _train("save_every"), help="Checkpoint every N steps (0 = final only)."
     ),
@@ -232,6 +237,7 @@ def train(
         num_workers=workers,
         data_partitions=data_partitions,
         chunk_size=chunk_size,
+        shuffle_window=shuffle_window,
         save_every=save_every,
         eval_every=settings["eval_every"],
         eval_sequences=settings["eval_sequences"],

@@ -100,8 +100,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    """The ``trainer_state.pt`` of a checkpoint directory."""
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """The ``trainer_state.pt`` of a checkpoint directory, memory-mapped (tensors are read from
+    the file as they are used, e.g. when the optimizer moves its state to the GPU, not first
+    copied into host memory)."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
 def check_run_dir(config: Any) -> Path | None:

@@ -27,6 +27,9 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 # result); every other field must match the stored run.json.
 # What a field missing from an older run.json meant: the behaviour before the field existed.
 ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": False}
+# Runs from before --shuffle-window: their data cursors carry their own order (the buffer order),
+# so the default resumes them unchanged.
+ABSENT_FIELD_MEANS.update(shuffle_window=4)
 # Fields that change nothing unless the run is --cross-tokenizer.
 CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
@@ -133,7 +136,8 @@ class TrainConfig:
     seed: int = 0  # student init, data order and every RNG
     num_workers: int = 0  # DataLoader workers decoding shards (any number on resume)
     data_partitions: int | None = None  # parts of the data order (None = world x max(1, workers))
-    shuffle_buffer: int = 64  # records held in the loader's shuffle buffer per worker
+    shuffle_buffer: int = 64  # the buffer of cursors from before --shuffle-window (old runs)
+    shuffle_window: int = 4  # shards whose sequences are shuffled together (trainer/shuffle.py)
     chunk_size: int = 1024  # positions per chunk of the lm_head + loss (memory: chunk x vocab)
     save_every: int = 0  # checkpoint every N steps (0 = only the final one)
     eval_every: int = 0  # held-out KL/CE every N steps into metrics.jsonl (0 = off)
@@ -184,7 +188,13 @@ class TrainConfig:
                 "--max-tokens needs --steps N: the number of token-budget batches per epoch is "
                 "only known after decoding the whole split, which would run before training"
             )
-        for name in ("grad_accum", "log_every", "eval_sequences", "shuffle_buffer"):
+        for name in (
+            "grad_accum",
+            "log_every",
+            "eval_sequences",
+            "shuffle_buffer",
+            "shuffle_window",
+        ):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 problems.append(f"{flag} must be >= 1, got {getattr(self, name)}")

@@ -198,6 +198,7 @@ class _Run:
             num_workers=config.num_workers,
             seed=config.seed,
             shuffle_buffer=config.shuffle_buffer,
+            shuffle_window=config.shuffle_window,
             pad_id=0,
             target=self.target,
             partitions=partitions_for(config.data_partitions, self.resume_state),
@@ -230,6 +231,7 @@ class _Run:
         torch.manual_seed(config.seed)
         if self.resume_state is not None:
             self._load_state(self.resume_state)
+            self.resume_state = None  # loaded: no copy of the optimizer state held for the run
         if config.resume and info.is_main:  # lines logged after the checkpoint are redone
             truncate_metrics(self.out, self.step)
 
@@ -294,7 +296,8 @@ class _Run:
         note = world_size_note(state, info.world_size, config.batch_size, config.grad_accum)
         if note is not None and info.is_main:
             print(f"note: {note}", file=sys.stderr, flush=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # final/ is model-only: a finished run has nothing to resume
+            self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rng_for_rank(state, info.rank))
         self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]
