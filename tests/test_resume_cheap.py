@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdcache.cache import open_cache
-from kdcache.cache.shard_sources import LocalShards
+from kdcache.cache.storage.shard_sources import LocalShards
 from kdcache.trainer import TrainConfig, train
 from kdcache.trainer.checkpoint import load_training_state
 from tests import train_helpers as helpers
