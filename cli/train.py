@@ -136,7 +136,25 @@ def train(
         "shuffled); memory: this many decoded shards per data partition (docs/TRAINING.md).",
     ),
     save_every: int = typer.Option(
-        _train("save_every"), help="Checkpoint every N steps (0 = final only)."
+        _train("save_every"),
+        help="Resumable step-N checkpoint every N steps (0 = by --save-every-minutes only).",
+    ),
+    save_every_minutes: float = typer.Option(
+        _train("save_every_minutes"),
+        help="Also a step-N checkpoint every N minutes of wall time, checked every --log-every "
+        "steps (0 = off).",
+    ),
+    save_total_limit: int = typer.Option(
+        _train("save_total_limit"),
+        help="Keep the N newest step-N checkpoints, delete older ones (0 = keep all).",
+    ),
+    export_dtype: str = typer.Option(
+        _train("export_dtype"),
+        help="dtype of the weights in final/ (model only, no optimizer): float32 or bf16.",
+    ),
+    dist_timeout: float = typer.Option(
+        _train("dist_timeout"),
+        help="Minutes a collective may wait before the run fails (torchrun; e.g. on a save).",
     ),
     eval_every: int | None = typer.Option(
         None,
@@ -239,6 +257,10 @@ def train(
         chunk_size=chunk_size,
         shuffle_window=shuffle_window,
         save_every=save_every,
+        save_every_minutes=save_every_minutes,
+        save_total_limit=save_total_limit,
+        export_dtype=export_dtype,
+        dist_timeout=dist_timeout,
         eval_every=settings["eval_every"],
         eval_sequences=settings["eval_sequences"],
         log_every=log_every,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -36,8 +37,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun job when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU), else one process."""
+def init_distributed(device: str = "auto", timeout_minutes: float | None = None) -> DistInfo:
+    """Join the torchrun job when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU), else one process.
+
+    ``timeout_minutes``: how long a collective waits for the other ranks (``--dist-timeout``;
+    None: torch's default)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(device=resolve_device(device))
@@ -49,7 +53,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(chosen)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
         owns = True
     return DistInfo(rank, world_size, local_rank, chosen, owns)
 

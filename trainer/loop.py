@@ -32,6 +32,12 @@ from kdcache.trainer.checkpoint import (
     start_run_dir,
     truncate_metrics,
 )
+from kdcache.trainer.checkpoint_policy import (
+    SaveClock,
+    export_state_dict,
+    prune_checkpoints,
+    remove_partial_saves,
+)
 from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.cross_tokenizer.batches import AlignmentStats, CrossTokenizerDataset
 from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_target
@@ -123,7 +129,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     Under torchrun (``WORLD_SIZE > 1``) every rank calls this; only rank 0 writes.
     """
-    info = dist_utils.init_distributed(config.device)
+    info = dist_utils.init_distributed(config.device, config.dist_timeout)
     try:
         return _Run(config, info).run()
     finally:
@@ -219,7 +225,10 @@ class _Run:
             self.metrics = start_metrics_log(
                 self.out, report_to, run_name, config.to_dict(), fresh=not config.resume
             )
+            for name in remove_partial_saves(self.out):  # a save killed midway
+                print(f"note: removed {name}, left by a save that did not finish", file=sys.stderr)
         dist_utils.barrier(info)
+        self.save_clock = SaveClock(config.save_every, config.save_every_minutes, config.log_every)
 
         self.objective = self._objective()
         self.optimizer = build_optimizer(self.model, config)
@@ -337,11 +346,12 @@ class _Run:
                 self._log_train(grad_norm, tokens_per_s)
             if self.eval_split and info.is_main and (self.step % config.eval_every == 0 or last):
                 self._evaluate()
-            if config.save_every and self.step % config.save_every == 0 and not last:
+            if not last and self.save_clock.due(self.step, info):
                 self._save(f"step-{self.step}")
+                self.save_clock.saved()
         batches.close()  # stops DataLoader workers of an unfinished epoch now, not at GC
         progress.close()
-        final = self._save(FINAL)
+        final = self._save(FINAL, resumable=False)
         if info.is_main:
             self.metrics.finish()
         return TrainResult(
@@ -436,8 +446,12 @@ class _Run:
         entry = {"kind": "eval", "step": self.step, "split": self.eval_split, **self.last_eval}
         self.metrics.log(entry)
 
-    def _save(self, name: str) -> Path:
-        """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint."""
+    def _save(self, name: str, resumable: bool = True) -> Path:
+        """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint.
+
+        ``resumable``: a step-N checkpoint (with the optimizer; older ones pruned to
+        --save-total-limit); else final/, the model alone in --export-dtype.
+        """
         data_states = dist_utils.gather_objects(self.dataset.state_dict(), self.info)
         rng_states = dist_utils.gather_objects(rng_state(), self.info)
         path = self.out / name
@@ -446,7 +460,6 @@ class _Run:
                 "step": self.step,
                 "tokens": self.tokens,
                 "loss": self.loss,
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": data_states,
                 "rng": rng_states,
@@ -454,6 +467,13 @@ class _Run:
                 "world_size": self.info.world_size,
                 "total_steps": self.total_steps,
             }
-            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state)
+            weights = None
+            if resumable:
+                state["optimizer"] = self.optimizer.state_dict()
+            else:
+                weights = export_state_dict(self.model, self.config.export_dtype)
+            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state, weights)
+            if resumable:
+                prune_checkpoints(self.out, self.config.save_total_limit)
         dist_utils.barrier(self.info)
         return path
