@@ -152,6 +152,13 @@ def train(
         _train("export_dtype"),
         help="dtype of the weights in final/ (model only, no optimizer): float32 or bf16.",
     ),
+    fsdp: bool = typer.Option(
+        _train("fsdp"),
+        "--fsdp/--no-fsdp",
+        help="Shard the student over the ranks with FSDP2 (one unit per decoder layer; bf16 "
+        "params, fp32 reduction on CUDA) for students that do not fit DDP; sharded step-N "
+        "checkpoints, a consolidated final/.",
+    ),
     dist_timeout: float = typer.Option(
         _train("dist_timeout"),
         help="Minutes a collective may wait before the run fails (torchrun; e.g. on a save).",
@@ -261,6 +268,7 @@ def train(
         save_total_limit=save_total_limit,
         export_dtype=export_dtype,
         dist_timeout=dist_timeout,
+        fsdp=fsdp,
         eval_every=settings["eval_every"],
         eval_sequences=settings["eval_sequences"],
         log_every=log_every,

@@ -93,12 +93,19 @@ def export_state_dict(model: torch.nn.Module, export_dtype: str) -> dict[str, An
 
     Floating tensors are cast; tensors shared between names (tied embeddings) stay shared.
     """
+    if EXPORT_DTYPES[export_dtype] is None:
+        return None
+    return cast_weights(model.state_dict(), export_dtype)
+
+
+def cast_weights(weights: dict[str, torch.Tensor], export_dtype: str) -> dict[str, torch.Tensor]:
+    """``weights`` with floating tensors in ``export_dtype`` (shared tensors stay shared)."""
     dtype = EXPORT_DTYPES[export_dtype]
     if dtype is None:
-        return None
+        return weights
     cast: dict[int, torch.Tensor] = {}
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         if not tensor.is_floating_point():
             state[name] = tensor
             continue

@@ -29,7 +29,7 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": False}
 # Runs from before --shuffle-window: their data cursors carry their own order (the buffer order),
 # so the default resumes them unchanged.
-ABSENT_FIELD_MEANS.update(shuffle_window=4)
+ABSENT_FIELD_MEANS.update(shuffle_window=4, fsdp=False)
 # Fields that change nothing unless the run is --cross-tokenizer.
 CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
@@ -123,10 +123,30 @@ def _checkpoint_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}, got {config.export_dtype!r}"
         )
+    if config.fsdp:
+        problems += _fsdp_problems(config)
     if not (config.dist_timeout > 0 and math.isfinite(config.dist_timeout)):
         problems.append(
             f"--dist-timeout must be a positive number of minutes, got {config.dist_timeout}"
         )
+    return problems
+
+
+def _fsdp_problems(config: TrainConfig) -> list[str]:
+    from kdcache.trainer.parallel import fsdp_available
+
+    reason = fsdp_available()
+    if reason is not None:
+        return [f"--fsdp: {reason}; upgrade torch or train with DDP (drop --fsdp)"]
+    problems = []
+    if config.eval_every:
+        problems.append(
+            "--fsdp with --eval-every is not supported (the held-out pass runs on rank 0 and "
+            "the sharded model needs every rank); drop --eval-every and run `kdcache eval` on "
+            "the checkpoints"
+        )
+    if config.cross_tokenizer:
+        problems.append("--fsdp with --cross-tokenizer is not supported yet; drop --fsdp")
     return problems
 
 
@@ -166,6 +186,7 @@ class TrainConfig:
     save_total_limit: int = 3  # keep the N newest step-N checkpoints (0 = all)
     export_dtype: str = "float32"  # dtype of final/ (float32 or bf16); step-N stay float32
     dist_timeout: float = 30.0  # minutes a collective may wait (e.g. on rank 0 saving)
+    fsdp: bool = False  # shard the student with FSDP2 (trainer/parallel.py) instead of DDP
     eval_every: int = 0  # held-out KL/CE every N steps into metrics.jsonl (0 = off)
     eval_sequences: int = 32  # held-out sequences used by eval_every
     log_every: int = 10  # training metrics line every N steps

@@ -22,6 +22,7 @@ from torch import nn
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.extraction.heads import resolve_head
 from kdcache.trainer import distributed as dist_utils
+from kdcache.trainer import parallel
 from kdcache.trainer.checkpoint import (
     FINAL,
     check_run_dir,
@@ -34,6 +35,7 @@ from kdcache.trainer.checkpoint import (
 )
 from kdcache.trainer.checkpoint_policy import (
     SaveClock,
+    cast_weights,
     export_state_dict,
     prune_checkpoints,
     remove_partial_saves,
@@ -45,6 +47,7 @@ from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
+from kdcache.trainer.sharded_checkpoint import full_weights, is_sharded, load_sharded, save_sharded
 from kdcache.trainer.student import (
     CE_OTHER_TOKENIZER_HINT,
     CE_OTHER_TOKENIZER_NOTE,
@@ -129,7 +132,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     Under torchrun (``WORLD_SIZE > 1``) every rank calls this; only rank 0 writes.
     """
-    info = dist_utils.init_distributed(config.device, config.dist_timeout)
+    info = dist_utils.init_distributed(config.device, config.dist_timeout, group=config.fsdp)
     try:
         return _Run(config, info).run()
     finally:
@@ -263,10 +266,9 @@ class _Run:
         chunked = resolve_head(model, self.probe) is not None
         model.train()
         objective = self._distill_objective(chunked)
-        if self.info.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        return objective
+        return parallel.wrap_objective(
+            objective, self.info, fsdp=self.config.fsdp, autocast=self.autocast
+        )
 
     def _distill_objective(self, chunked: bool) -> nn.Module:
         model, config = self.model, self.config
@@ -307,6 +309,8 @@ class _Run:
             print(f"note: {note}", file=sys.stderr, flush=True)
         if "optimizer" in state:  # final/ is model-only: a finished run has nothing to resume
             self.optimizer.load_state_dict(state.pop("optimizer"))
+        elif is_sharded(self.resume_from):  # --fsdp: model + optimizer, re-sharded to these ranks
+            load_sharded(self.resume_from, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rng_for_rank(state, info.rank))
         self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]
@@ -387,7 +391,7 @@ class _Run:
         for index, batch in enumerate(group):
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
-            no_sync = self.objective.no_sync() if info.distributed and not last else None
+            no_sync = parallel.no_sync(self.objective, sync=last)
             amp = (
                 torch.autocast(self.device.type, dtype=self.autocast)
                 if self.autocast is not None
@@ -399,9 +403,7 @@ class _Run:
             step_loss += float(loss.detach())
         grad_norm = float("nan")
         if config.max_grad_norm > 0:
-            grad_norm = float(
-                nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            )
+            grad_norm = parallel.clip_grad_norm(self.model, config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -455,6 +457,7 @@ class _Run:
         data_states = dist_utils.gather_objects(self.dataset.state_dict(), self.info)
         rng_states = dist_utils.gather_objects(rng_state(), self.info)
         path = self.out / name
+        state: dict[str, Any] = {}
         if self.info.is_main:
             state = {
                 "step": self.step,
@@ -467,6 +470,9 @@ class _Run:
                 "world_size": self.info.world_size,
                 "total_steps": self.total_steps,
             }
+        if self.config.fsdp:
+            return self._save_fsdp(name, resumable, state if self.info.is_main else {})
+        if self.info.is_main:
             weights = None
             if resumable:
                 state["optimizer"] = self.optimizer.state_dict()
@@ -475,5 +481,22 @@ class _Run:
             path = save_checkpoint(self.out, name, self.model, self.tokenizer, state, weights)
             if resumable:
                 prune_checkpoints(self.out, self.config.save_total_limit)
+        dist_utils.barrier(self.info)
+        return path
+
+    def _save_fsdp(self, name: str, resumable: bool, state: dict[str, Any]) -> Path:
+        """--fsdp: step-N sharded (every rank writes), final/ gathered and written by rank 0."""
+        if resumable:
+            path = save_sharded(
+                self.out, name, self.model, self.optimizer, self.tokenizer, state, self.info
+            )
+            if self.info.is_main:
+                prune_checkpoints(self.out, self.config.save_total_limit)
+            return path
+        weights = full_weights(self.model)  # a collective: every rank
+        path = self.out / name
+        if self.info.is_main:
+            weights = cast_weights(weights, self.config.export_dtype)
+            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state, weights)
         dist_utils.barrier(self.info)
         return path
