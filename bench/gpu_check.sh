@@ -13,6 +13,8 @@
 #      teacher (~110M parameters at vocab 32k, ~180M at 128k), top-64 and the default mode
 #   5. KD step / CE step, tokens/s and peak memory (bench/gpu_step.py), vocab 32k and 128k
 #   6. kdcache.hf.KDTrainer on CUDA: its loss equals kdcache train's, bf16 steps (tests/test_hf.py)
+#   7. train smoke (bench/gpu_train_smoke.py): 100 steps of a ~0.5B vocab-152k student, SIGKILL
+#      during a save, --resume, final/ loaded; DDP vs --fsdp tokens/s + peak memory on >= 2 GPUs
 # Logs and RESULT lines go to $KDCACHE_GPU_CHECK_OUT (default: a new temp dir); PYTHON picks the
 # interpreter (default python3).
 set -uo pipefail
@@ -78,6 +80,7 @@ else
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
 fi
 stage hf-trainer 60 "$PYTHON" -m pytest -q -m gpu tests/test_hf.py -rs -p no:cacheprovider  # KDTrainer
+stage train-smoke 150 "$PYTHON" bench/gpu_train_smoke.py $( ((DRY)) && echo --dry-run )
 
 echo "=== summary ($((SECONDS - START))s)"
 cat "$OUT/environment.log"
