@@ -90,3 +90,40 @@ def test_the_resume_state_is_not_kept_for_the_run(many_shards, student_json, tmp
                dist_utils.DistInfo())  # fmt: skip
     assert run.step == 2 and run.resume_state is None
     assert len(run.optimizer.state) > 0  # the optimizer itself did load its state
+
+
+def test_a_resume_from_object_storage_downloads_only_the_shards_it_still_needs(
+    s3, many_shards, tmp_path, monkeypatch
+):
+    """From s3:// with an empty read-through directory (a new machine): the resumed partition
+    downloads the shards of its last window only, and hands out the uninterrupted batches."""
+    from kdcache.cache.storage.shard_sources import RemoteShards
+    from kdcache.cache.transfer import push_cache
+    from kdcache.trainer.data import CacheDataset
+
+    url = f"s3://{s3.bucket}/many"
+    push_cache(many_shards, url, storage_options=s3.options)
+
+    def dataset(cache_dir):
+        remote = open_cache(url, storage_options=s3.options, cache_dir=cache_dir)
+        return CacheDataset(remote, batch_size=2, seed=1, shuffle_window=2)
+
+    expected = [b["sequence_ids"].tolist() for b in dataset(tmp_path / "a").epoch_batches()]
+    first = dataset(tmp_path / "b")
+    stream = first.epoch_batches()
+    head = [next(stream)["sequence_ids"].tolist() for _ in range(len(expected) - 1)]
+    state = first.state_dict()
+    stream.close()
+    downloaded: list[str] = []
+    original = RemoteShards.download
+
+    def logged(self, info, final):
+        downloaded.append(info.name)
+        return original(self, info, final)
+
+    monkeypatch.setattr(RemoteShards, "download", logged)
+    resumed = dataset(tmp_path / "fresh")  # nothing downloaded yet on this "machine"
+    resumed.load_state_dict(state)
+    tail = [b["sequence_ids"].tolist() for b in resumed.epoch_batches()]
+    assert head + tail == expected
+    assert 1 <= len(downloaded) <= 2 < len(open_cache(many_shards).shards("train")), downloaded

@@ -156,3 +156,24 @@ def test_another_world_size_continues_the_windows_exactly():
     rest = [i for ids in _ids(one.epoch_batches()) for i in ids]
     seen = [i for ids in head for i in ids] + rest
     assert sorted(seen) == list(range(48))
+
+
+def test_a_cursor_written_before_the_windows_continues_in_its_own_order():
+    """A checkpoint of the shard-order + buffer era (partitions, no ``order``) resumes exactly in
+    that order, although new runs default to the windows."""
+    cache = SortedCache(num_shards=6, per_shard=5, share_a=0.5)
+    old = CacheDataset(cache, batch_size=3, seed=2, shuffle_buffer=4)
+    old.order = BUFFER_ORDER  # as the runs of that era read
+    expected = _ids(old.epoch_batches())
+    interrupted = CacheDataset(cache, batch_size=3, seed=2, shuffle_buffer=4)
+    interrupted.order = BUFFER_ORDER
+    stream = interrupted.epoch_batches()
+    head = [next(stream)["sequence_ids"].tolist() for _ in range(4)]
+    state = {key: value for key, value in interrupted.state_dict().items()
+             if key not in ("order", "shuffle_window", "sequences")}  # fmt: skip
+    stream.close()
+    resumed = CacheDataset(cache, batch_size=3, seed=2, shuffle_buffer=4)
+    resumed.load_state_dict(state)
+    assert resumed.order == BUFFER_ORDER
+    assert head + _ids(resumed.epoch_batches()) == expected
+    assert resumed.order == BUFFER_ORDER and resumed.epoch == 1
