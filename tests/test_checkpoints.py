@@ -172,3 +172,15 @@ def test_prune_and_partial_directories(tmp_path):
     assert [p.name for p in policy.prune_checkpoints(tmp_path, 2)] == ["step-2"]
     assert sorted(policy.remove_partial_saves(tmp_path)) == [".old-final-3", ".tmp-step-12-77"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-10", "step-4"]
+
+
+def test_the_cli_refuses_a_bad_export_dtype_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--cache", "c", "--student", "s", "--out",
+                                      str(tmp_path / "o"), "--export-dtype", "fp8"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "error: --export-dtype must be one of float32, bf16" in result.output
+    assert not (tmp_path / "o").exists()
