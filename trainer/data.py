@@ -43,7 +43,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.cache.errors import ConfigError, KdcacheError
 from kdcache.cache.records import SequenceRecord
-from kdcache.trainer.shuffle import DEFAULT_SHUFFLE_WINDOW, PartitionPlan, records_from
+from kdcache.trainer.shuffle import (
+    DEFAULT_SHUFFLE_WINDOW,
+    PartitionPlan,
+    buffered_records,
+    records_from,
+)
 from kdcache.trainer.targets import TeacherTarget, target_for_cache
 
 IGNORE_INDEX = -100
@@ -317,30 +322,9 @@ class CacheDataset(IterableDataset):
     def _buffered(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
         """The order before shuffle windows: shard order, records through a bounded buffer."""
         shards, stride, offset = self._shard_places(epoch, part)
-        counter = 0
-        records: list[SequenceRecord] = []
-        rng = np.random.default_rng([self.seed, epoch, part, 1])
-
-        def stream() -> Iterator[SequenceRecord]:
-            nonlocal counter
-            for shard_records in self.cache.read_shards(shards):
-                for record in shard_records:
-                    if counter % stride == offset:
-                        yield record
-                    counter += 1
-
-        if not self.shuffle:
-            yield from stream()
-            return
-        for record in stream():
-            if len(records) < self.shuffle_buffer:
-                records.append(record)
-                continue
-            index = int(rng.integers(len(records)))
-            yield records[index]
-            records[index] = record
-        rng.shuffle(records)
-        yield from records
+        rng = np.random.default_rng([self.seed, epoch, part, 1]) if self.shuffle else None
+        records = self.cache.read_shards(shards)
+        yield from buffered_records(records, stride, offset, rng, self.shuffle_buffer)
 
     def _batched(self, epoch: int, part: int, start: int = 0) -> Iterator[list[SequenceRecord]]:
         """Partition ``part``'s batches from its sequence ``start`` on (a batch boundary)."""

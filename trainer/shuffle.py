@@ -133,3 +133,37 @@ def _decode(records: Iterator[Any], plan: PartitionPlan, shard: int) -> list[Any
             f"{plan.counts[shard]}: the cache is damaged; run `kdcache verify` on it"
         )
     return decoded
+
+
+def buffered_records(
+    shards: Iterator[Iterator[Any]],
+    stride: int,
+    offset: int,
+    rng: np.random.Generator | None,
+    buffer_size: int,
+) -> Iterator[Any]:
+    """The order of data cursors written before the windows: the records of ``shards`` in stored
+    order (every ``stride``-th from ``offset``), through a ``buffer_size``-record shuffle buffer
+    drawn with ``rng`` (None: no shuffle). A resume re-reads it and skips what was handed out."""
+
+    def stream() -> Iterator[Any]:
+        counter = 0
+        for shard_records in shards:
+            for record in shard_records:
+                if counter % stride == offset:
+                    yield record
+                counter += 1
+
+    if rng is None:
+        yield from stream()
+        return
+    records: list[Any] = []
+    for record in stream():
+        if len(records) < buffer_size:
+            records.append(record)
+            continue
+        index = int(rng.integers(len(records)))
+        yield records[index]
+        records[index] = record
+    rng.shuffle(records)
+    yield from records
