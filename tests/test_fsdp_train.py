@@ -101,3 +101,40 @@ def test_fsdp_policy_and_refusals(tmp_path):
     assert mixed_precision(torch.device("cuda"), None) is None  # fp32 runs stay fp32
     with pytest.raises(ConfigError, match="--fsdp with --eval-every is not supported"):
         TrainConfig(cache="c", student="s", out=str(tmp_path), fsdp=True, eval_every=10)
+
+
+def _train_rank_sgd(rank: int, world_size: int, config: TrainConfig, bf16: bool):
+    """A rank with plain SGD (the update is -lr x gradient) and, with ``bf16``, the CUDA
+    branch's mixed-precision policy selected on the CPU: bf16 params, fp32 reduction."""
+    from kdcache.trainer import loop, parallel
+
+    loop.build_optimizer = lambda model, config: torch.optim.SGD(model.parameters(), lr=config.lr)
+    if bf16:  # this forked process only
+        selected = mixed_precision(torch.device("cuda"), torch.bfloat16)
+        parallel.mixed_precision = lambda device, autocast: selected
+    return loop.train(config).steps
+
+
+def test_fsdp_with_bf16_parameters_and_fp32_reduction_gives_the_fp32_gradient(
+    cache, student, tmp_path
+):
+    """The CUDA mixed-precision policy run on 2 gloo ranks: one SGD step's update (-lr x the
+    averaged gradient) is within 5% (relative, per tensor) of the fp32 FSDP run's, and not equal
+    to it (the bf16 compute did happen). bf16 keeps 8 mantissa bits (0.4% per rounding)."""
+    from kdcache.trainer.student import load_student_model
+
+    initial = load_student_model(str(student), seed=0)[0].state_dict()
+    updates = {}
+    for bf16 in (False, True):
+        out = tmp_path / f"bf16-{bf16}"
+        config = _config(cache, student, out, steps=1, save_every=0, fsdp=True, lr=1.0)
+        assert run_ranks(_train_rank_sgd, 2, config, bf16) == [1, 1]
+        weights = _weights(out / "final")
+        assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # fp32 masters
+        updates[bf16] = {name: weights[name] - initial[name] for name in weights}
+    differs = False
+    for name, exact in updates[False].items():
+        error = (updates[True][name] - exact).norm() / exact.norm().clamp_min(1e-12)
+        assert error < 0.05, (name, float(error))
+        differs |= bool(error > 0)
+    assert differs
