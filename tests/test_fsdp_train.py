@@ -138,3 +138,25 @@ def test_fsdp_with_bf16_parameters_and_fp32_reduction_gives_the_fp32_gradient(
         assert error < 0.05, (name, float(error))
         differs |= bool(error > 0)
     assert differs
+
+
+@pytest.mark.slow  # torchrun starts fresh interpreters: ~30-60 s on 2 busy cores
+def test_torchrun_train_fsdp_command(cache, student, tmp_path):
+    """``torchrun --nproc-per-node 2 -m kdcache.cli train --fsdp``: sharded step-1, final/."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed_build import free_port
+
+    out = tmp_path / "torchrun"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}",
+            "-m", "kdcache.cli", "train", "--fsdp", "--cache", str(cache), "--student",
+            str(student), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--save-every", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "step-1" / "sharded" / ".metadata").is_file()
+    assert (out / "final" / "model.safetensors").is_file()

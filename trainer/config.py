@@ -109,7 +109,7 @@ def _cross_tokenizer_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _checkpoint_problems(config: TrainConfig) -> list[str]:
+def _long_run_problems(config: TrainConfig) -> list[str]:
     from kdcache.trainer.checkpoint_policy import EXPORT_DTYPES
 
     problems = []
@@ -251,7 +251,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-").replace("num-workers", "workers")
                 problems.append(f"{flag} must be >= 0, got {getattr(self, name)}")
-        problems += _checkpoint_problems(self)
+        problems += _long_run_problems(self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
