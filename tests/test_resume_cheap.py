@@ -127,3 +127,29 @@ def test_a_resume_from_object_storage_downloads_only_the_shards_it_still_needs(
     tail = [b["sequence_ids"].tolist() for b in resumed.epoch_batches()]
     assert head + tail == expected
     assert 1 <= len(downloaded) <= 2 < len(open_cache(many_shards).shards("train")), downloaded
+
+
+def test_a_checkpoint_from_before_this_release_still_resumes(many_shards, student_json, tmp_path):
+    """run.json without the new fields, a step checkpoint whose data cursor has no ``order`` or
+    ``sequences`` and a final/ with the optimizer: the resume continues (in the buffer order
+    the run was started in) and finishes."""
+    import json
+
+    out = tmp_path / "run"
+    old = dict(steps=4, save_every=2, shuffle_window=4)  # what an old run.json's absence means
+    train(_config(many_shards, student_json, out, **old))
+    shutil.rmtree(out / "final")
+    run = json.loads((out / "run.json").read_text())
+    for name in ("shuffle_window", "save_every_minutes", "save_total_limit", "export_dtype",
+                 "dist_timeout", "fsdp"):  # fmt: skip
+        run.pop(name)
+    (out / "run.json").write_text(json.dumps(run))
+    state = torch.load(out / "step-2" / "trainer_state.pt", weights_only=False)
+    for cursor in state["data"]:
+        for name in ("order", "shuffle_window", "sequences"):
+            cursor.pop(name)
+    torch.save(state, out / "step-2" / "trainer_state.pt")
+    resumed = train(_config(many_shards, student_json, out, resume=True, **old))
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    cursor = load_training_state(out / "final")["data"][0]
+    assert cursor["order"] == "buffer"  # the run keeps the order it was started in
