@@ -313,6 +313,10 @@ class CacheDataset(IterableDataset):
         counts = [int(info.num_sequences) for info in shards]
         return PartitionPlan(shards, counts, stride, offset, self.shuffle_window, key)
 
+    def partition_records(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
+        """Partition ``part``'s records in ``epoch``, in order (what its batches are cut from)."""
+        return self._records(epoch, part)
+
     def _records(self, epoch: int, part: int, start: int = 0) -> Iterator[SequenceRecord]:
         if self.order == WINDOW_ORDER:
             yield from records_from(self.partition_plan(epoch, part), start, self.cache.read_shards)
