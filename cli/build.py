@@ -132,7 +132,14 @@ def build(
     batch_tokens: int = typer.Option(
         _build("batch_tokens"), help="Padded tokens per teacher batch."
     ),
-    mode: str = typer.Option(_build("mode"), help="Storage encoding: exact or compact."),
+    mode: str = typer.Option(
+        _build("mode"),
+        "--encoding",
+        "--mode",
+        help="Storage encoding (docs/FORMAT.md): exact (fp16 log-probs), unique (exact, each "
+        "distinct tail sample once with its count), q8 (8-bit log-domain log-probs, fp16 tail "
+        "mass, samples with counts) or compact (8-bit, drops entries; no tail samples).",
+    ),
     tail_samples: int | None = typer.Option(
         None,
         help=resolved(

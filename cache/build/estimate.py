@@ -27,6 +27,8 @@ from kdcache.cache.build.config import ESTIMATE_SAMPLE_SEQUENCES
 from kdcache.cache.build.data import SPLITS, RecordStream
 from kdcache.cache.build.pipeline import BuildConfig
 from kdcache.cache.errors import ConfigError
+from kdcache.cache.format.codecs import describe_encoding
+from kdcache.cache.format.distortion import round_trip, storage_distortion
 from kdcache.cache.format.modes import describe_storage
 from kdcache.cache.read.inspect import kprime_values as k_primes
 from kdcache.cache.records import SequenceRecord
@@ -56,6 +58,8 @@ class EstimateReport:
     tokens_per_second: float  # teacher pass on this hardware
     kept_mass: dict[int, dict[str, float]] = field(default_factory=dict)  # k' -> percentiles
     tail_samples: int = 0  # topk+tail / sampled builds: tail ids drawn per position
+    # the encoding's distortion on the sample (``kdcache.cache.format.distortion``)
+    distortion: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +109,7 @@ class EstimateReport:
             f"{self.sample_tokens} sample tokens, {self.projected_shards} shard(s))",
             f"  projected teacher time: {_duration(self.projected_seconds)} at "
             f"{self.tokens_per_second:.0f} tokens/s measured on {self.device}",
+            *self._encoding_lines(),
             f"  teacher mass kept by the top k' entries, over {self.sample_positions} sample "
             "positions:",
             "      k' " + "".join(f"{'p' + str(p):>8}" for p in PERCENTILES) + "    mean",
@@ -115,6 +120,26 @@ class EstimateReport:
             values = "".join(f"{stats['p' + str(p)]:8.4f}" for p in PERCENTILES)
             lines.append(f"  {k:6d} {values}{stats['mean']:8.4f}")
         return "\n".join(lines)
+
+
+    def _encoding_lines(self) -> list[str]:
+        """The encoding and what it costs in fidelity on the sample."""
+        lines = [f"  encoding {describe_encoding(self.mode)}"]
+        d = self.distortion
+        if not d:
+            return lines
+        if self.top_k:
+            lines.append(
+                f"  distortion: mean KL(teacher || stored) {d['mean_kl']:.2e} nats per position "
+                f"(p99 {d['p99_kl']:.2e}, max {d['max_kl']:.2e}) over the top-k + tail bucket"
+            )
+        if self.tail_samples:
+            lines.append(
+                f"  tail samples: {d['mean_distinct_samples']:.1f} distinct ids of "
+                f"{self.tail_samples} draws per position on average; stored log-prob error "
+                f"<= {d['max_sample_logprob_error']:.3f} nats"
+            )
+        return lines
 
 
 def _bytes(count: float) -> str:
@@ -262,6 +287,10 @@ def estimate_build(
         tokens_per_second=sample_tokens / seconds if seconds > 0 else 0.0,
         kept_mass=kept_mass(records, config.top_k),
         tail_samples=config.tail_samples,
+        distortion=storage_distortion(
+            records,
+            round_trip(records, config.mode, config.top_k, vocab_size, config.tail_samples),
+        ),
     )
 
 

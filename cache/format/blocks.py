@@ -52,8 +52,8 @@ __all__ = [
     "synthetic_records",
 ]
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 ZSTD_LEVEL = 3
 
 
@@ -162,9 +162,12 @@ class BlockCodec:
         for group in self.groups:
             group.check(record)
         active = {type(group) for group in self.groups}
+        stored = {name for group in self.groups for name in group.record_fields}
         for codec in CODECS.values():
             if codec not in active and any(
-                getattr(record, name, None) is not None for name in codec.record_fields
+                getattr(record, name, None) is not None
+                for name in codec.record_fields
+                if name not in stored
             ):
                 raise ConfigError(
                     f"record {record.sequence_id} has {codec.name.replace('_', ' ')} but the "

@@ -245,6 +245,7 @@ def manifest_summary(manifest: dict[str, Any], splits: list[SplitInfo]) -> dict[
         "data": _describe(_first(manifest, "data", "dataset", "data_source")),
         "top_k": _first(manifest, "top_k"),
         "mode": _first(manifest, "mode"),
+        "encoding": _encoding(manifest),
         "temperature": _first(manifest, "temperature"),
         "settings": _settings(_first(manifest, "settings", "build_settings")),
         "splits": ", ".join(s.name for s in splits) or None,
@@ -315,6 +316,13 @@ def _first(mapping: dict[str, Any], *keys: str) -> Any:
         if mapping.get(key) is not None:
             return mapping[key]
     return None
+
+
+def _encoding(manifest: dict[str, Any]) -> str:
+    """What the cache's encoding stores (``mode`` absent: a cache older than the key, exact)."""
+    from kdcache.cache.format.codecs import describe_encoding
+
+    return describe_encoding(str(manifest.get("mode") or "exact"))
 
 
 def _describe(value: Any) -> Any:

@@ -11,8 +11,13 @@ A new storage mode is a new group: one module here with a ``ColumnCodec`` subcla
 
 from __future__ import annotations
 
-from kdcache.cache.format.codecs import topk_compact  # noqa: F401 (registers the compact encoding)
+from kdcache.cache.format.codecs import (
+    topk_compact,  # noqa: F401 (registers the compact encoding)
+    topk_q8,  # noqa: F401 (registers the q8 encoding)
+    topk_unique,  # noqa: F401 (registers the unique encoding)
+)
 from kdcache.cache.format.codecs.base import BlockColumns, ColumnCodec, ShardSettings
+from kdcache.cache.format.codecs.tail_counts import TailCountsCodec
 from kdcache.cache.format.codecs.tail_samples import TailSamplesCodec
 from kdcache.cache.format.codecs.tokens import TokensCodec
 from kdcache.cache.format.codecs.topk import ENCODINGS, TopkCodec, TopkEncoding
@@ -26,10 +31,11 @@ __all__ = [
     "ShardSettings",
     "TopkEncoding",
     "codecs_for",
+    "describe_encoding",
 ]
 
 CODECS: dict[str, type[ColumnCodec]] = {
-    codec.name: codec for codec in (TokensCodec, TopkCodec, TailSamplesCodec)
+    codec.name: codec for codec in (TokensCodec, TopkCodec, TailSamplesCodec, TailCountsCodec)
 }
 MODES: tuple[str, ...] = tuple(ENCODINGS)  # the top-k encodings, the shards' ``mode``
 
@@ -39,3 +45,9 @@ def codecs_for(settings: ShardSettings) -> list[ColumnCodec]:
     from a group that cannot store or read them)."""
     groups = [codec.from_settings(settings) for codec in CODECS.values()]
     return [group for group in groups if group is not None]
+
+
+def describe_encoding(mode: str) -> str:
+    """``mode`` and what it stores, in one line (``q8: 8-bit log-prob levels ...``)."""
+    encoding = ENCODINGS.get(mode)
+    return f"{mode}: {encoding.description}" if encoding is not None else str(mode)

@@ -24,6 +24,7 @@ from kdcache.cache.format.codecs.base import (
     planes,
     unplanes,
 )
+from kdcache.cache.format.codecs.topk import ENCODINGS
 from kdcache.cache.records import SequenceRecord
 
 MAX_TAIL_SAMPLES = 255
@@ -49,6 +50,9 @@ class TailSamplesCodec(ColumnCodec):
             )
         if settings.tail_samples == 0:
             return None
+        encoding = ENCODINGS.get(settings.mode)
+        if encoding is not None and encoding.sample_layout != "repeated":
+            return None  # stored by another group (``tail_counts.py``)
         return cls(settings.tail_samples, settings.vocab_size)
 
     def metadata(self) -> dict[str, str]:

@@ -37,6 +37,12 @@ class TopkEncoding:
     """
 
     mode: ClassVar[str]
+    # how the shard's tail samples are stored (``codecs/__init__.py`` picks the group by it):
+    # "repeated" (``tail_samples.py``: s ids per row) or "counts" (``tail_counts.py``: each
+    # distinct id once with its multiplicity), and the bits of their log-probs (16: fp16, 8)
+    sample_layout: ClassVar[str] = "repeated"
+    sample_logprob_bits: ClassVar[int] = 16
+    description: ClassVar[str] = ""  # one line for `kdcache inspect` / `build --estimate`
 
     def check_settings(self, settings: ShardSettings) -> None:
         """ConfigError (CacheError when read from a shard) for settings this encoding refuses."""
@@ -67,6 +73,7 @@ class ExactEncoding(TopkEncoding):
     """fp16 log-prob bit patterns (2 byte planes) and float32 tail mass (4 planes): bit-exact."""
 
     mode = "exact"
+    description = "fp16 log-probs, float32 tail mass, tail samples repeated (fp16 log-probs)"
 
     def encode_logprobs(self, counts: np.ndarray, flat_logprobs: np.ndarray) -> bytes:
         return planes(flat_logprobs.astype(np.float16).view("<u2"), 2)

@@ -60,6 +60,7 @@ class CompactEncoding(TopkEncoding):
     """uint8 levels on the geometric table below the fp16 top-1; fp16 tail mass."""
 
     mode = "compact"
+    description = "8-bit log-prob levels, fp16 tail mass, entries past 0.9999 mass dropped"
 
     def check_settings(self, settings: ShardSettings) -> None:
         reading = settings.metadata is not None
