@@ -84,7 +84,7 @@ def _sample_error(exact: SequenceRecord, stored: SequenceRecord) -> float:
 
     a, b = by_id(exact), by_id(stored)
     both = np.isfinite(a) & np.isfinite(b)
-    return float(np.abs(a - b)[both].max(initial=0.0))
+    return float(np.abs(np.where(both, a - np.where(both, b, 0.0), 0.0)).max(initial=0.0))
 
 
 def storage_distortion(
