@@ -15,6 +15,8 @@ target; no optimizer, which is the same for every variant). AKL for the top-k mo
     draws-s16, draws-s64                   samples cache (k = 0), 16 / 64 draws
     before-k24-s16         topk_samples k24 + 16 on the path training took before issue 14:
                            autograd per chunk through the reference loss (now only a fallback)
+    q8-k8-s8, q8-s16       the issue-25 encoding: the teacher batch written and read back
+                           through the ``q8`` shard codec (8-bit log-probs, samples with counts)
 
 Times: --reps interleaved repetitions after one warm-up, all variants in this process; the
 minimum wall time and the median process CPU time (on a shared, oversubscribed machine the CPU
@@ -57,6 +59,8 @@ VARIANTS: dict[str, tuple[str, int, int] | None] = {
     "draws-s16": ("samples", 0, 16),
     "draws-s64": ("samples", 0, 64),
     "before-k24-s16": ("topk_samples", 24, 16),
+    "q8-k8-s8": ("topk_samples", 8, 8),
+    "q8-s16": ("samples", 0, 16),
 }
 TARGETS = {
     "topk_bucket": TopkBucketTarget,
@@ -120,6 +124,39 @@ def teacher_batch(vocab: int, batch: int, seq: int, k: int, samples: int, seed: 
     return out
 
 
+def through_codec(data: dict, encoding: str, k: int, samples: int, vocab: int) -> dict:
+    """``data``'s teacher tensors as a shard of ``encoding`` returns them (one row per sequence)."""
+    import numpy as np
+
+    from kdcache.cache.format.distortion import round_trip
+    from kdcache.cache.records import SequenceRecord
+
+    names = ("topk_ids", "topk_logprobs", "tail_mass", "tail_ids", "tail_logprobs")
+    records = []
+    for row in range(data["input_ids"].shape[0]):
+        arrays = {name: data[name][row].numpy() for name in names if name in data}
+        seq = data["input_ids"].shape[1]
+        if k == 0:  # a sampled cache stores no entries and tail mass 1
+            arrays.update(topk_ids=np.zeros((seq, 0), np.int32),
+                          topk_logprobs=np.zeros((seq, 0), np.float32),
+                          tail_mass=np.ones(seq, np.float32))  # fmt: skip
+        records.append(SequenceRecord(
+            sequence_id=row, input_ids=data["input_ids"][row].numpy().astype(np.int32),
+            positions=np.arange(seq, dtype=np.int32),
+            **{name: value.astype(np.int32 if "ids" in name else np.float32)
+               for name, value in arrays.items()},
+        ))  # fmt: skip
+    decoded = round_trip(records, encoding, k, vocab, samples)
+    out = dict(data)
+    for name in names:
+        if name in data or (k == 0 and name in ("topk_ids", "topk_logprobs", "tail_mass")):
+            stacked = np.stack([getattr(r, name) for r in decoded])
+            out[name] = torch.from_numpy(stacked).to(
+                torch.int64 if "ids" in name else torch.float32
+            )
+    return out
+
+
 def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int):
     spec = VARIANTS[variant]
     if spec is None:
@@ -130,6 +167,8 @@ def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int)
     else:
         mode, k, samples = spec
         data = teacher_batch(vocab, batch, seq, k, samples)
+        if variant.startswith("q8-"):
+            data = through_codec(data, "q8", k, samples, vocab)
         target_class = _AutogradPerChunk if variant.startswith("before") else TARGETS[mode]
         manifest = {"top_k": k, "tail_samples": samples}
         kind = "fkl" if mode == "samples" else "akl"
