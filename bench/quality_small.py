@@ -18,7 +18,9 @@ the same loss and seed. Bytes/token are the manifest's (shard bytes / tokens).
         --configs ce online-fkl default q8-k8-s8 --losses fkl
     python bench/quality_small.py --out bench/out/small --table
 
-Resumable: each finished (teacher, config, loss, seed) is one json file under ``<out>/results``.
+Resumable: each finished (teacher, config, loss, seed) is one json file under ``<out>/results``;
+several workers may share one ``--out`` (a run in progress is claimed by a ``.running`` file;
+delete the stale ones of a killed worker before resuming).
 """
 
 from __future__ import annotations
@@ -82,9 +84,14 @@ def prepare(out: Path, max_tokens: int) -> tuple[Path, dict[str, Path]]:
 
 
 def build(out: Path, teacher: str, teacher_dir: Path, data: Path, config: str) -> Path:
+    import fcntl
+
     cache = out / "caches" / f"{teacher}-{config}"
-    if not (cache / "manifest.json").is_file():
-        _run([*_kdcache(), "build", "--teacher", str(teacher_dir), "--data", str(data),
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per cache among the workers
+        if not (cache / "manifest.json").is_file():
+            _run([*_kdcache(), "build", "--teacher", str(teacher_dir), "--data", str(data),
               "--out", str(cache), "--max-length", "256", "--holdout", "0.1", "--device", "cpu",
               "--dtype", "float32", "--overwrite", *CONFIGS[config]])  # fmt: skip
     return cache
@@ -145,8 +152,10 @@ def run_study(args) -> None:
                 for loss in args.losses if config != "ce" else ["ce"]:
                     key = f"{teacher}-{config}-{loss}-seed{seed}"
                     path = results / f"{key}.json"
-                    if path.is_file():
+                    claim = results / f"{key}.running"  # several workers share one --out
+                    if path.is_file() or claim.exists():
                         continue
+                    claim.write_text(str(os.getpid()))
                     if config == "ce":
                         cache, flags = base_cache, ["--loss", "ce"]
                     elif config == "online":
@@ -164,6 +173,7 @@ def run_study(args) -> None:
                                   / manifest["num_tokens"], flags=flags,
                                   build_flags=CONFIGS.get(config))  # fmt: skip
                     path.write_text(json.dumps(result, indent=1))
+                    claim.unlink()
                     print(f"{key}: KL {_heldout_kl(result):.4f}", flush=True)
 
 
