@@ -31,7 +31,9 @@ def docs_jsonl(tmp_path_factory) -> Path:
 
 
 def _config(teacher, data, out, **overrides) -> BuildConfig:
-    settings = dict(top_k=8, max_length=48, holdout=0.25, batch_tokens=200, shard_tokens=150)
+    # exact storage: these tests compare the stored values with the model's forward at fp16
+    settings = dict(top_k=8, max_length=48, holdout=0.25, batch_tokens=200, shard_tokens=150,
+                    mode="exact")  # fmt: skip
     settings.update(overrides)
     return BuildConfig(teacher=str(teacher), data=str(data), out=out, progress=False, **settings)
 
@@ -176,7 +178,7 @@ def slow_run(self, *args, **kwargs):
     return run(self, *args, **kwargs)
 teacher.TeacherRunner.run = slow_run
 build_cache(BuildConfig(teacher=sys.argv[1], data=sys.argv[2], out=sys.argv[3], top_k=8,
-    max_length=48, holdout=0.25, batch_tokens=60, shard_tokens=150, progress=False))
+    max_length=48, holdout=0.25, batch_tokens=60, shard_tokens=150, progress=False, mode="exact"))
 """
 
 

@@ -143,8 +143,8 @@ def test_compact_with_tail_samples_is_refused_by_the_build_config(tmp_path):
     settings = dict(teacher="t", data="d", out=tmp_path / "c", mode="compact")
     with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 8 \+ 4 samples\)"):
         BuildConfig(**settings, top_k=8, tail_samples=4)
-    with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 24 \+ 16 samples\)"):
-        BuildConfig(**settings)  # the defaults: top-24 + 16 samples
+    with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 8 \+ 8 samples\)"):
+        BuildConfig(**settings)  # the defaults: top-8 + 8 samples
     assert BuildConfig(**settings, tail_samples=0).tail_samples == 0  # compact top-k
     assert BuildConfig(**settings, top_k=0, tail_samples=8).top_k == 0  # sampled: nothing dropped
     assert not (tmp_path / "c").exists()
@@ -191,9 +191,10 @@ def test_compact_drops_mass_into_the_tail_that_samples_would_not_see():
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({}, "9f9f7e17ac757ab0"),  # the default: top-24 + 16 tail samples
-        ({"top_k": 64}, "e2e8866846868dc0"),
-        ({"top_k": 0, "tail_samples": 8}, "f594d3af799109c1"),
+        # the settings as older caches recorded them (the encoding was always exact then)
+        ({"top_k": 24, "tail_samples": 16, "mode": "exact"}, "9f9f7e17ac757ab0"),  # old default
+        ({"top_k": 64, "mode": "exact"}, "e2e8866846868dc0"),
+        ({"top_k": 0, "tail_samples": 8, "mode": "exact"}, "f594d3af799109c1"),
         ({"top_k": 16, "mode": "compact"}, "215a544d1807a2b3"),
     ],
 )

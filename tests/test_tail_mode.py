@@ -205,7 +205,9 @@ def test_writer_refuses_missing_or_unexpected_tail_samples(tmp_path):
 def _build(teacher_dir, data, out, **settings):
     from kdcache.cache.build.pipeline import BuildConfig, build_cache
 
-    config = dict(top_k=8, max_length=48, holdout=0.0, progress=False, tail_samples=16)
+    # exact storage unless a test asks otherwise (the stored values are compared at fp16)
+    config = dict(top_k=8, max_length=48, holdout=0.0, progress=False, tail_samples=16,
+                  mode="exact")  # fmt: skip
     config.update(settings)
     build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), out=out, **config))
     from kdcache.cache.read.reader import open_cache
@@ -279,9 +281,9 @@ def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp
 @pytest.mark.parametrize(
     ("given", "resolved"),
     [
-        ({}, (24, 16)),  # the default: topk+tail (docs/QUALITY.md)
+        ({}, (8, 8)),  # the default: topk+tail, q8 (docs/QUALITY.md "Small caches")
         ({"top_k": 64}, (64, 0)),  # --top-k alone: a plain top-k cache, as before
-        ({"tail_samples": 8}, (24, 8)),
+        ({"tail_samples": 16}, (8, 16)),
         ({"top_k": 0, "tail_samples": 32}, (0, 32)),  # a sampled cache
         ({"top_k": 16, "tail_samples": 0}, (16, 0)),
     ],
@@ -291,6 +293,7 @@ def test_build_defaults(tmp_path, given, resolved):
 
     config = BuildConfig(teacher="t", data="d", out=tmp_path, **given)
     assert (config.top_k, config.tail_samples) == resolved
+    assert config.mode == "q8"  # the default encoding (issue 25)
 
 
 def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, text_jsonl, tmp_path):
@@ -305,7 +308,7 @@ def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, tex
     result = CliRunner().invoke(app, [*args, "--limit", "4", "--max-length", "32"])
     assert result.exit_code == 0, result.output
     manifest = open_cache(out).manifest
-    assert (manifest["top_k"], manifest["tail_samples"]) == (24, 16)
+    assert (manifest["top_k"], manifest["tail_samples"], manifest["mode"]) == (8, 8, "q8")
     assert DEMO_BUILD_SETTINGS["top_k"] == 64  # the demo passes its k: a plain top-64 cache
 
 

@@ -16,6 +16,7 @@ from kdcache.cache.format.modes import storage_mode
 from kdcache.cache.storage.location import Location, resolve_location
 
 __all__ = [
+    "DEFAULT_ENCODING",
     "DEFAULT_TAIL_SAMPLES",
     "DEFAULT_TOP_K",
     "DTYPE_NAMES",
@@ -29,8 +30,11 @@ __all__ = [
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
-DEFAULT_TOP_K = 24  # with DEFAULT_TAIL_SAMPLES: the study's best mode at fewer bytes than top-64
-DEFAULT_TAIL_SAMPLES = 16
+# the default cache (issue 25, docs/QUALITY.md "Small caches"): top-8 + 8 tail samples in the q8
+# encoding, ~33-36 B/token at a 16k vocabulary (top-24 + 16 exact before: ~100 B/token)
+DEFAULT_TOP_K = 8
+DEFAULT_TAIL_SAMPLES = 8
+DEFAULT_ENCODING = "q8"
 ESTIMATE_SAMPLE_SEQUENCES = 64  # sequences `kdcache build --estimate` runs the teacher on
 
 
@@ -54,7 +58,8 @@ class BuildConfig:
     dtype: str = "auto"  # teacher dtype: auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     batch_tokens: int = 16384  # padded tokens per teacher batch
-    mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
+    # shard encoding (--encoding / --mode): q8, exact, unique or compact (docs/FORMAT.md)
+    mode: str = DEFAULT_ENCODING
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
     overwrite: bool = False  # replace an existing different cache in ``out``
@@ -65,8 +70,8 @@ class BuildConfig:
     staging_dir: str | None = None  # URL --out: local staging root (default <cache home>/staging)
 
     def __post_init__(self) -> None:
-        # Defaults (docs/QUALITY.md): neither set -> topk+tail, top-24 + 16 tail samples; only
-        # top_k set -> a plain top-k cache; only tail_samples set -> top-24 + that many samples.
+        # Defaults (docs/QUALITY.md): neither set -> topk+tail, top-8 + 8 tail samples; only
+        # top_k set -> a plain top-k cache; only tail_samples set -> top-8 + that many samples.
         if self.tail_samples is None:
             self.tail_samples = DEFAULT_TAIL_SAMPLES if self.top_k is None else 0
         if self.top_k is None:
