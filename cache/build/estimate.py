@@ -121,7 +121,6 @@ class EstimateReport:
             lines.append(f"  {k:6d} {values}{stats['mean']:8.4f}")
         return "\n".join(lines)
 
-
     def _encoding_lines(self) -> list[str]:
         """The encoding and what it costs in fidelity on the sample."""
         lines = [f"  encoding {describe_encoding(self.mode)}"]
