@@ -15,7 +15,7 @@ The share of a student is (KL_ce - KL_student) / (KL_ce - KL_online) with the on
 the same loss and seed. Bytes/token are the manifest's (shard bytes / tokens).
 
     nice -n 10 python bench/quality_small.py --out bench/out/small --teachers sharp --seeds 0 1 2 \
-        --configs ce online-fkl default q8-k8-s8 --losses fkl
+        --configs online ce q8-k8-s8 default-v1 q8-s16 --losses fkl    # several workers may share --out
     python bench/quality_small.py --out bench/out/small --table
 
 Resumable: each finished (teacher, config, loss, seed) is one json file under ``<out>/results``;
