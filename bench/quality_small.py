@@ -51,6 +51,7 @@ CONFIGS: dict[str, list[str]] = {
     "unique-k8-s8": ["--top-k", "8", "--tail-samples", "8", "--encoding", "unique"],
 }
 BASELINES = ("ce", "online")
+OBSERVED_BYTES = 2.0  # issue 26's observed-token log-prob column (fp16), not in this branch
 SHARP_FACTOR = 2.0  # the sharp teacher's logits = the demo teacher's x 2 (temperature 0.5)
 
 
@@ -195,8 +196,9 @@ def table(out: Path) -> str:
                       + ", ".join(f"{kl.get((teacher, 'ce', 'ce', s), float('nan')):.3f} / "
                                   f"{kl.get((teacher, 'online', loss, s), float('nan')):.3f}"
                                   for s in seeds) + ")\n",
-                      "| cache | build flags | B/token | share of online gain, per seed | worst |",
-                      "|---|---|---:|---|---:|"]  # fmt: skip
+                      "| cache | build flags | B/token | + observed (2 B) | share of online gain, "
+                      "per seed | worst (seeds) |",
+                      "|---|---|---:|---:|---|---:|"]  # fmt: skip
             for config in configs:
                 shares = []
                 for seed in seeds:
@@ -209,9 +211,10 @@ def table(out: Path) -> str:
                         shares.append((ce - value) / (ce - online))
                 text = " / ".join("-" if s is None else f"{s:.0%}" for s in shares)
                 known = [s for s in shares if s is not None]
-                worst = f"{min(known):.0%}" if known else "-"
+                worst = f"{min(known):.0%} ({len(known)})" if known else "-"
                 flags = " ".join(CONFIGS[config])
-                lines.append(f"| {config} | `{flags}` | {sizes[(teacher, config)]:.1f} | "
+                size = sizes[(teacher, config)]
+                lines.append(f"| {config} | `{flags}` | {size:.1f} | {size + OBSERVED_BYTES:.1f} | "
                              f"{text} | {worst} |")  # fmt: skip
     return "\n".join(lines)
 
