@@ -76,7 +76,7 @@ class DistillObjective(nn.Module):
     """``forward(batch, counts) -> scalar loss`` for one micro-batch.
 
     With ``chunked`` the body's hidden states go through ``chunked_head_loss`` (the lm_head runs
-    chunk by chunk, memory O(chunk x V)); otherwise the model's full forward gives the logits
+    chunk by chunk, memory O(chunk x V), its GEMMs in ``compute_dtype``); otherwise the model's full forward gives the logits
     (architectures whose head cannot be split exactly) and the same kernel gives the gradient.
     ``target`` None (or alpha 1) trains on next-token CE alone.
     """
@@ -90,6 +90,7 @@ class DistillObjective(nn.Module):
         alpha: float,
         chunk_size: int,
         chunked: bool,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if target is not None and alpha < 1.0:
@@ -99,6 +100,7 @@ class DistillObjective(nn.Module):
         self._target = (target,) if target is not None and alpha < 1.0 else ()
         self.options, self.alpha = options, alpha
         self.chunk_size, self.chunked = chunk_size, chunked
+        self.compute_dtype = compute_dtype  # the head GEMMs' operand dtype (None: the hidden's)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
     @property
@@ -131,7 +133,11 @@ class DistillObjective(nn.Module):
             hidden = body_of(self.model)(**inputs).last_hidden_state  # (B, T, H)
             hidden = hidden.reshape(-1, hidden.shape[-1])[rows]  # (N, H)
             return chunked_head_loss(
-                hidden, split_head(self.model), kernel, chunk_size=self.chunk_size
+                hidden,
+                split_head(self.model),
+                kernel,
+                chunk_size=self.chunk_size,
+                compute_dtype=self.compute_dtype,
             )
         logits = self.model(**inputs).logits  # (B, T, V)
         return logits_loss(logits.reshape(-1, logits.shape[-1])[rows], kernel)
