@@ -19,7 +19,14 @@ from kdcache.trainer.chunked import RowKernel, add_cross_entropy, chunked_head_l
 from kdcache.trainer.data import IGNORE_INDEX
 from kdcache.trainer.targets.base import LossOptions, TeacherRows, TeacherTarget, chunk_rows
 
-__all__ = ["DistillObjective", "batch_loss", "loss_kernel", "position_weights"]
+__all__ = [
+    "DistillObjective",
+    "batch_loss",
+    "loss_kernel",
+    "position_rows",
+    "position_weights",
+    "with_position_rows",
+]
 
 
 def position_weights(
@@ -37,6 +44,26 @@ def position_weights(
     kd_weight = distill_mask.float() * ((1.0 - alpha) / max(num_distilled, 1.0))
     ce_weight = (labels != IGNORE_INDEX).float() * (alpha / max(num_labels, 1.0))
     return kd_weight, ce_weight
+
+
+def position_rows(distill_mask: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(N,) int64 flat indices of the (B, T) positions with a non-zero weight.
+
+    Distilled positions count when alpha < 1, labelled ones when alpha > 0 (exactly the
+    positions where ``position_weights`` is non-zero). ``nonzero`` syncs a CUDA device with the
+    host: the training loop runs it on the host-side batch (``with_position_rows``).
+    """
+    keep = torch.zeros_like(distill_mask, dtype=torch.bool)
+    if alpha < 1.0:
+        keep |= distill_mask.bool()
+    if alpha > 0.0:
+        keep |= labels != IGNORE_INDEX
+    return keep.reshape(-1).nonzero().squeeze(-1)
+
+
+def with_position_rows(batch: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``batch`` plus ``rows`` (``position_rows``), computed where the batch is (the host)."""
+    return {**batch, "rows": position_rows(batch["distill_mask"], batch["labels"], alpha)}
 
 
 def loss_kernel(
@@ -114,7 +141,9 @@ class DistillObjective(nn.Module):
         kd_weight, ce_weight = position_weights(
             batch["distill_mask"], batch["labels"], self.alpha, num_distilled, num_labels
         )
-        rows = ((kd_weight > 0) | (ce_weight > 0)).reshape(-1).nonzero().squeeze(-1)  # (N,)
+        rows = batch.get("rows")  # (N,) precomputed on the host by the loop
+        if rows is None:
+            rows = position_rows(batch["distill_mask"], batch["labels"], self.alpha)
         if rows.numel() == 0:  # nothing to learn here (e.g. a chat record without assistant)
             return sum(p.sum() for p in self.model.parameters()) * 0.0  # keeps DDP in step
         target = self.target
