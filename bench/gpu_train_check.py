@@ -109,7 +109,7 @@ class Step:
 
     def head_seconds(self, reps: int) -> float:
         """Best time of the chunked head's forward + backward alone on this step's positions."""
-        from kdcache.cache.heads import split_head
+        from kdcache.cache.extraction.heads import split_head
         from kdcache.trainer.chunked import chunked_head_loss
         from kdcache.trainer.objective import loss_kernel
         from kdcache.trainer.targets import LossOptions

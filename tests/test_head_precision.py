@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kdcache.cache.heads import OutputHead
+from kdcache.cache.extraction.heads import OutputHead
 from kdcache.trainer import chunked
 from kdcache.trainer.chunked import chunked_head_loss
 from kdcache.trainer.losses import dense_kd_loss, sparse_kd_loss
