@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from kdcache.cache.errors import CacheError, ConfigError
-from kdcache.cache.requirements import check_min_version, transformers_dtype_kwargs
-
-TRANSFORMERS_MIN = "4.44"  # pyproject's floor, checked before the first model is loaded
+from kdcache.cache.requirements import (
+    TRANSFORMERS_MIN,
+    check_min_version,
+    transformers_dtype_kwargs,
+)
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -36,7 +36,11 @@ from kdcache.cache.extraction.topk import (
     topk_from_logit_rows,
 )
 from kdcache.cache.records import SequenceRecord
-from kdcache.cache.requirements import transformers_dtype_kwargs
+from kdcache.cache.requirements import (
+    TRANSFORMERS_MIN,
+    check_min_version,
+    transformers_dtype_kwargs,
+)
 
 T = TypeVar("T")
 
@@ -129,6 +133,7 @@ def load_model(teacher: str, dtype: torch.dtype, device: torch.device) -> nn.Mod
     """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ConfigError on failure."""
     from transformers import AutoModelForCausalLM
 
+    check_min_version("transformers", TRANSFORMERS_MIN)
     _check_teacher_path(teacher)
     name = str(Path(teacher).expanduser()) if looks_like_path(teacher) else teacher
     try:
