@@ -2,7 +2,7 @@
 
 The CUDA path under ``--dtype bfloat16`` is the same code with CUDA tensors; here the bf16 branch
 is selected explicitly (``compute_dtype=torch.bfloat16``) on CPU tensors. Stated tolerance: the
-bf16 head's loss within 2e-2 relative of the fp32 dense reference, gradients within 3e-2
+bf16 head's loss within 1e-3 relative of the fp32 dense reference, gradients within 2e-2
 relative of their largest entry (bf16 keeps 8 mantissa bits: ~4e-3 relative per operand).
 """
 
@@ -29,16 +29,20 @@ from kdcache.trainer.targets.samples import SamplesTarget, samples_fkl
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, H, V, K, S, CHUNK = 48, 32, 300, 8, 6, 16
-LOSS_RTOL, GRAD_RTOL = 2e-2, 3e-2
+LOSS_RTOL, GRAD_RTOL = 1e-3, 2e-2
 MODES = ("topk-bucket", "topk-samples", "samples", "dense")
 
 
-def _problem(mode: str, seed: int = 0):
+def _problem(mode: str, seed: int = 0, device: str = "cpu"):
     """hidden (N, H), an fp32 head with bias, the mode's target + rows, a reference loss fn."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=gen).requires_grad_()
-    weight = (torch.randn(V, H, generator=gen) / H**0.5).requires_grad_()
-    bias = (0.1 * torch.randn(V, generator=gen)).requires_grad_()
+
+    def leaf(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device).requires_grad_()
+
+    hidden = leaf(torch.randn(N, H, generator=gen))
+    weight = leaf(torch.randn(V, H, generator=gen) / H**0.5)
+    bias = leaf(0.1 * torch.randn(V, generator=gen))
     head = OutputHead(weight, bias)
     teacher_logp = torch.log_softmax(3 * torch.randn(N, V, generator=gen), -1)  # (N, V)
     top_lp, top_ids = teacher_logp.topk(K, -1)
@@ -47,6 +51,11 @@ def _problem(mode: str, seed: int = 0):
     labels = torch.randint(0, V, (N,), generator=gen)
     labels[::5] = -100
     kd_w, ce_w = torch.rand(N, generator=gen) / N, torch.rand(N, generator=gen) / N
+    outside = teacher_logp.scatter(1, top_ids, -float("inf"))  # draws outside the top-k
+    tail_ids = torch.multinomial(outside.exp(), S, replacement=True, generator=gen)
+    moved = [t.to(device) for t in (teacher_logp, top_lp, top_ids, tail, draws, labels, kd_w,
+                                    ce_w, tail_ids)]  # fmt: skip
+    teacher_logp, top_lp, top_ids, tail, draws, labels, kd_w, ce_w, tail_ids = moved
     kind = "fkl" if mode == "samples" else "akl"
     if mode == "topk-bucket":
         target, rows = TopkBucketTarget(), {"topk_ids": top_ids, "topk_logprobs": top_lp,
@@ -55,8 +64,6 @@ def _problem(mode: str, seed: int = 0):
         def kd(logits):
             return sparse_kd_loss(logits, top_ids, top_lp, tail, kind=kind)
     elif mode == "topk-samples":
-        outside = teacher_logp.scatter(1, top_ids, -float("inf"))  # draws outside the top-k
-        tail_ids = torch.multinomial(outside.exp(), S, replacement=True, generator=gen)
         tail_lp = teacher_logp.gather(1, tail_ids)
         target = TopkSamplesTarget()
         rows = {"topk_ids": top_ids, "topk_logprobs": top_lp, "tail_mass": tail,

@@ -76,7 +76,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
     """
     with torch.autocast(a.device.type, enabled=False):
         if a.is_cuda and out_dtype != a.dtype and _cuda_mm_has_out_dtype():
-            return torch.mm(a, b, out_dtype=out_dtype)
+            try:
+                return torch.mm(a, b, out_dtype=out_dtype)
+            except RuntimeError:  # a layout or dtype this torch's kernel lacks: round, then cast
+                pass
         return (a @ b).to(out_dtype)
 
 
