@@ -174,6 +174,19 @@ def test_adamw_is_fused_on_cuda_only():
     assert not optimizer.defaults.get("fused")
 
 
+def test_a_resumed_optimizer_uses_this_devices_adamw():
+    from kdcache.trainer.optim import load_optimizer_state
+
+    optimizer = build_optimizer(_model(), TrainConfig(cache="c", student="s", out="o"))
+    written_on_cuda = optimizer.state_dict()
+    for group in written_on_cuda["param_groups"]:
+        group.update(fused=True, foreach=None)  # what a checkpoint of a CUDA run holds
+    load_optimizer_state(optimizer, written_on_cuda, torch.device("cpu"))
+    assert not any(group["fused"] for group in optimizer.param_groups)
+    load_optimizer_state(optimizer, optimizer.state_dict(), torch.device("cuda"))
+    assert all(group["fused"] and not group["foreach"] for group in optimizer.param_groups)
+
+
 def test_tf32_only_for_fp32_runs_on_cuda():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
@@ -227,6 +240,8 @@ def test_persistent_worker_serves_every_epoch_in_the_zero_worker_order(tmp_path,
     persistent, pids = epochs(1)
     assert persistent == plain and plain[0] != plain[1]  # each epoch its own order
     assert pids[0] == pids[1] == pids[2]  # one worker process served all epochs
+    pinned = CacheDataset(cache, batch_size=4, num_workers=1, pin_memory=True)._worker_loader()
+    assert pinned.pin_memory and pinned.persistent_workers  # what the loop asks for on CUDA
 
 
 # -- no host sync per micro-batch -----------------------------------------------------------------

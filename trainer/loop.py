@@ -44,7 +44,7 @@ from kdcache.trainer.device_settings import (
 )
 from kdcache.trainer.model_wrapping import WrapSettings, wrap_model
 from kdcache.trainer.objective import DistillObjective, batch_loss, with_position_rows
-from kdcache.trainer.optim import build_optimizer, build_scheduler
+from kdcache.trainer.optim import build_optimizer, build_scheduler, load_optimizer_state
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
 from kdcache.trainer.student import (
     CE_OTHER_TOKENIZER_HINT,
@@ -310,7 +310,7 @@ class _Run:
         note = world_size_note(state, info.world_size, config.batch_size, config.grad_accum)
         if note is not None and info.is_main:
             print(f"note: {note}", file=sys.stderr, flush=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rng_for_rank(state, info.rank))
         self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]

@@ -12,7 +12,13 @@ from torch import nn
 from kdcache.trainer.config import TrainConfig
 from kdcache.trainer.schedules import lr_factor, warmup_steps_for
 
-__all__ = ["adamw_kwargs", "build_optimizer", "build_scheduler", "warmup_cosine"]
+__all__ = [
+    "adamw_kwargs",
+    "build_optimizer",
+    "build_scheduler",
+    "load_optimizer_state",
+    "warmup_cosine",
+]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -40,6 +46,24 @@ def build_optimizer(
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, **adamw_kwargs(device)
     )
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], device: torch.device
+) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this device's AdamW implementation.
+
+    A state dict carries its groups' ``fused`` / ``foreach`` flags: a checkpoint written on a
+    CPU (or before AdamW was fused) would otherwise resume unfused on CUDA, and a fused CUDA
+    one would ask a CPU for the fused kernel.
+    """
+    optimizer.load_state_dict(state)
+    chosen = adamw_kwargs(device)
+    for group in optimizer.param_groups:
+        if "fused" in group:
+            group["fused"] = chosen.get("fused", None)
+        if chosen.get("fused") and "foreach" in group:
+            group["foreach"] = None  # fused and foreach are exclusive
 
 
 def build_scheduler(
