@@ -389,7 +389,8 @@ class _Run:
         if self.cross is not None:
             self.alignment.update(group)
         for index, batch in enumerate(group):
-            batch = with_position_rows(batch, config.alpha)  # host side: no nonzero() on device
+            # the distilled rows found on the host: no nonzero() on the device
+            batch = with_position_rows(batch, config.alpha, pin=self.dataset.pin_memory)
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
             no_sync = self.objective.no_sync() if info.distributed and not last else None

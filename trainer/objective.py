@@ -61,9 +61,16 @@ def position_rows(distill_mask: torch.Tensor, labels: torch.Tensor, alpha: float
     return keep.reshape(-1).nonzero().squeeze(-1)
 
 
-def with_position_rows(batch: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """``batch`` plus ``rows`` (``position_rows``), computed where the batch is (the host)."""
-    return {**batch, "rows": position_rows(batch["distill_mask"], batch["labels"], alpha)}
+def with_position_rows(
+    batch: dict[str, torch.Tensor], alpha: float, *, pin: bool = False
+) -> dict[str, torch.Tensor]:
+    """``batch`` plus ``rows`` (``position_rows``), computed where the batch is (the host).
+
+    ``pin``: page-lock ``rows`` like the rest of a pinned batch, so that its ``non_blocking``
+    copy to CUDA does not wait for the device (a pageable source would).
+    """
+    rows = position_rows(batch["distill_mask"], batch["labels"], alpha)
+    return {**batch, "rows": rows.pin_memory() if pin else rows}
 
 
 def loss_kernel(
