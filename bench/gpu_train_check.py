@@ -69,7 +69,8 @@ def build_student(sizes: dict, seq: int, device: str):
         max_position_embeddings=max(seq, 128), tie_word_embeddings=False,
         attn_implementation="sdpa",
     )  # fmt: skip
-    return Qwen2ForCausalLM(config).to(device).train()
+    with torch.device(device):  # initialised on the device: seconds, not minutes, at 0.6B
+        return Qwen2ForCausalLM(config).train()
 
 
 class Step:
