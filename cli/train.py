@@ -109,7 +109,7 @@ def train(
     warmup_steps: int | None = typer.Option(
         None,
         help=resolved(
-            "Linear warmup steps before the cosine decay",
+            "Linear warmup steps before the --lr-scheduler decay",
             _train("warmup_steps"),
             demo=_demo("warmup_steps"),
         ),
