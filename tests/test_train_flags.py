@@ -373,10 +373,14 @@ def test_lr_curves_equal_the_hand_computation():
 
 
 def test_lr_decay_matches_hugging_face_after_the_warmup():
-    from transformers import (
-        get_cosine_with_min_lr_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
+    import transformers
+    from transformers import get_linear_schedule_with_warmup
+
+    get_cosine_with_min_lr_schedule_with_warmup = getattr(
+        transformers, "get_cosine_with_min_lr_schedule_with_warmup", None
     )
+    if get_cosine_with_min_lr_schedule_with_warmup is None:  # added in transformers 4.38
+        pytest.skip(f"transformers {transformers.__version__} has no cosine-with-min-lr schedule")
 
     def hf(make, total=12, warmup=3, **kwargs):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
