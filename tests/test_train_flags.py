@@ -103,10 +103,31 @@ def test_compile_refuses_in_one_line_where_no_compiler_works(monkeypatch):
         raise RuntimeError("InductorError: no working C++ compiler found\ndetails...")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(wrapping, "_COMPILER_WORKS", set())  # no success remembered
     model = _model()
     with pytest.raises(ConfigError, match=r"--compile: torch.compile does not work on this "
                        r"machine \(InductorError: no working C\+\+ compiler found\); drop"):  # fmt: skip
         wrap_model(model, WrapSettings(compile=True), torch.device("cpu"))
+
+
+def test_compile_refusal_comes_before_the_run_directory_is_written(small_run, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    from kdcache.cli.app import app
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(wrapping, "_COMPILER_WORKS", set())
+    cache, student = small_run
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--student", str(student),
+                                      "--out", str(out), "--steps", "2", "--compile"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "error: --compile: torch.compile does not work on this machine (no working C++ " in (
+        result.output
+    )
+    assert not out.exists()
 
 
 def test_compile_keeps_parameter_names_and_wraps_each_layer(monkeypatch):

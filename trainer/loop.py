@@ -42,7 +42,7 @@ from kdcache.trainer.device_settings import (
     loader_workers,
     pin_memory_for,
 )
-from kdcache.trainer.model_wrapping import WrapSettings, wrap_model
+from kdcache.trainer.model_wrapping import WrapSettings, check_wrap_settings, wrap_model
 from kdcache.trainer.objective import DistillObjective, batch_loss, with_position_rows
 from kdcache.trainer.optim import build_optimizer, build_scheduler, load_optimizer_state
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
@@ -184,6 +184,10 @@ class _Run:
         if notice is not None and info.is_main:
             print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
+        self.wrap_settings = WrapSettings(
+            gradient_checkpointing=config.gradient_checkpointing, compile=config.compile
+        )
+        check_wrap_settings(self.model, self.wrap_settings, self.device)  # before any write
         self.autocast = autocast_dtype(config.dtype, self.device)
         enable_tf32(self.device, self.autocast)  # fp32 runs on CUDA: TF32 matmuls
         self.probe = torch.arange(min(8, len(self.tokenizer)), device=self.device).unsqueeze(0)
@@ -262,10 +266,7 @@ class _Run:
         model.to(device).eval()  # resolve_head compares against the forward: no dropout
         chunked = resolve_head(model, self.probe) is not None
         model.train()
-        config = self.config
-        settings = WrapSettings(gradient_checkpointing=config.gradient_checkpointing,
-                                compile=config.compile)  # fmt: skip
-        self.model = model = wrap_model(model, settings, device)
+        self.model = model = wrap_model(model, self.wrap_settings, device)
         objective = self._distill_objective(chunked)
         if self.info.distributed:
             ids = [device.index] if device.type == "cuda" else None

@@ -24,6 +24,7 @@ __all__ = [
     "WrapSettings",
     "attention_kwargs",
     "check_compiler",
+    "check_wrap_settings",
     "decoder_layers",
     "wrap_model",
 ]
@@ -65,7 +66,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_compiler(device: torch.device) -> None:
-    """Compile and run a two-op function on ``device``; a ConfigError line when that fails."""
+    """Compile and run a two-op function on ``device``; a ConfigError line when that fails.
+
+    A success is remembered per device type (the second check of a run costs nothing).
+    """
+    if device.type in _COMPILER_WORKS:
+        return
     try:
         compiled = torch.compile(lambda x: torch.sin(x) * 2.0 + 1.0)
         compiled(torch.ones(4, device=device))
@@ -75,6 +81,22 @@ def check_compiler(device: torch.device) -> None:
             f"--compile: torch.compile does not work on this machine ({first_line}); "
             "drop --compile to train eagerly"
         ) from None
+    _COMPILER_WORKS.add(device.type)
+
+
+_COMPILER_WORKS: set[str] = set()
+
+
+def check_wrap_settings(model: nn.Module, settings: WrapSettings, device: torch.device) -> None:
+    """Every refusal of ``wrap_model``, without changing the model: run it before writing."""
+    if settings.gradient_checkpointing and not getattr(
+        model, "supports_gradient_checkpointing", False
+    ):
+        raise ConfigError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the flag"
+        )
+    if settings.compile:
+        check_compiler(device)
 
 
 def wrap_model(model: nn.Module, settings: WrapSettings, device: torch.device) -> nn.Module:
@@ -82,16 +104,12 @@ def wrap_model(model: nn.Module, settings: WrapSettings, device: torch.device) -
 
     Call it after the model is on ``device`` and before the optimizer and DDP see it.
     """
+    check_wrap_settings(model, settings, device)
     if settings.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(
-                f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the flag"
-            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model.config, "use_cache", False):
             model.config.use_cache = False  # no KV cache in training (it conflicts with it)
     if settings.compile:
-        check_compiler(device)
         for layer in decoder_layers(model):
             layer.compile()  # in place: parameter names and state_dict keys are unchanged
     return model
