@@ -106,7 +106,12 @@ def wrap_model(model: nn.Module, settings: WrapSettings, device: torch.device) -
     """
     check_wrap_settings(model, settings, device)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         if getattr(model.config, "use_cache", False):
             model.config.use_cache = False  # no KV cache in training (it conflicts with it)
     if settings.compile:
