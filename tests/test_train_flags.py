@@ -462,9 +462,14 @@ def test_old_run_json_resumes_with_the_new_fields(small_run, tmp_path):
     assert other.differences(config.to_dict()) == ["lr_scheduler: 'cosine' -> 'wsd'"]
 
 
-def test_a_run_with_the_flags_trains_and_logs_the_schedule(small_run, tmp_path):
+def test_a_run_with_the_flags_trains_and_logs_the_schedule(small_run, tmp_path, monkeypatch):
     from kdcache.cli.app import app
+    from kdcache.trainer import chunked
 
+    operands = set()
+    gemm = chunked._gemm
+    monkeypatch.setattr(chunked, "_gemm",
+                        lambda a, b, out: operands.add((a.dtype, b.dtype)) or gemm(a, b, out))  # fmt: skip
     cache, student = small_run
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
@@ -482,6 +487,7 @@ def test_a_run_with_the_flags_trains_and_logs_the_schedule(small_run, tmp_path):
     ]
     assert [m["lr"] for m in lines] == pytest.approx(want, rel=1e-9)
     assert all(math.isfinite(m["loss"]) for m in lines)
+    assert operands == {(torch.bfloat16, torch.bfloat16)}  # --dtype bfloat16: the head in bf16
     run = json.loads((out / "run.json").read_text())
     assert run["gradient_checkpointing"] and run["lr_scheduler"] == "linear"
     assert Path(out / "final" / "config.json").is_file()
