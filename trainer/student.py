@@ -72,7 +72,7 @@ def load_student_model(
 
     ``attn_implementation``: transformers' attention kernel ("sdpa", "eager",
     "flash_attention_2"; None: transformers' default). Raises ConfigError when ``spec`` is
-    neither a local path nor a loadable hub id, DependencyError when transformers is too old.
+    neither a local path nor a loadable hub id, or transformers is older than the declared floor.
     """
     check_min_version("transformers", TRANSFORMERS_MIN)
     from transformers import AutoConfig, AutoModelForCausalLM
