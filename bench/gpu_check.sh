@@ -15,6 +15,8 @@
 #   6. kdcache.hf.KDTrainer on CUDA: its loss equals kdcache train's, bf16 steps (tests/test_hf.py)
 #   7. train smoke (bench/gpu_train_smoke.py): 100 steps of a ~0.5B vocab-152k student, SIGKILL
 #      during a save, --resume, final/ loaded; DDP vs --fsdp tokens/s + peak memory on >= 2 GPUs
+#   8. train step of a ~0.5B student at vocab 152k: fp32 vs bf16 head, checkpointing, compile,
+#      tokens/s, peak memory, the head's share of the step (bench/gpu_train_check.py)
 # Logs and RESULT lines go to $KDCACHE_GPU_CHECK_OUT (default: a new temp dir); PYTHON picks the
 # interpreter (default python3).
 set -uo pipefail
@@ -69,6 +71,7 @@ if ((DRY)); then
         --threads 1 --repeats 1
     stage step-bench 120 "$PYTHON" bench/gpu_step.py --device cpu --vocab 2048 --batch 1 \
         --seq 64 --hidden 64 --layers 1 --chunk 32 --reps 1 --threads 1
+    stage train-check 120 "$PYTHON" bench/gpu_train_check.py --dry-run --threads 1
 else
     stage gpu-tests 110 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider
     for vocab in 32000 128000; do
@@ -78,6 +81,7 @@ else
     done
     stage step-bench 70 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
+    stage train-check 150 "$PYTHON" bench/gpu_train_check.py --batch 8 --seq 1024
 fi
 stage hf-trainer 60 "$PYTHON" -m pytest -q -m gpu tests/test_hf.py -rs -p no:cacheprovider  # KDTrainer
 stage train-smoke 150 "$PYTHON" bench/gpu_train_smoke.py $( ((DRY)) && echo --dry-run )
@@ -106,6 +110,12 @@ for r in rows:
             f"{r['kd_peak_mib']:.0f} vs {r['ce_peak_mib']:.0f} MiB")
         print(f"| {'peak memory KD / CE':<26} | {r['vocab']:>6} | {r['variant']:<10} | "
               f"{num(r['kd_over_ce_memory']):>6} | {memory} |")
+for r in rows:
+    if r["bench"] == "train":
+        memory = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
+        share = "" if r["head_share"] is None else f", head {r['head_share']:.0%}"
+        print(f"| {'train step ' + r['variant']:<26} | {r['vocab']:>6} | {'vs fp32':<10} | "
+              f"{num(r['speed_vs_fp32_head']):>6} | {r['tokens_per_s']:.0f}, {memory}{share} |")
 if not rows:
     print("no results (see the stage logs above)")
     sys.exit(1)

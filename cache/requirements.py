@@ -3,15 +3,23 @@
 An old package that imports fine can still break a run hours later (an s3fs 0.4 ends a finished
 s3 build in a ``NotImplementedError`` from ``rm_file``), so the code that imports an optional
 package first calls ``check_min_version`` with the version its extra asks for in pyproject.toml.
+The model loaders check transformers against pyproject's floor (``TRANSFORMERS_MIN``) and spell
+its dtype keyword the way the installed version understands (``transformers_dtype_kwargs``).
 """
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
 
 from kdcache.cache.errors import ConfigError
 
-__all__ = ["check_min_version", "installed_version"]
+__all__ = [
+    "TRANSFORMERS_MIN",
+    "check_min_version",
+    "installed_version",
+    "transformers_dtype_kwargs",
+]
 
 
 def installed_version(package: str) -> str | None:
@@ -47,3 +55,19 @@ def check_min_version(package: str, minimum: str, extra: str | None = None) -> N
         return  # a local build with an unparsable version: let it run
     if too_old:
         raise ConfigError(f"kdcache needs {package} >= {minimum}, found {found}: {hint}")
+
+
+TRANSFORMERS_MIN = "4.44"  # pyproject's floor, checked before the first model is loaded
+
+
+def transformers_dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """``{"dtype": dtype}`` for transformers >= 4.56, ``{"torch_dtype": dtype}`` before it (the
+    keyword of ``from_pretrained`` / ``from_config`` was renamed in 4.56)."""
+    from packaging.version import InvalidVersion, Version
+
+    version = installed_version("transformers")
+    try:
+        old = version is not None and Version(version) < Version("4.56.0.dev0")
+    except InvalidVersion:
+        old = False
+    return {"torch_dtype": dtype} if old else {"dtype": dtype}

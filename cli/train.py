@@ -109,7 +109,7 @@ def train(
     warmup_steps: int | None = typer.Option(
         None,
         help=resolved(
-            "Linear warmup steps before the cosine decay",
+            "Linear warmup steps before the --lr-scheduler decay",
             _train("warmup_steps"),
             demo=_demo("warmup_steps"),
         ),
@@ -117,10 +117,36 @@ def train(
     max_grad_norm: float = typer.Option(
         _train("max_grad_norm"), help="Gradient clipping norm (0 = off)."
     ),
+    warmup_ratio: float = typer.Option(
+        _train("warmup_ratio"), help="Warmup as a share of the total steps (instead of steps)."
+    ),
+    lr_scheduler: str = typer.Option(
+        _train("lr_scheduler"),
+        help="cosine, linear, constant or wsd (warmup-stable-decay), after the warmup.",
+    ),
+    min_lr: float = typer.Option(
+        _train("min_lr"), help="The learning rate the decay ends at (cosine, linear, wsd)."
+    ),
+    decay_ratio: float = typer.Option(
+        _train("decay_ratio"), help="wsd: share of the steps in the final decay."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        _train("gradient_checkpointing"),
+        help="Recompute each decoder layer's activations in backward (less memory, ~1/3 more "
+        "compute).",
+    ),
+    compile: bool = typer.Option(
+        _train("compile"), help="torch.compile each decoder layer (refused where it cannot run)."
+    ),
+    attn_implementation: str = typer.Option(
+        _train("attn_implementation"),
+        help="Attention kernel: sdpa, eager, flash_attention_2 (needs the flash-attn package).",
+    ),
     seed: int = typer.Option(_train("seed"), help="Seed of the student init, data order and RNGs."),
-    workers: int = typer.Option(
-        _train("num_workers"),
-        help="DataLoader workers decoding shards (a resume may use another number).",
+    workers: int | None = typer.Option(
+        None,
+        help="DataLoader workers decoding shards per rank (default: 1 on CUDA, decoding off the "
+        "training process; 0 on CPU; a resume may use another number).",
     ),
     data_partitions: int | None = typer.Option(
         None,
@@ -236,6 +262,8 @@ def train(
         raise ConfigError("pass both --cache and --student (or neither, for the demo defaults)")
     elif out is None:
         raise ConfigError("pass --out DIR: the run directory to write")
+    if warmup_ratio > 0 and warmup_steps is None:
+        warmup_steps = 0  # the ratio replaces the (demo's) default warmup steps
     given = {"batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
     if loss == "ce" and ce_weight is None:
         ce_weight = 0.0  # the demo's CE mix is for KD losses; a CE-only run is CE-only
@@ -258,6 +286,13 @@ def train(
         weight_decay=weight_decay,
         warmup_steps=settings["warmup_steps"],
         max_grad_norm=max_grad_norm,
+        warmup_ratio=warmup_ratio,
+        lr_scheduler=lr_scheduler,
+        min_lr=min_lr,
+        decay_ratio=decay_ratio,
+        gradient_checkpointing=gradient_checkpointing,
+        compile=compile,
+        attn_implementation=attn_implementation,
         seed=seed,
         num_workers=workers,
         data_partitions=data_partitions,

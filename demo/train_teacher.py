@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kdcache.cache.requirements import transformers_dtype_kwargs
 from kdcache.demo import corpus
 
 EOS = "<|endoftext|>"
@@ -233,7 +234,7 @@ def train_teacher(out: Path, s: TeacherSettings, log_every: int = 50) -> dict:
     # Held-out perplexity of the weights as shipped (fp16-rounded, loaded back in fp32).
     from transformers import AutoModelForCausalLM
 
-    shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    shipped = AutoModelForCausalLM.from_pretrained(out, **transformers_dtype_kwargs(torch.float32))
     ppl_val, n_val = perplexity(shipped, val_blocks)
     ppl_demo, n_demo = perplexity(shipped, demo_blocks)
     report = {

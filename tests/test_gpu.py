@@ -184,3 +184,21 @@ def test_build_and_train_round_trip_on_cuda(tiny_llama_dir, text_jsonl, tiny_tok
     trained = train(TrainConfig(out=str(tmp_path / "trained"), steps=40, **settings))
     assert trained.eval["fkl_bucket"] < start.eval["fkl_bucket"], (start.eval, trained.eval)
     assert (trained.final / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["topk-bucket", "topk-samples", "samples", "dense"])
+def test_bf16_head_on_cuda_matches_the_fp32_reference(mode, monkeypatch):
+    """Issue 23: the CUDA bf16 head (bf16 operands, fp32 accumulation) in every cache mode."""
+    from kdcache.trainer.chunked import chunked_head_loss
+    from tests import test_head_precision as precision
+
+    hidden, head, kernel, reference = precision._problem(mode, device="cuda")
+    seen = precision._record_gemms(monkeypatch)
+    got = chunked_head_loss(hidden, head, kernel, chunk_size=16, compute_dtype=torch.bfloat16)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    want = reference()
+    torch.testing.assert_close(got, want, rtol=precision.LOSS_RTOL, atol=1e-4)
+    inputs = [hidden, head.weight, head.bias]
+    for g, w in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs),
+                    strict=True):  # fmt: skip
+        assert float((g - w).abs().max() / w.abs().max()) < precision.GRAD_RTOL

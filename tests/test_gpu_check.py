@@ -35,3 +35,8 @@ def test_gpu_check_dry_run_prints_the_final_table(tmp_path):
         row = re.search(rf"\| KD step / CE step\s+\|\s+2048 \| {mode}\s+\|\s+([0-9.]+) \|", table)
         assert row is not None, (mode, table)
         assert float(row.group(1)) > 0.0
+    for variant in ("fp32-head", "bf16-head", "bf16-head+ckpt"):  # bench/gpu_train_check.py
+        row = re.search(rf"\| train step {re.escape(variant)}\s+\|\s+2048 \| vs fp32\s+\|\s+([0-9.]+) \|",
+                        table)  # fmt: skip
+        assert row is not None, (variant, table)
+        assert float(row.group(1)) > 0.0

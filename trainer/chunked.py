@@ -10,16 +10,24 @@ fused linear cross-entropy does). Backward only scales the stored gradients: one
 forward and two backward, no recomputation, no autograd graph over (C, V) tensors. Peak extra
 memory: about two (C, V) float32 buffers plus a float32 gradient the size of the head weight.
 
+Precision: ``compute_dtype`` (default: the hidden states' dtype) is the dtype of the operands of
+the three GEMMs (logits = hidden @ W.T, grad hidden = grad @ W, grad W = grad.T @ hidden); the
+weight and the hidden states are cast to it once per call, not per chunk, and autocast is off
+inside the GEMMs so the choice is explicit. Under ``--dtype bfloat16`` the trainer passes
+bfloat16: bf16 operands, fp32 accumulation inside each GEMM (cuBLAS / oneDNN), the grad-weight
+summed over chunks in an fp32 buffer. The loss math on each (C, V) chunk (softmax, the target's
+closed-form gradient) always runs in float32.
+
 ``method="plain"`` builds the full logits and applies the same kernel (a baseline for benchmarks;
 ``logits_loss`` does the same for logits a model's own forward produced).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.extraction.heads import OutputHead
@@ -58,6 +66,33 @@ def add_cross_entropy(
     return (ce if loss is None else loss + ce), grad
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` (M, K) x (K, N) with autocast off, as ``out_dtype``: the head's only matmuls.
+
+    Operands in one dtype (the compute dtype); accumulation is fp32 inside the GEMM for bf16
+    operands on CUDA and CPU. On CUDA, where torch has ``mm(..., out_dtype=)``, a bf16 GEMM
+    writes its fp32 result directly (no bf16 rounding of the output). Tests wrap this function
+    to see the operand dtypes.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        if a.is_cuda and out_dtype != a.dtype and _cuda_mm_has_out_dtype():
+            try:
+                return torch.mm(a, b, out_dtype=out_dtype)
+            except RuntimeError:  # a layout or dtype this torch's kernel lacks: round, then cast
+                pass
+        return (a @ b).to(out_dtype)
+
+
+@functools.cache
+def _cuda_mm_has_out_dtype() -> bool:
+    """Whether this torch's CUDA ``torch.mm`` takes ``out_dtype`` (bf16 in, fp32 out)."""
+    try:
+        ones = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(ones, ones, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _postprocess(pre_logits: torch.Tensor, head: OutputHead) -> torch.Tensor:
     """(C, V) ``hidden @ W.T + b`` -> the model's logits in float32 (as ``OutputHead.logits``)."""
     logits = pre_logits.float()
@@ -72,10 +107,10 @@ class _FusedHeadLoss(torch.autograd.Function):
     """sum over chunks of row losses of head(hidden[chunk]); gradients made in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, kernel, chunk_size):
-        compute_dtype = hidden.dtype  # autocast-like: the activations' dtype runs the matmuls
-        weight_c = weight.detach().to(compute_dtype)  # (V, H)
-        bias_c = None if bias is None else bias.detach().to(compute_dtype)  # (V,)
+    def forward(ctx, hidden, weight, bias, head, kernel, chunk_size, compute_dtype):
+        compute_dtype = compute_dtype or hidden.dtype
+        weight_c = weight.detach().to(compute_dtype)  # (V, H), cast once per call
+        hidden_c = hidden.detach().to(compute_dtype)  # (N, H)
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
@@ -83,28 +118,30 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_bias = None
         if bias is not None:
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        bias_f = None if bias is None else bias.detach().float()  # (V,) added in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            hidden_chunk = hidden[start:end].detach()  # (C, H)
-            logits = _postprocess(F.linear(hidden_chunk, weight_c, bias_c), head)  # (C, V) fp32
-            loss, grad = kernel(logits, start, end)  # (C,), (C, V) d loss / d logits
+            hidden_chunk = hidden_c[start:end]  # (C, H) compute dtype
+            pre_logits = _gemm(hidden_chunk, weight_c.t(), torch.float32)  # (C, V) fp32
+            if bias_f is not None:
+                pre_logits += bias_f
+            logits = _postprocess(pre_logits, head)  # (C, V) fp32
+            del pre_logits
+            loss, grad = kernel(logits, start, end)  # (C,), (C, V) d loss / d logits, fp32
             total += loss.sum()
             if head.softcap is not None:  # d/dx softcap * tanh(x / softcap) = 1 - tanh^2
                 grad.mul_(1.0 - (logits / head.softcap).square_())
             if head.scale != 1.0:
                 grad.mul_(head.scale)
             del logits
+            if need_bias:
+                grad_bias += grad.sum(0)
             grad = grad.to(compute_dtype)  # (C, V) gradient w.r.t. hidden @ W.T + b
             if need_hidden:
-                grad_hidden[start:end] = grad @ weight_c
+                grad_hidden[start:end] = _gemm(grad, weight_c, hidden.dtype)  # (C, H)
             if need_weight:
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), hidden_chunk)
-                else:
-                    grad_weight += (grad.t() @ hidden_chunk).float()
-            if need_bias:
-                grad_bias += grad.float().sum(0)
+                grad_weight += _gemm(grad.t(), hidden_chunk, torch.float32)  # (V, H) fp32 sum
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
@@ -120,6 +157,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
             None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype),
+            None,
             None,
             None,
             None,
@@ -153,6 +191,7 @@ def chunked_head_loss(
     *,
     chunk_size: int = 1024,
     method: str = "fused",
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Scalar sum over N rows of ``kernel``'s loss on ``head.logits(hidden)``, chunk by chunk.
 
@@ -161,6 +200,9 @@ def chunked_head_loss(
         head: the student's ``OutputHead`` (weight (V, H), bias, scale, softcap).
         kernel: (logits (C, V) float32, start, end) -> ((C,) loss, (C, V) gradient).
         chunk_size: rows of logits alive at once. method: "fused" or "plain".
+        compute_dtype: dtype of the head GEMMs' operands (None: ``hidden``'s dtype; the
+            trainer passes bfloat16 under ``--dtype bfloat16``). Accumulation and the loss math
+            stay float32.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown chunked-loss method {method!r}; choose one of {METHODS}")
@@ -176,4 +218,6 @@ def chunked_head_loss(
         return zero if head.bias is None else zero + head.bias.float().sum() * 0.0
     if method == "plain":
         return logits_loss(head.logits(hidden), kernel)
-    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, chunk_size)
+    return _FusedHeadLoss.apply(
+        hidden, head.weight, head.bias, head, kernel, chunk_size, compute_dtype
+    )

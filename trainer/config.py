@@ -22,6 +22,8 @@ VOCAB_MAPS = ("exact", "prefix")  # --vocab-map (kdcache.trainer.cross_tokenizer
 CE_ONLY = "ce"  # next-token cross-entropy alone (no teacher): the baseline student
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+LR_SCHEDULERS: tuple[str, ...] = ("cosine", "linear", "constant", "wsd")  # trainer.schedules
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")  # transformers'
 
 # Settings that may change between an interrupted run and its --resume (they do not change the
 # result); every other field must match the stored run.json.
@@ -30,6 +32,7 @@ ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": Fa
 # Runs from before --shuffle-window: their data cursors carry their own order (the buffer order),
 # so the default resumes them unchanged.
 ABSENT_FIELD_MEANS.update(shuffle_window=4, fsdp=False)
+ABSENT_FIELD_MEANS.update(lr_scheduler="cosine", min_lr=0.0, warmup_ratio=0.0, decay_ratio=0.1)
 # Fields that change nothing unless the run is --cross-tokenizer.
 CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
@@ -40,6 +43,8 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
     # global batch at another world size) the accumulation
     | {"num_workers", "grad_accum"}
     | {"report_to", "run_name"}  # where the metrics are also sent (--report-to)
+    # how the step runs, not what it computes (up to rounding)
+    | {"gradient_checkpointing", "compile", "attn_implementation"}
 )
 # Fields never written into run.json (storage options may hold credentials)
 _NOT_STORED = ("storage_options",)
@@ -132,6 +137,30 @@ def _long_run_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _speed_and_schedule_problems(config: TrainConfig) -> list[str]:
+    """--lr-scheduler / --min-lr / --warmup-ratio / --decay-ratio / --attn-implementation."""
+    problems = []
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(
+            f"unknown --lr-scheduler {config.lr_scheduler!r}; choose one of "
+            f"{', '.join(LR_SCHEDULERS)}"
+        )
+    if not (0.0 <= config.min_lr <= config.lr):
+        problems.append(f"--min-lr must be in [0, --lr {config.lr}], got {config.min_lr}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        problems.append(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.warmup_ratio > 0 and config.warmup_steps > 0:
+        problems.append("give --warmup-steps or --warmup-ratio, not both")
+    if not 0.0 < config.decay_ratio <= 1.0:
+        problems.append(f"--decay-ratio must be in (0, 1], got {config.decay_ratio}")
+    if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(
+            f"unknown --attn-implementation {config.attn_implementation!r}; choose one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    return problems
+
+
 def _fsdp_problems(config: TrainConfig) -> list[str]:
     from kdcache.trainer.parallel import fsdp_available
 
@@ -173,10 +202,14 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch x world x accum)
     lr: float = 1e-4  # peak AdamW learning rate (pretrained students; ~1e-3 for tiny random ones)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 at the last step
+    warmup_steps: int = 0  # linear warmup steps, then the --lr-scheduler decay
+    warmup_ratio: float = 0.0  # warmup as a share of the total steps (exclusive with warmup_steps)
+    lr_scheduler: str = "cosine"  # cosine | linear | constant | wsd (trainer.schedules)
+    min_lr: float = 0.0  # the lr the decay ends at (cosine, linear, wsd), in [0, lr]
+    decay_ratio: float = 0.1  # wsd: share of the steps in the final decay
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     seed: int = 0  # student init, data order and every RNG
-    num_workers: int = 0  # DataLoader workers decoding shards (any number on resume)
+    num_workers: int | None = None  # DataLoader workers per rank (None = auto: 1 on CUDA, 0 CPU)
     data_partitions: int | None = None  # parts of the data order (None = world x max(1, workers))
     shuffle_buffer: int = 64  # the buffer of cursors from before --shuffle-window (old runs)
     shuffle_window: int = 4  # shards whose sequences are shuffled together (trainer/shuffle.py)
@@ -194,6 +227,9 @@ class TrainConfig:
     overwrite: bool = False  # delete a different run in `out` and start over
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bfloat16 autocast on CUDA, float32 on CPU
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (less memory)
+    compile: bool = False  # torch.compile each decoder layer
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
     teacher: str | None = None  # online: run this teacher in the loop, full-vocabulary KD
     cross_tokenizer: bool = False  # allow a student tokenizer other than the teacher's
     uld_weight: float = 1.0  # weight of the ULD term on unmatched tokens (--cross-tokenizer)
@@ -248,7 +284,7 @@ class TrainConfig:
         if self.data_partitions is not None and self.data_partitions < 1:
             problems.append(f"--data-partitions must be >= 1, got {self.data_partitions}")
         for name in ("warmup_steps", "save_every", "eval_every", "num_workers"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 flag = "--" + name.replace("_", "-").replace("num-workers", "workers")
                 problems.append(f"{flag} must be >= 0, got {getattr(self, name)}")
         problems += _long_run_problems(self)
@@ -258,6 +294,7 @@ class TrainConfig:
             problems.append("--weight-decay and --max-grad-norm must be >= 0")
         if self.resume and self.overwrite:
             problems.append("give --resume or --overwrite, not both")
+        problems += _speed_and_schedule_problems(self)
         if self.teacher is not None and self.loss == CE_ONLY:
             problems.append("--loss ce trains on the tokens alone; drop --teacher")
         problems += _cross_tokenizer_problems(self)

@@ -151,6 +151,7 @@ class CacheDataset(IterableDataset):
         pad_id: int = 0,
         target: TeacherTarget | None = None,
         partitions: int | None = None,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -181,6 +182,9 @@ class CacheDataset(IterableDataset):
         self.target = target if target is not None else target_for_cache(cache.manifest)
         self.shard_infos = list(cache.shards(split))
         self.owned = owned_partitions(self.partitions, rank, world_size)
+        self.pin_memory = pin_memory  # page-locked batches: non_blocking copies to CUDA overlap
+        self._loader: DataLoader | None = None  # persistent workers, kept across epochs
+        self._shared_cursor: torch.Tensor | None = None  # the cursor the workers start from
         self._reset_epoch(0)
 
     # -- state ----------------------------------------------------------------------------------
@@ -393,6 +397,8 @@ class CacheDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor] | None]]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
+        if info is not None and self._shared_cursor is not None:
+            self._read_shared_cursor()  # a persistent worker: the main process's current cursor
         if (1 if info is None else info.num_workers) != self.num_streams:
             raise ConfigError(
                 f"CacheDataset was built for num_workers={self.num_workers}; "
@@ -429,13 +435,9 @@ class CacheDataset(IterableDataset):
         The cursor advances as each batch is handed out, so ``state_dict()`` between two batches
         describes exactly what the caller has consumed.
         """
-        if self.num_workers == 0:
-            source: Iterator = iter(self)
-        else:
-            source = iter(
-                DataLoader(self, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
-            )
+        source = iter(self) if self.num_workers == 0 else iter(self._worker_loader())
         pending: dict[int, list] = {slot: [] for slot in range(len(self.owned))}
+        completed = False
         try:
             while not all(self.finished):
                 slot = self.next_slot
@@ -459,6 +461,57 @@ class CacheDataset(IterableDataset):
                 self.consumed[slot] += 1
                 self.sequences[slot] += int(batch["sequence_ids"].shape[0])
                 yield batch
+            completed = True
         finally:
             del source
+            if not completed:
+                self.close()  # stopped mid-epoch (or an error): stop the workers now
         self._reset_epoch(self.epoch + 1)
+
+    def _worker_loader(self) -> DataLoader:
+        """The DataLoader of this rank's workers: created once, its workers persist over epochs.
+
+        Workers hold a copy of the dataset made when they started; each epoch they read the
+        main process's cursor (epoch, order, per-partition counts, whose turn) from a shared tensor.
+        """
+        if self._shared_cursor is None:
+            self._shared_cursor = torch.zeros(3 + 3 * len(self.owned), dtype=torch.int64)
+            self._shared_cursor.share_memory_()
+        window = int(self.order == WINDOW_ORDER)
+        cursor = [
+            self.epoch,
+            self.next_slot,
+            window,
+            *self.consumed,
+            *map(int, self.finished),
+            *self.sequences,
+        ]
+        self._shared_cursor.copy_(torch.tensor(cursor, dtype=torch.int64))
+        if self._loader is None:
+            self._loader = DataLoader(
+                self,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=2,
+                persistent_workers=True,
+                pin_memory=self.pin_memory,
+            )
+        return self._loader
+
+    def _read_shared_cursor(self) -> None:
+        values = self._shared_cursor.tolist()
+        owned = len(self.owned)
+        self.epoch, self.next_slot = values[0], values[1]
+        self.order = WINDOW_ORDER if values[2] else BUFFER_ORDER
+        self.consumed = values[3 : 3 + owned]
+        self.finished = [bool(value) for value in values[3 + owned : 3 + 2 * owned]]
+        self.sequences = values[3 + 2 * owned :]
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (they otherwise persist until the next epoch)."""
+        self._loader = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_loader"] = None  # the workers' copy never holds the loader itself
+        return state

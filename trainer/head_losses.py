@@ -59,6 +59,7 @@ def chunked_distill_loss(
     method: str = "fused",
     tail_ids: torch.Tensor | None = None,
     tail_logprobs: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sparse-teacher KD + CE over N positions without materializing the (N, V) logits.
 
@@ -75,6 +76,8 @@ def chunked_distill_loss(
         chunk_size: rows of logits alive at once. method: "fused" (default) or "plain".
         tail_ids, tail_logprobs: (N, s) tail samples of a topk_samples cache: KD is then
             ``kdcache.trainer.sampled.topk_tail_kd_loss`` (FKL / AKL use the samples).
+        compute_dtype: the head GEMMs' operand dtype (None: hidden's; e.g. torch.bfloat16 with
+            fp32 master weights); the loss math stays float32.
 
     Returns:
         scalar float32: sum_i kd_weight_i * KD_i + ce_weight_i * CE_i.
@@ -100,7 +103,9 @@ def chunked_distill_loss(
     elif tail_ids is not None:
         raise ConfigError("tail samples need topk_ids (k may be 0): pass both")
     kernel = loss_kernel(target, rows, options, kd_weight, labels, ce_weight)
-    return chunked_head_loss(hidden, head, kernel, chunk_size=chunk_size, method=method)
+    return chunked_head_loss(
+        hidden, head, kernel, chunk_size=chunk_size, method=method, compute_dtype=compute_dtype
+    )
 
 
 def chunked_dense_distill_loss(
@@ -119,6 +124,7 @@ def chunked_dense_distill_loss(
     chunk_size: int = 1024,
     skew: float = 0.1,
     method: str = "fused",
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary KD (online teacher) + CE, both heads run chunk by chunk.
 
@@ -138,4 +144,6 @@ def chunked_dense_distill_loss(
     target = DenseTeacherTarget(None, teacher_head, head.vocab_size)
     rows = {"teacher_states": states}
     kernel = loss_kernel(target, rows, options, kd_weight, labels, ce_weight)
-    return chunked_head_loss(hidden, head, kernel, chunk_size=chunk_size, method=method)
+    return chunked_head_loss(
+        hidden, head, kernel, chunk_size=chunk_size, method=method, compute_dtype=compute_dtype
+    )

@@ -44,8 +44,15 @@ from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.cross_tokenizer.batches import AlignmentStats, CrossTokenizerDataset
 from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_target
 from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
-from kdcache.trainer.objective import DistillObjective, batch_loss
-from kdcache.trainer.optim import build_optimizer, warmup_cosine
+from kdcache.trainer.device_settings import (
+    enable_tf32,
+    head_compute_dtype,
+    loader_workers,
+    pin_memory_for,
+)
+from kdcache.trainer.model_wrapping import WrapSettings, check_wrap_settings, wrap_model
+from kdcache.trainer.objective import DistillObjective, batch_loss, with_position_rows
+from kdcache.trainer.optim import build_optimizer, build_scheduler, load_optimizer_state
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
 from kdcache.trainer.sharded_checkpoint import full_weights, is_sharded, load_sharded, save_sharded
 from kdcache.trainer.student import (
@@ -157,7 +164,9 @@ class _Run:
             None if self.resume_from is None else load_training_state(self.resume_from)
         )
         spec = config.student if self.resume_from is None else str(self.resume_from)
-        self.model, self.source = load_student_model(spec, seed=config.seed)
+        self.model, self.source = load_student_model(
+            spec, seed=config.seed, attn_implementation=config.attn_implementation
+        )
         if self.resume_from is not None:
             self.source = "checkpoint"
         self.tokenizer = load_student_tokenizer(spec, cache.path)  # cache.path: a local copy
@@ -184,7 +193,12 @@ class _Run:
         if notice is not None and info.is_main:
             print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
+        self.wrap_settings = WrapSettings(
+            gradient_checkpointing=config.gradient_checkpointing, compile=config.compile
+        )
+        check_wrap_settings(self.model, self.wrap_settings, self.device)  # before any write
         self.autocast = autocast_dtype(config.dtype, self.device)
+        enable_tf32(self.device, self.autocast)  # fp32 runs on CUDA: TF32 matmuls
         self.probe = torch.arange(min(8, len(self.tokenizer)), device=self.device).unsqueeze(0)
         self.target: TeacherTarget = cache_target
         if config.teacher is not None:
@@ -204,7 +218,8 @@ class _Run:
             max_tokens=config.max_tokens,
             rank=info.rank,
             world_size=info.world_size,
-            num_workers=config.num_workers,
+            num_workers=(workers := loader_workers(config.num_workers, self.device)),
+            pin_memory=pin_memory_for(self.device, workers),
             seed=config.seed,
             shuffle_buffer=config.shuffle_buffer,
             shuffle_window=config.shuffle_window,
@@ -235,10 +250,10 @@ class _Run:
 
         self.objective = self._objective()
         self.optimizer = build_optimizer(self.model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.warmup_steps, self.total_steps)
-        )
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.step, self.tokens, self.loss = 0, 0, None
+        self.pending_loss: torch.Tensor | None = None  # the last step's loss, still on the device
+        self.grad_norm: torch.Tensor | float = float("nan")
         self.last_eval: dict[str, float] | None = None
         torch.manual_seed(config.seed)
         if self.resume_state is not None:
@@ -265,6 +280,7 @@ class _Run:
         model.to(device).eval()  # resolve_head compares against the forward: no dropout
         chunked = resolve_head(model, self.probe) is not None
         model.train()
+        self.model = model = wrap_model(model, self.wrap_settings, device)
         objective = self._distill_objective(chunked)
         return parallel.wrap_objective(
             objective, self.info, fsdp=self.config.fsdp, autocast=self.autocast
@@ -281,6 +297,7 @@ class _Run:
             alpha=config.alpha,
             chunk_size=config.chunk_size,
             chunked=chunked,
+            compute_dtype=head_compute_dtype(self.autocast),
         )
         if self.info.is_main:
             for note in self._fallback_notes(chunked, None if ce_only else kind):
@@ -308,7 +325,7 @@ class _Run:
         if note is not None and info.is_main:
             print(f"note: {note}", file=sys.stderr, flush=True)
         if "optimizer" in state:  # final/ is model-only: a finished run has nothing to resume
-            self.optimizer.load_state_dict(state.pop("optimizer"))
+            load_optimizer_state(self.optimizer, state.pop("optimizer"), self.device)
         elif is_sharded(self.resume_from):  # --fsdp: model + optimizer, re-sharded to these ranks
             load_sharded(self.resume_from, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -337,17 +354,16 @@ class _Run:
             group = next(batches, [])
             if dist_utils.all_reduce(float(len(group)), info, op="min") < 1:
                 break  # some rank ran out of data (epochs mode): stop together
-            grad_norm, step_tokens = self._optimizer_step(group)
-            window_tokens += step_tokens
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            progress.set_postfix(
-                loss=f"{self.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
-            )
+            window_tokens += self._optimizer_step(group)
             progress.update(1)
             last = self.step == self.total_steps
-            if info.is_main and (self.step % config.log_every == 0 or last):
-                self._log_train(grad_norm, tokens_per_s)
+            if self.step % config.log_every == 0 or last:  # the only host sync of the metrics
+                grad_norm = self._reduce_metrics()
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                progress.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                if info.is_main:
+                    self._log_train(grad_norm, tokens_per_s)
             if self.eval_split and info.is_main and (self.step % config.eval_every == 0 or last):
                 self._evaluate()
             if not last and self.save_clock.due(self.step, info):
@@ -372,10 +388,12 @@ class _Run:
             alignment=self.alignment.as_dict() if self.cross is not None else None,
         )
 
-    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> int:
         """Forward/backward every micro-batch of ``group``, then one optimizer step.
 
-        Returns (gradient norm before clipping, tokens of the step over all ranks).
+        Returns the tokens of the step over all ranks. The loss and gradient norm stay on the
+        device (``pending_loss``, ``grad_norm``) until ``_reduce_metrics``: no host sync here
+        but the step's position counts, which are summed from the host-side batches.
         """
         info, config = self.info, self.config
         # Position counts of the whole step (all micro-batches, all ranks) normalize the loss.
@@ -385,10 +403,12 @@ class _Run:
         num_labels = dist_utils.all_reduce(
             float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)), info
         )
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=self.device)
         if self.cross is not None:
             self.alignment.update(group)
         for index, batch in enumerate(group):
+            # the distilled rows found on the host: no nonzero() on the device
+            batch = with_position_rows(batch, config.alpha, pin=self.dataset.pin_memory)
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
             no_sync = parallel.no_sync(self.objective, sync=last)
@@ -400,10 +420,9 @@ class _Run:
             with no_sync or contextlib.nullcontext(), amp or contextlib.nullcontext():
                 loss = self.batch_loss(self.objective, batch, num_distilled, num_labels)
             (loss * info.world_size).backward()  # DDP averages over ranks; counts are global
-            step_loss += float(loss.detach())
-        grad_norm = float("nan")
+            step_loss += loss.detach()
         if config.max_grad_norm > 0:
-            grad_norm = parallel.clip_grad_norm(self.model, config.max_grad_norm)
+            self.grad_norm = parallel.clip_grad_norm(self.model, config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -411,8 +430,16 @@ class _Run:
         local_tokens = float(sum(int(b["attention_mask"].sum()) for b in group))
         step_tokens = int(dist_utils.all_reduce(local_tokens, info))
         self.tokens += step_tokens
-        self.loss = dist_utils.all_reduce(step_loss, info)
-        return grad_norm, step_tokens
+        self.pending_loss = step_loss
+        return step_tokens
+
+    def _reduce_metrics(self) -> float:
+        """The last step's loss summed over ranks into ``self.loss`` (every rank calls it), and
+        its gradient norm: the one host sync of the metrics, once per log step / save."""
+        if self.pending_loss is not None:
+            self.loss = dist_utils.all_reduce(float(self.pending_loss), self.info)
+            self.pending_loss = None
+        return float(self.grad_norm)
 
     def _log_train(self, grad_norm: float, tokens_per_s: float) -> None:
         entry = {
@@ -454,6 +481,7 @@ class _Run:
         ``resumable``: a step-N checkpoint (with the optimizer; older ones pruned to
         --save-total-limit); else final/, the model alone in --export-dtype.
         """
+        self._reduce_metrics()  # the checkpoint records the last step's loss
         data_states = dist_utils.gather_objects(self.dataset.state_dict(), self.info)
         rng_states = dist_utils.gather_objects(rng_state(), self.info)
         path = self.out / name

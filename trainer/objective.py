@@ -19,7 +19,14 @@ from kdcache.trainer.chunked import RowKernel, add_cross_entropy, chunked_head_l
 from kdcache.trainer.data import IGNORE_INDEX
 from kdcache.trainer.targets.base import LossOptions, TeacherRows, TeacherTarget, chunk_rows
 
-__all__ = ["DistillObjective", "batch_loss", "loss_kernel", "position_weights"]
+__all__ = [
+    "DistillObjective",
+    "batch_loss",
+    "loss_kernel",
+    "position_rows",
+    "position_weights",
+    "with_position_rows",
+]
 
 
 def position_weights(
@@ -37,6 +44,33 @@ def position_weights(
     kd_weight = distill_mask.float() * ((1.0 - alpha) / max(num_distilled, 1.0))
     ce_weight = (labels != IGNORE_INDEX).float() * (alpha / max(num_labels, 1.0))
     return kd_weight, ce_weight
+
+
+def position_rows(distill_mask: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(N,) int64 flat indices of the (B, T) positions with a non-zero weight.
+
+    Distilled positions count when alpha < 1, labelled ones when alpha > 0 (exactly the
+    positions where ``position_weights`` is non-zero). ``nonzero`` syncs a CUDA device with the
+    host: the training loop runs it on the host-side batch (``with_position_rows``).
+    """
+    keep = torch.zeros_like(distill_mask, dtype=torch.bool)
+    if alpha < 1.0:
+        keep |= distill_mask.bool()
+    if alpha > 0.0:
+        keep |= labels != IGNORE_INDEX
+    return keep.reshape(-1).nonzero().squeeze(-1)
+
+
+def with_position_rows(
+    batch: dict[str, torch.Tensor], alpha: float, *, pin: bool = False
+) -> dict[str, torch.Tensor]:
+    """``batch`` plus ``rows`` (``position_rows``), computed where the batch is (the host).
+
+    ``pin``: page-lock ``rows`` like the rest of a pinned batch, so that its ``non_blocking``
+    copy to CUDA does not wait for the device (a pageable source would).
+    """
+    rows = position_rows(batch["distill_mask"], batch["labels"], alpha)
+    return {**batch, "rows": rows.pin_memory() if pin else rows}
 
 
 def loss_kernel(
@@ -76,7 +110,7 @@ class DistillObjective(nn.Module):
     """``forward(batch, counts) -> scalar loss`` for one micro-batch.
 
     With ``chunked`` the body's hidden states go through ``chunked_head_loss`` (the lm_head runs
-    chunk by chunk, memory O(chunk x V)); otherwise the model's full forward gives the logits
+    chunk by chunk, memory O(chunk x V), its GEMMs in ``compute_dtype``); otherwise the model's full forward gives the logits
     (architectures whose head cannot be split exactly) and the same kernel gives the gradient.
     ``target`` None (or alpha 1) trains on next-token CE alone.
     """
@@ -90,6 +124,7 @@ class DistillObjective(nn.Module):
         alpha: float,
         chunk_size: int,
         chunked: bool,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if target is not None and alpha < 1.0:
@@ -99,6 +134,7 @@ class DistillObjective(nn.Module):
         self._target = (target,) if target is not None and alpha < 1.0 else ()
         self.options, self.alpha = options, alpha
         self.chunk_size, self.chunked = chunk_size, chunked
+        self.compute_dtype = compute_dtype  # the head GEMMs' operand dtype (None: the hidden's)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
     @property
@@ -112,7 +148,9 @@ class DistillObjective(nn.Module):
         kd_weight, ce_weight = position_weights(
             batch["distill_mask"], batch["labels"], self.alpha, num_distilled, num_labels
         )
-        rows = ((kd_weight > 0) | (ce_weight > 0)).reshape(-1).nonzero().squeeze(-1)  # (N,)
+        rows = batch.get("rows")  # (N,) precomputed on the host by the loop
+        if rows is None:
+            rows = position_rows(batch["distill_mask"], batch["labels"], self.alpha)
         if rows.numel() == 0:  # nothing to learn here (e.g. a chat record without assistant)
             return sum(p.sum() for p in self.model.parameters()) * 0.0  # keeps DDP in step
         target = self.target
@@ -131,7 +169,11 @@ class DistillObjective(nn.Module):
             hidden = body_of(self.model)(**inputs).last_hidden_state  # (B, T, H)
             hidden = hidden.reshape(-1, hidden.shape[-1])[rows]  # (N, H)
             return chunked_head_loss(
-                hidden, split_head(self.model), kernel, chunk_size=self.chunk_size
+                hidden,
+                split_head(self.model),
+                kernel,
+                chunk_size=self.chunk_size,
+                compute_dtype=self.compute_dtype,
             )
         logits = self.model(**inputs).logits  # (B, T, V)
         return logits_loss(logits.reshape(-1, logits.shape[-1])[rows], kernel)

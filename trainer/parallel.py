@@ -116,8 +116,9 @@ def no_sync(objective: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the gradients to ``max_norm`` (global norm over all shards); the norm before."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to ``max_norm`` (global norm over all shards); the norm before, a
+    0-d tensor on the device (read it once per log step: no host sync per optimizer step)."""
     norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
-    return float(full_tensor() if full_tensor is not None else norm)
+    return full_tensor() if full_tensor is not None else norm

@@ -17,6 +17,11 @@ from typing import Any
 import torch
 
 from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.requirements import (
+    TRANSFORMERS_MIN,
+    check_min_version,
+    transformers_dtype_kwargs,
+)
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -60,12 +65,23 @@ def _not_found(spec: str) -> ConfigError:
     )
 
 
-def load_student_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
+def load_student_model(
+    spec: str, *, seed: int = 0, attn_implementation: str | None = None
+) -> tuple[torch.nn.Module, str]:
     """The student model in float32, and how it was made ("pretrained" or "random-init").
 
-    Raises ConfigError when ``spec`` is neither a local path nor a loadable hub id.
+    ``attn_implementation``: transformers' attention kernel ("sdpa", "eager",
+    "flash_attention_2"; None: transformers' default). Raises ConfigError when ``spec`` is
+    neither a local path nor a loadable hub id, or transformers is older than the declared floor.
     """
+    check_min_version("transformers", TRANSFORMERS_MIN)
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdcache.trainer.model_wrapping import attention_kwargs
+
+    options = transformers_dtype_kwargs(torch.float32)
+    if attn_implementation is not None:
+        options.update(attention_kwargs(attn_implementation))
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -76,7 +92,7 @@ def load_student_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, st
         config = AutoConfig.from_pretrained(path)
     elif path.is_dir() or (not path.exists() and _looks_like_hub_id(spec)):
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(spec, **options)
         except OSError as error:
             where = "the hub has no such model or it cannot be reached" if not path.exists() else ""
             raise ConfigError(
@@ -87,7 +103,7 @@ def load_student_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, st
     else:
         raise _not_found(spec)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, **options)
     return model, "random-init"
 
 
@@ -242,7 +258,7 @@ def load_teacher(spec: str, cache_dir: str | Path, manifest: dict[str, Any], dty
         message = str(error).replace("student's", "--teacher's").replace("student ", "--teacher ")
         raise ConfigError(message.replace("not found", "could not be loaded (not found)")) from None
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(spec, **transformers_dtype_kwargs(dtype))
     except (OSError, ValueError) as error:
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ConfigError(

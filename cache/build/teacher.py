@@ -36,6 +36,11 @@ from kdcache.cache.extraction.topk import (
     topk_from_logit_rows,
 )
 from kdcache.cache.records import SequenceRecord
+from kdcache.cache.requirements import (
+    TRANSFORMERS_MIN,
+    check_min_version,
+    transformers_dtype_kwargs,
+)
 
 T = TypeVar("T")
 
@@ -128,10 +133,11 @@ def load_model(teacher: str, dtype: torch.dtype, device: torch.device) -> nn.Mod
     """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``; ConfigError on failure."""
     from transformers import AutoModelForCausalLM
 
+    check_min_version("transformers", TRANSFORMERS_MIN)
     _check_teacher_path(teacher)
     name = str(Path(teacher).expanduser()) if looks_like_path(teacher) else teacher
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, **transformers_dtype_kwargs(dtype))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _load_error("teacher", teacher, error) from error
     return model.to(device).eval()
