@@ -12,6 +12,7 @@ from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
 from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
 from kdcache.cache.build.data import DataSpec
 from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.extraction.sizing import parse_auto_int
 from kdcache.cache.format.modes import storage_mode
 from kdcache.cache.storage.location import Location, resolve_location
 
@@ -53,7 +54,10 @@ class BuildConfig:
     holdout: float = 0.01  # fraction of rows (by content hash) in the "holdout" split
     dtype: str = "auto"  # teacher dtype: auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
-    batch_tokens: int = 16384  # padded tokens per teacher batch
+    # padded tokens per teacher batch / positions per head chunk: "auto" (CPU: 16384 and a
+    # 2^24-logit chunk, as measured; CUDA: from free memory, cache/extraction/sizing.py) or N
+    batch_tokens: int | str = "auto"
+    head_chunk_rows: int | str = "auto"
     mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
@@ -97,8 +101,13 @@ class BuildConfig:
             problems.append(f"--holdout must be in [0, 1) (got {self.holdout})")
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype})")
-        if self.batch_tokens < 1 or self.shard_tokens < 1:
-            problems.append("--batch-tokens and shard tokens must be >= 1")
+        for flag, value in (("--batch-tokens", self.batch_tokens), ("--head-chunk-rows", self.head_chunk_rows)):
+            try:
+                parse_auto_int(value, flag)
+            except ConfigError as error:
+                problems.append(str(error))
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
+            problems.append(f"--shard-tokens must be >= 1 (got {self.shard_tokens})")
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
         if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
