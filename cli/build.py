@@ -128,8 +128,36 @@ def build(
         _build("dtype"), help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
     ),
     device: str = typer.Option(_build("device"), help="auto, cpu, cuda, cuda:N."),
-    batch_tokens: int = typer.Option(
-        _build("batch_tokens"), help="Padded tokens per teacher batch."
+    batch_tokens: str = typer.Option(
+        _build("batch_tokens"),
+        help="Padded tokens per teacher batch: auto (CPU 16384; CUDA from free memory) or N.",
+    ),
+    head_chunk_rows: str = typer.Option(
+        _build("head_chunk_rows"),
+        help="Positions per chunk of the teacher's head (log-softmax, top-k): auto (CPU: 2^24 "
+        "logits; CUDA from free memory) or N.",
+    ),
+    shard_tokens: int = typer.Option(
+        _build("shard_tokens"),
+        help="Tokens per shard file (object size on object storage; more shards, more readers).",
+    ),
+    group_rows: int = typer.Option(
+        _build("group_rows"),
+        help="Rows per row group, the unit of work of ranks and slices (packing restarts at "
+        "each group).",
+    ),
+    num_shards: int | None = typer.Option(
+        None,
+        help="Build one independent slice of N (with --shard-index): no collective, any order, "
+        "any machine; the last slice writes the manifest (default: one build).",
+    ),
+    shard_index: int | None = typer.Option(
+        None, help="Which slice (0..N-1) of --num-shards N this job builds (default: none)."
+    ),
+    finalize: bool = typer.Option(
+        False,
+        help="Only write the manifest of a build run in slices, from --out alone (or name the "
+        "slices still missing).",
     ),
     mode: str = typer.Option(_build("mode"), help="Storage encoding: exact or compact."),
     tail_samples: int | None = typer.Option(
@@ -163,6 +191,16 @@ def build(
     from kdcache.cache.build.pipeline import build_cache
     from kdcache.cache.storage.location import parse_storage_options
 
+    if finalize:
+        from kdcache.cache.build.pipeline import finalize_build
+
+        if out is None:
+            raise ConfigError("--finalize needs --out: the directory or URL the slices built into")
+        summary = finalize_build(out, parse_storage_options(storage_option), staging_dir)
+        if summary.status == "complete":
+            typer.echo(f"cache is complete, nothing to do: {summary.out}")
+        typer.echo(summary.line())
+        return
     defaults: dict[str, int | float] = {
         "max_length": _build("max_length"),
         "holdout": _build("holdout"),
@@ -192,6 +230,11 @@ def build(
         dtype=dtype,
         device=device,
         batch_tokens=batch_tokens,
+        head_chunk_rows=head_chunk_rows,
+        shard_tokens=shard_tokens,
+        group_rows=group_rows,
+        num_shards=num_shards,
+        shard_index=shard_index,
         mode=mode,
         tail_samples=tail_samples,
         overwrite=overwrite,
@@ -204,7 +247,7 @@ def build(
         report = estimate_build(config, sample_sequences=sample_sequences)
         typer.echo(report.text())
         return
-    rank, world_size = _distributed()
+    rank, world_size = _distributed() if num_shards is None else (0, 1)
     try:
         summary = build_cache(config, rank=rank, world_size=world_size)
     finally:
@@ -212,7 +255,7 @@ def build(
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 or num_shards is not None:
         if summary.status == "complete":
             typer.echo(f"cache is complete, nothing to do: {summary.out}")
         typer.echo(summary.line())

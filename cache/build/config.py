@@ -10,7 +10,8 @@ from typing import Any
 from kdcache.cache.format.codecs import MODES
 from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
 from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
-from kdcache.cache.build.data import DataSpec
+from kdcache.cache.build.data import DEFAULT_GROUP_ROWS, DataSpec
+from kdcache.cache.build.slices import slice_problems
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.extraction.sizing import parse_auto_int
 from kdcache.cache.format.modes import storage_mode
@@ -62,7 +63,12 @@ class BuildConfig:
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
     overwrite: bool = False  # replace an existing different cache in ``out``
-    shard_tokens: int = 1 << 20  # tokens per shard file
+    shard_tokens: int = 1 << 20  # tokens per shard file (--shard-tokens)
+    group_rows: int = DEFAULT_GROUP_ROWS  # rows per row group: the unit of work (data.py)
+    # an independent slice (--num-shards N --shard-index I): the row groups g % N == I, no
+    # collective; the last slice to finish writes the manifest (cache/build/slices.py)
+    num_shards: int | None = None
+    shard_index: int | None = None
     progress: bool = True  # show a tqdm bar
     # fsspec options of a URL --out (endpoint, credentials); never written into the manifest
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -101,13 +107,16 @@ class BuildConfig:
             problems.append(f"--holdout must be in [0, 1) (got {self.holdout})")
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype})")
-        for flag, value in (("--batch-tokens", self.batch_tokens), ("--head-chunk-rows", self.head_chunk_rows)):
-            try:
-                parse_auto_int(value, flag)
-            except ConfigError as error:
-                problems.append(str(error))
+        try:
+            self.batch_tokens = parse_auto_int(self.batch_tokens, "--batch-tokens")
+            self.head_chunk_rows = parse_auto_int(self.head_chunk_rows, "--head-chunk-rows")
+        except ConfigError as error:
+            problems.append(str(error))
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             problems.append(f"--shard-tokens must be >= 1 (got {self.shard_tokens})")
+        if not isinstance(self.group_rows, int) or self.group_rows < 1:
+            problems.append(f"--group-rows must be >= 1 (got {self.group_rows})")
+        problems.extend(slice_problems(self.num_shards, self.shard_index))
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
         if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
@@ -149,4 +158,5 @@ class BuildConfig:
             pack=self.pack,
             limit=self.limit,
             holdout=self.holdout,
+            group_rows=self.group_rows,
         )

@@ -222,10 +222,14 @@ def estimate_build(
         raise ConfigError(
             f"dataset '{config.data}' gives no training sequences; nothing to estimate"
         )
+    from kdcache.cache.build.pipeline import teacher_pass_sizes
+
+    sizes = teacher_pass_sizes(config, model, device, vocab_size)
     runner = TeacherRunner(
-        model, top_k=config.top_k, temperature=config.temperature, tail_samples=config.tail_samples
-    )
-    first_batch = plan_batches([len(s.input_ids) for s in sample], config.batch_tokens)[0]
+        model, top_k=config.top_k, temperature=config.temperature,
+        tail_samples=config.tail_samples, chunk_elements=sizes.chunk_rows * vocab_size,
+    )  # fmt: skip
+    first_batch = plan_batches([len(s.input_ids) for s in sample], sizes.batch_tokens)[0]
     runner.run(
         [sample[i].input_ids for i in first_batch],
         [sample[i].positions for i in first_batch],
@@ -233,7 +237,7 @@ def estimate_build(
     )
     _synchronize(device)
     started = time.perf_counter()  # after a warm-up batch (allocator, kernels, lazy init)
-    records = list(run_sequences(runner, sample, config.batch_tokens))
+    records = list(run_sequences(runner, sample, sizes.batch_tokens))
     _synchronize(device)
     seconds = time.perf_counter() - started
     sample_tokens = sum(r.num_tokens for r in records)

@@ -151,7 +151,9 @@ def resolve_head(
     if expected.shape != actual.shape:
         return None
     # the model's own logits may be rounded to its dtype (bf16: 2**-8 relative); ours are not
-    rtol = max(rtol, torch.finfo(head.weight.dtype).eps) if head.weight.is_floating_point() else rtol
+    rtol = (
+        max(rtol, torch.finfo(head.weight.dtype).eps) if head.weight.is_floating_point() else rtol
+    )
     tolerance = atol + rtol * expected.abs().max().item()
     if (expected - actual).abs().max().item() > tolerance:
         return None

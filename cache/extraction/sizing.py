@@ -135,7 +135,9 @@ def size_teacher_pass(
     tokens = batch_tokens
     if tokens == AUTO:
         per_token = activation_bytes_per_token(model_config, dtype_bytes, max_length)
-        tokens = cuda_batch_tokens(int(free_bytes or 0), int(rows), vocab_size, per_token, max_length)
+        tokens = cuda_batch_tokens(
+            int(free_bytes or 0), int(rows), vocab_size, per_token, max_length
+        )
     source = "from free CUDA memory" if free_bytes is not None else "as given"
     if free_bytes is not None:
         source += f" ({free_bytes / 2**30:.1f} GiB free)"

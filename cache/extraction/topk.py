@@ -115,7 +115,12 @@ def head_logits(
     plain = head.scale == 1.0 and head.softcap is None
     if out is not None and plain and head.weight.dtype != torch.float32:
         return head.fp32_linear(hidden, out=out)  # 16-bit head: float32 accumulation and output
-    if out is None or not plain or hidden.dtype != torch.float32 or head.weight.dtype != torch.float32:
+    if (
+        out is None
+        or not plain
+        or hidden.dtype != torch.float32
+        or head.weight.dtype != torch.float32
+    ):
         return head.logits(hidden)
     logits = torch.mm(hidden, head.weight.t(), out=out[: hidden.shape[0]])  # (C, V)
     return logits if head.bias is None else logits.add_(head.bias)
