@@ -1,8 +1,9 @@
 """``kdcache build``: run the teacher once over a dataset and write a top-k + tail-mass cache.
 
 With neither ``--teacher`` nor ``--data`` it builds the embedded demo (shipped teacher, held-out
-standard-library text). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every rank builds its slice
-of the data and rank 0 writes the manifest.
+standard-library text). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every rank builds its row
+groups and rank 0 writes the manifest; ``--num-shards N --shard-index I`` builds one independent
+slice (no torchrun, no collective) and ``--finalize`` writes the manifest of a sliced build.
 """
 
 from __future__ import annotations

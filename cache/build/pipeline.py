@@ -5,11 +5,16 @@ load the tokenizer, the data and the teacher, compute the fingerprints; only the
 directory, take the lock and compare with what is already there (manifest or build state):
 
 * same fingerprints and a manifest: the cache is complete, nothing to do;
-* same fingerprints and a build state: resume (skip the records of complete shards);
+* same fingerprints and a build state: resume, with any number of processes (skip the row
+  groups with a completion marker, and the records of a group's complete shards);
 * different fingerprints: refuse, naming the differences, unless ``overwrite``.
 
-Each (split, rank) stream is written by one ``ShardWriter`` (background encoding thread); the
-manifest is written last by rank 0, after a barrier, from the complete shards of all ranks.
+The work is cut into row groups (cache/build/data.py, cache/build/slices.py); a process builds
+its groups ``g % world_size == rank``, tokenizing only their rows (the next group on a
+background thread while the teacher runs). Each (split, group) stream is written by one
+``ShardWriter`` (background encoding thread); a group's completion marker follows its shards.
+The manifest is written last, from the markers: by rank 0 after a barrier under torchrun, by
+the slice that completes the last group for independent slices, or by ``finalize_build``.
 """
 
 from __future__ import annotations
