@@ -244,19 +244,21 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
         todo = [group for group in owned if group not in done]
         resumed = len(todo) < len(owned)
         tokens_this_run = 0
+        # listed once: a group in progress resumes after its complete shards (a prefix)
+        complete = [s for s in target.complete_shards() if s.rank in set(todo)] if todo else []
         with _progress_bar(config.progress and rank == 0) as bar:
             for group, sequences in prefetch(_group_sequences(stream, todo), size=1):
-                complete = target.complete_shards()
                 names = []
                 for split in SPLITS:
                     finished = [s for s in complete if s.split == split and s.rank == group]
                     resumed = resumed or bool(finished)
-                    tokens_this_run += _run_split(
+                    tokens, written = _run_split(
                         config, target, runner, sequences[split], split, group, vocab_size,
                         finished, sizes.batch_tokens, bar,
                     )  # fmt: skip
-                target.flush()
-                names = [s.name for s in target.complete_shards() if s.rank == group]
+                    tokens_this_run += tokens
+                    names += [s.name for s in finished] + [s.name for s in written]
+                target.flush()  # the group's shards are where readers look, then its marker
                 target.mark_group(group, names)
         target.flush()
         seconds = time.perf_counter() - started
@@ -354,10 +356,10 @@ def _run_split(
     done: list,
     batch_tokens: int,
     bar,
-) -> int:
+) -> tuple[int, list[ShardInfo]]:
     """Run the teacher over one row group's ``sequences`` of ``split`` after the records of
-    ``done`` shards; returns the number of tokens run. ``done``: this (split, group)'s complete
-    shards, which hold a prefix of the group's records (shard indices 0..n-1)."""
+    ``done`` shards; returns the tokens run and the shards written. ``done``: this (split,
+    group)'s complete shards, which hold a prefix of the group's records (indices 0..n-1)."""
     from kdcache.cache.build.teacher import run_sequences
     from kdcache.cache.format.shards import ShardWriter
 
@@ -369,7 +371,7 @@ def _run_split(
         )
     skip = sum(info.num_sequences for info in done)
     if skip >= len(sequences):
-        return 0
+        return 0, []
     tokens = positions = 0
     with ShardWriter(
         target.local_dir,
@@ -389,7 +391,8 @@ def _run_split(
             positions += record.num_positions
             bar.update(record.num_tokens)
             bar.set_postfix(split=split, positions=positions, refresh=False)
-    return tokens
+        written = writer.close()
+    return tokens, written
 
 
 # BuildConfig fields that are not build settings (storage options may hold credentials)
