@@ -2,8 +2,10 @@
 
 Reference: the float64 product of the same bf16 hidden states and bf16 weight (exact products,
 exact sums), log-softmaxed in float64. The documented bound (docs/BUILD.md, ``heads.fp32_linear``)
-for a log-prob is ``HEAD_LOGPROB_BOUND`` = 1e-4 nats, before the storage's fp16 rounding
-(``2**-11`` relative); a bf16 GEMM output misses it by ~100x at logits near 30.
+of a stored log-prob, before the storage's fp16 rounding: ``worst_case_bound`` =
+``2 * H * 2**-24 * max_v sum_i |h_i w_vi|`` nats (float32 accumulation), and measured here below
+``HEAD_LOGPROB_BOUND`` = 1e-4; a bf16 GEMM output misses both by orders of magnitude at |logits|
+near 30-45 (its rounding alone is up to ``2**-9 * |logit|``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def _bf16_head(rows: int, hidden: int, vocab: int, scale: float, seed: int = 0):
     return states.bfloat16(), OutputHead(weight.bfloat16(), None)
 
 
+def worst_case_bound(states: torch.Tensor, head: OutputHead) -> float:
+    """``2 * H * 2**-24 * max_v sum_i |h_i w_vi|``: the documented bound of a log-prob's error."""
+    magnitudes = states.double().abs() @ head.weight.double().abs().T  # (N, V)
+    return 2 * states.shape[-1] * 2.0**-24 * magnitudes.max().item()
+
+
 def _reference_log_probs(states: torch.Tensor, head: OutputHead) -> torch.Tensor:
     logits = states.double() @ head.weight.double().T  # exact products of the bf16 operands
     return torch.log_softmax(logits, dim=-1)
@@ -48,11 +56,12 @@ def test_bf16_head_logits_are_float32_within_the_bound():
     logits = head.logits(states)
     assert logits.dtype == torch.float32
     got = torch.log_softmax(logits.double(), dim=-1)
-    assert (got - reference).abs().max().item() < HEAD_LOGPROB_BOUND
-    # what the build did before: a bf16 GEMM output, then float32 -- far outside the bound
+    error = (got - reference).abs().max().item()
+    assert error < HEAD_LOGPROB_BOUND and error <= worst_case_bound(states, head)
+    # what the build did before: a bf16 GEMM output, then float32 -- far outside both bounds
     rounded = torch.nn.functional.linear(states, head.weight).float()
     old_error = (torch.log_softmax(rounded.double(), -1) - reference).abs().max().item()
-    assert old_error > 20 * HEAD_LOGPROB_BOUND
+    assert old_error > 5 * worst_case_bound(states, head) > 5 * HEAD_LOGPROB_BOUND
 
 
 @torch.inference_mode()
@@ -64,7 +73,8 @@ def test_stored_topk_of_a_bf16_head_within_the_bound(top_k):
     head.keep_fp32_weight()
     ids, logprobs, tail = topk_from_hidden(states, head, top_k, chunk_elements=16 * 2048)
     expected = torch.gather(reference, 1, ids)
-    assert (logprobs.double() - expected).abs().max().item() < HEAD_LOGPROB_BOUND
+    error = (logprobs.double() - expected).abs().max().item()
+    assert error < HEAD_LOGPROB_BOUND and error <= worst_case_bound(states, head)
     ranked = reference.argsort(dim=-1, descending=True)
     order = ranked[:, :top_k]
     gap = reference.gather(1, ranked[:, top_k - 1 : top_k + 1])  # k-th and (k+1)-th
@@ -91,7 +101,9 @@ def test_bf16_teacher_build_log_probs_within_the_bound(tiny_llama_dir):
     reference = _reference_log_probs(hidden.last_hidden_state[0], runner.head)
     expected = reference.gather(1, torch.as_tensor(rows.topk_ids, dtype=torch.long))
     got = torch.as_tensor(rows.topk_logprobs).double()
-    assert (got - expected).abs().max().item() < HEAD_LOGPROB_BOUND
+    error = (got - expected).abs().max().item()
+    bound = worst_case_bound(hidden.last_hidden_state[0], runner.head)
+    assert error < HEAD_LOGPROB_BOUND and error <= bound
 
 
 def test_resolve_head_accepts_a_bf16_model(tiny_llama_dir):
