@@ -247,10 +247,28 @@ def test_resume_with_another_number_of_processes(
     assert verify_cache(partial) == []
 
 
+def _build_rank_logging_groups(rank: int, world_size: int, config: BuildConfig):
+    """``_build_rank`` that also returns the row groups whose rows this rank read (tokenized)."""
+    from kdcache.cache.build import data
+
+    read: list[int] = []
+    group_rows = data.RecordStream.group_rows
+
+    def logged(self, group: int):
+        read.append(group)
+        return group_rows(self, group)
+
+    data.RecordStream.group_rows = logged
+    return (*_build_rank(rank, world_size, config), sorted(set(read)))
+
+
 def test_three_rank_build_equals_one_rank_build(single, tiny_llama_dir, docs_jsonl, tmp_path):
+    """3 ranks, 4 row groups: rank 0 builds groups 0 and 3, ranks 1 and 2 one each; no rank reads
+    (tokenizes) a row of a group it does not own."""
     out = tmp_path / "three"
-    results = run_ranks(_build_rank, 3, _config(tiny_llama_dir, docs_jsonl, out))
+    results = run_ranks(_build_rank_logging_groups, 3, _config(tiny_llama_dir, docs_jsonl, out))
     assert results[0][0] == "built", results
+    assert [groups for *_, groups in results] == [[0, 3], [1], [2]], results
     assert_same_record_sets(out, single)
     shards = {s.name: s for s in list_complete_shards(out)}
     reference = {s.name: s for s in list_complete_shards(single)}

@@ -183,6 +183,26 @@ def test_slice_refusals_are_one_line(tiny_llama_dir, docs_jsonl, tmp_path):
     _one_error_line(_cli("--out", str(tmp_path / "nothing"), "--finalize"), "no unfinished build")
 
 
+def test_shard_tokens_sets_the_tokens_per_shard(tiny_llama_dir, docs_jsonl, tmp_path):
+    """--shard-tokens N: a shard closes at the first sequence boundary at or past N tokens."""
+    counts = {}
+    for tokens in (100, 10**6):
+        out = tmp_path / f"shards-{tokens}"
+        args = _build_args(tiny_llama_dir, docs_jsonl, out)
+        args[args.index("--shard-tokens") + 1] = str(tokens)
+        result = _cli(*args)
+        assert result.exit_code == 0, result.output
+        streams: dict[tuple[str, int], list] = {}
+        for info in list_complete_shards(out):
+            streams.setdefault((info.split, info.rank), []).append(info)
+        for shards in streams.values():
+            assert all(info.num_tokens >= tokens for info in shards[:-1])
+        counts[tokens] = sum(len(shards) for shards in streams.values())
+        assert counts[tokens] >= len(streams)
+    assert counts[10**6] == len(streams)  # one shard per (split, row group)
+    assert counts[100] > counts[10**6]
+
+
 def test_slices_into_s3_equal_one_build(s3, single, tiny_llama_dir, docs_jsonl, tmp_path):
     url = f"s3://{s3.bucket}/caches/sliced"
     options = {"endpoint_url": s3.endpoint}
