@@ -1,6 +1,7 @@
 """The build at GPU sizes with the device-sized head (issue 24): tokens/s against a bare forward.
 
-    python bench/gpu_build_scale.py                   # CUDA: vocab 32k and 152k, auto vs old chunking
+    python bench/gpu_build_scale.py --gpu-tests       # CUDA: tests/test_gpu_head.py, then vocab
+                                                      # 32k and 152k, auto vs old chunking
     python bench/gpu_build_scale.py --device cpu --hidden 64 --layers 1 --heads 1 --vocab 2048 \\
         --docs 1 --doc-chars 1500 --max-length 64 --chunkings auto   # bench/gpu_check.sh --dry-run
 
@@ -49,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-chars", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--gpu-tests", action="store_true", help="first: tests/test_gpu_head.py")
     args = parser.parse_args(argv)
     status = 0
+    if args.gpu_tests:
+        import subprocess
+
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu_head.py",
+                   "-rs", "-s", "-p", "no:cacheprovider"]  # fmt: skip
+        status |= subprocess.run(command, check=False).returncode
     for vocab in args.vocab:
         for chunking in args.chunkings:
             print(f"--- vocab {vocab}, chunking {chunking}", flush=True)

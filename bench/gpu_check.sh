@@ -68,7 +68,7 @@ if ((DRY)); then
         --threads 1 --repeats 1
     stage step-bench 120 "$PYTHON" bench/gpu_step.py --device cpu --vocab 2048 --batch 1 \
         --seq 64 --hidden 64 --layers 1 --chunk 32 --reps 1 --threads 1
-    stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --device cpu --vocab 2048 --hidden 64 --layers 1 --heads 1 --docs 1 --doc-chars 1500 --max-length 64 --bare-batch 2 --threads 1 --chunkings auto
+    stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cpu --vocab 2048 --hidden 64 --layers 1 --heads 1 --docs 1 --doc-chars 1500 --max-length 64 --bare-batch 2 --threads 1 --chunkings auto
 else
     stage gpu-tests 110 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider
     for vocab in 32000 128000; do
@@ -78,7 +78,7 @@ else
     done
     stage step-bench 70 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
-    stage build-scale 100 "$PYTHON" bench/gpu_build_scale.py --device cuda --vocab 32000 152064
+    stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cuda --vocab 32000 152064
 fi
 
 echo "=== summary ($((SECONDS - START))s)"
