@@ -280,9 +280,8 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
             )
         complete = {info.name: info for info in target.complete_shards()}
         shards = shards_of_markers(markers, complete)
-        manifest = _write_manifest(
-            out, shards, state["manifest"], world_size, seconds, tokens_this_run
-        )
+        fields = _stored_manifest_fields(out) or state["manifest"]  # whoever wrote the state
+        manifest = _write_manifest(out, shards, fields, world_size, seconds, tokens_this_run)
         target.commit()
         status = "resumed" if resumed else "built"
         return _summary(config.out, status, manifest, seconds, tokens_this_run)
@@ -321,6 +320,19 @@ def finalize_build(
         target._put_file(manifest_path(target.local_dir), MANIFEST_NAME)
         target.clean_staging()
     return _summary(target.display, "built", manifest)
+
+
+def _stored_manifest_fields(out: Path) -> dict[str, Any] | None:
+    """The manifest fields of the build state in ``out`` (the first process's), if it has them:
+    every slice then writes the same manifest, whatever its own non-fingerprinted flags."""
+    import json
+
+    from kdcache.cache.build.lock import STATE_NAME
+
+    path = out / STATE_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("manifest")
 
 
 def _group_sequences(stream: RecordStream, groups: list[int]):
