@@ -25,6 +25,7 @@ import torch
 from kdcache.cache.build.data import group_of, owned_groups
 from kdcache.cache.build.pipeline import BuildConfig, build_cache
 from kdcache.cache.build.slices import PARTS_DIR, marker_name
+from kdcache.cache.errors import ConfigError
 from kdcache.cache.format.shards import SHARDS_DIR, list_complete_shards, shard_name
 from kdcache.cache.read.reader import open_cache
 from kdcache.cache.read.verify import verify_cache
@@ -413,3 +414,24 @@ def test_two_node_torchrun_command(single, tiny_llama_dir, docs_jsonl, tmp_path)
     assert open_cache(out).manifest["world_size"] == 2
     assert {info.rank for info in list_complete_shards(out)} == {0, 1, 2, 3}
     assert_same_record_sets(out, single)
+
+
+def test_partial_build_cut_by_rank_by_an_older_kdcache_is_refused(
+    two_ranks, tiny_llama_dir, docs_jsonl, tmp_path
+):
+    """A build state without a partition and of several processes: its shards were named by
+    rank, not row group, so they cannot be reused; refused, nothing deleted, --overwrite works."""
+    import json
+
+    from kdcache.cache.format.manifest import BUILD_STATE_NAME
+
+    partial = _crashed_copy(two_ranks, tmp_path / "old", rank=1)
+    state = json.loads((partial / BUILD_STATE_NAME).read_text())
+    state.pop("partition"), state.pop("manifest")
+    (partial / BUILD_STATE_NAME).write_text(json.dumps({**state, "world_size": 2}))
+    before = sorted(info.name for info in list_complete_shards(partial))
+    with pytest.raises(ConfigError, match=r"was cut by rank by an older kdcache \(2 processes\)"):
+        build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
+    assert sorted(info.name for info in list_complete_shards(partial)) == before
+    summary = build_cache(_config(tiny_llama_dir, docs_jsonl, partial, overwrite=True))
+    assert summary.status == "built"
