@@ -281,3 +281,32 @@ def test_cli_slices_as_separate_jobs(single, tiny_llama_dir, docs_jsonl, tmp_pat
     assert finalize.returncode == 0 and "complete" in finalize.stdout, finalize.stdout
     assert_same_record_sets(out, single)
     assert verify_cache(out) == []
+
+
+def test_two_slices_starting_together_on_s3_compare_states(s3, tmp_path):
+    """The race of two first slices: the remote state another slice created between our look and
+    our write is compared by fingerprints (the same: kept; other settings: refused)."""
+    import json
+
+    from kdcache.cache.build.output import RemoteTarget
+    from kdcache.cache.format.manifest import BUILD_STATE_NAME
+    from kdcache.cache.storage.location import resolve_location
+
+    location = resolve_location(f"s3://{s3.bucket}/race", s3.options)
+    target = RemoteTarget(location, 0, tmp_path / "staging")
+    fingerprints = {"teacher": {"hash": "t"}, "tokenizer": {"hash": "k"}, "data": {"hash": "d"},
+                    "settings": {"hash": "s", "top_k": 8}}  # fmt: skip
+    ours = {**fingerprints, "num_shards": 3, "partition": {"num_groups": 8}}
+    target.local_dir.mkdir(parents=True)
+    remote = location.filesystem()
+    same = {**ours, "manifest": {"created": "elsewhere"}}  # other bytes, same fingerprints
+    remote.pipe_file(location.child(BUILD_STATE_NAME), json.dumps(same).encode())
+    (target.local_dir / BUILD_STATE_NAME).write_text(json.dumps(ours))
+    target._put_state(exclusive=True)
+    assert json.loads((target.local_dir / BUILD_STATE_NAME).read_text()) == same
+    other = {**ours, "settings": {"hash": "x", "top_k": 4}}
+    remote.pipe_file(location.child(BUILD_STATE_NAME), json.dumps(other).encode())
+    (target.local_dir / BUILD_STATE_NAME).write_text(json.dumps(ours))
+    with pytest.raises(ConfigError, match=r"started at the same moment .*settings.top_k: 4 -> 8"):
+        target._put_state(exclusive=True)
+    assert not (target.local_dir / BUILD_STATE_NAME).exists()  # the refused state is not kept

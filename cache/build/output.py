@@ -30,7 +30,9 @@ from typing import Any
 
 from kdcache.cache.format import shards as shard_files
 from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.build.fingerprint import differences
 from kdcache.cache.build.lock import (
+    FINGERPRINT_KEYS,
     STATE_NAME,
     TOKENIZER_DIR,
     BuildLock,
@@ -177,12 +179,19 @@ class RemoteTarget(LocalTarget):
             else:
                 fs.pipe_file(remote, staged)
                 current = fs.cat_file(remote)
-        if current != staged:
+        if current == staged:
+            return
+        ours, theirs = json.loads(staged), json.loads(current)
+        changed = differences(
+            {k: theirs.get(k) for k in FINGERPRINT_KEYS}, {k: ours.get(k) for k in FINGERPRINT_KEYS}
+        )
+        if changed or theirs.get("num_shards") != ours.get("num_shards"):
             remove_cache_files(self.local_dir)
             raise ConfigError(
                 f"{self.location.url} was started at the same moment by a build with other "
-                "settings; re-run this slice to compare with it"
+                f"settings ({'; '.join(changed) or 'num_shards'}); use another --out"
             )
+        (self.local_dir / STATE_NAME).write_bytes(current)  # the first slice's state rules
 
     def complete_groups(self) -> dict[int, list[str]]:
         """Completion markers under ``<url>/parts``."""
