@@ -142,10 +142,10 @@ def build(
         _build("shard_tokens"),
         help="Tokens per shard file (object size on object storage; more shards, more readers).",
     ),
-    group_rows: int = typer.Option(
+    group_rows: str = typer.Option(
         _build("group_rows"),
         help="Rows per row group, the unit of work of ranks and slices (packing restarts at "
-        "each group).",
+        "each group): auto (~64 groups of 1-1024 rows) or N.",
     ),
     num_shards: int | None = typer.Option(
         None,

@@ -14,6 +14,7 @@ from kdcache.cache.build.data import (
     is_holdout,
     owned_groups,
     render_chat,
+    resolve_group_rows,
 )
 from kdcache.cache.errors import ConfigError
 from tests.conftest import chat_rows, make_tokenizer, text_rows, write_jsonl
@@ -66,6 +67,13 @@ def test_rank_slices_are_disjoint_and_cover(tiny_tokenizer, text_jsonl):
     whole = [s.sequence_id for s in stream.sequences("train")]
     parts = [[s.sequence_id for s in stream.sequences("train", r, 3)] for r in range(3)]
     assert sorted(i for part in parts for i in part) == whole
+
+
+def test_auto_group_rows_give_about_64_groups_of_at_most_1024_rows():
+    assert [resolve_group_rows("auto", n) for n in (1, 16, 64, 65, 6400, 10**5, 10**7)] == [
+        1, 1, 1, 2, 100, 1024, 1024,
+    ]  # fmt: skip
+    assert resolve_group_rows(7, 10**7) == 7
 
 
 def test_row_groups_partition_rows_and_tokenize_only_owned_rows(tiny_tokenizer, text_jsonl):

@@ -430,7 +430,9 @@ def test_partial_build_cut_by_rank_by_an_older_kdcache_is_refused(
     state.pop("partition"), state.pop("manifest")
     (partial / BUILD_STATE_NAME).write_text(json.dumps({**state, "world_size": 2}))
     before = sorted(info.name for info in list_complete_shards(partial))
-    with pytest.raises(ConfigError, match=r"was cut by rank by an older kdcache \(2 processes\)"):
+    with pytest.raises(
+        ConfigError, match=r"started by an older kdcache \(shards by rank, 2 processes\)"
+    ):
         build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
     assert sorted(info.name for info in list_complete_shards(partial)) == before
     summary = build_cache(_config(tiny_llama_dir, docs_jsonl, partial, overwrite=True))

@@ -10,7 +10,7 @@ from typing import Any
 from kdcache.cache.format.codecs import MODES
 from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
 from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
-from kdcache.cache.build.data import DEFAULT_GROUP_ROWS, DataSpec
+from kdcache.cache.build.data import DataSpec
 from kdcache.cache.build.slices import slice_problems
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.extraction.sizing import parse_auto_int
@@ -64,7 +64,8 @@ class BuildConfig:
     tail_samples: int | None = None
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file (--shard-tokens)
-    group_rows: int = DEFAULT_GROUP_ROWS  # rows per row group: the unit of work (data.py)
+    # rows per row group, the unit of work: "auto" (~64 groups of 1-1024 rows, data.py) or N
+    group_rows: int | str = "auto"
     # an independent slice (--num-shards N --shard-index I): the row groups g % N == I, no
     # collective; the last slice to finish writes the manifest (cache/build/slices.py)
     num_shards: int | None = None
@@ -114,8 +115,10 @@ class BuildConfig:
             problems.append(str(error))
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             problems.append(f"--shard-tokens must be >= 1 (got {self.shard_tokens})")
-        if not isinstance(self.group_rows, int) or self.group_rows < 1:
-            problems.append(f"--group-rows must be >= 1 (got {self.group_rows})")
+        try:
+            self.group_rows = parse_auto_int(self.group_rows, "--group-rows")
+        except ConfigError as error:
+            problems.append(str(error))
         problems.extend(slice_problems(self.num_shards, self.shard_index))
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")

@@ -14,7 +14,7 @@ Everything here is deterministic: the same settings give the same sequences with
   of ``max_length`` tokens (the last block may be shorter). Without ``pack`` each row is one
   sequence, truncated to ``max_length``.
 * Row groups: the rows are cut into groups of ``group_rows`` consecutive rows (the last may be
-  smaller), the unit of work of a build. Packing runs inside a group (a group's last block may be
+  smaller; ``"auto"``: ``resolve_group_rows``), the unit of work of a build. Packing runs inside a group (a group's last block may be
   shorter), so a group's sequences depend on its own rows only: a rank or an independent slice
   tokenizes exactly the rows of the groups it owns (``g % world_size == rank``), and the records
   are the same whatever the number of processes. Sequence ids are ``group << 32 | n``, ``n``
@@ -44,7 +44,9 @@ LOCAL_BUILDERS = {
     ".txt": "text",
 }
 _TOKENIZE_BATCH = 256
-DEFAULT_GROUP_ROWS = 1024  # rows per group: the unit of work of ranks and slices
+DEFAULT_GROUP_ROWS = 1024  # DataSpec's rows per group (the build's default is "auto")
+AUTO_GROUPS = 64  # --group-rows auto: about this many groups, of 1 to MAX_AUTO_GROUP_ROWS rows
+MAX_AUTO_GROUP_ROWS = 1024
 GROUP_ID_SHIFT = 32  # sequence_id = group << GROUP_ID_SHIFT | index in the group's split
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -62,7 +64,7 @@ class DataSpec:
     pack: bool = True
     limit: int | None = None  # first rows only
     holdout: float = 0.01  # fraction of rows in the "holdout" split
-    group_rows: int = DEFAULT_GROUP_ROWS  # rows per group (packing restarts at each group)
+    group_rows: int | str = DEFAULT_GROUP_ROWS  # rows per group ("auto": resolve_group_rows)
 
 
 @dataclass
@@ -72,6 +74,15 @@ class SequenceInput:
     sequence_id: int  # index in its split's stream
     input_ids: np.ndarray  # (T,) int32
     positions: np.ndarray  # (M,) int32, positions whose next-token distribution is stored
+
+
+def resolve_group_rows(group_rows: int | str, num_rows: int) -> int:
+    """Rows per row group: ``group_rows``, or for ``"auto"`` ``ceil(num_rows / AUTO_GROUPS)``
+    clamped to [1, ``MAX_AUTO_GROUP_ROWS``] (every rank of a small build gets work; a big one
+    gets groups of 1,024 rows). A pure function of the row count: every process agrees."""
+    if group_rows == "auto":
+        return max(1, min(MAX_AUTO_GROUP_ROWS, -(-num_rows // AUTO_GROUPS)))
+    return int(group_rows)
 
 
 def owned_groups(num_groups: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -169,21 +180,22 @@ class RecordStream:
                 "tokenizer has none; use a chat model's tokenizer or --text-field"
             )
         self.eos_id = tokenizer.eos_token_id
+        self.group_size = resolve_group_rows(spec.group_rows, len(self.rows))
         self.tokenized_rows = 0  # rows this stream has tokenized (tests: no rank tokenizes more)
 
     @property
     def num_groups(self) -> int:
         """Row groups of the dataset (``ceil(rows / group_rows)``)."""
-        return -(-len(self.rows) // self.spec.group_rows)
+        return -(-len(self.rows) // self.group_size)
 
     def group_rows(self, group: int):
         """The rows of one group (a ``datasets.Dataset`` view; nothing is read yet)."""
-        start = group * self.spec.group_rows
+        start = group * self.group_size
         if not 0 <= start < len(self.rows):
             raise ConfigError(f"row group {group} is outside the {self.num_groups} groups")
         if self.num_groups == 1:
             return self.rows
-        return self.rows.select(range(start, min(start + self.spec.group_rows, len(self.rows))))
+        return self.rows.select(range(start, min(start + self.group_size, len(self.rows))))
 
     def documents(
         self, split: str, group: int | None = None

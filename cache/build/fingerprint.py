@@ -154,8 +154,6 @@ def data_fingerprint(spec: Any, tokenizer: Any, rows: Any) -> dict[str, Any]:
         "holdout": spec.holdout,
         "preprocessing_version": PREPROCESSING_VERSION,
     }
-    if len(rows) > spec.group_rows:  # packing restarts at each row group (one group: as before)
-        details["group_rows"] = spec.group_rows
     hashed = [key for key in details if key != "source" or not local]
     return _with_hash(details, hashed)
 

@@ -126,7 +126,7 @@ def prepare_directory(
             return "complete"
         if not changed:
             check_resumable(out, existing, state, overwrite)
-            if existing.get("partition") is not None or not overwrite:
+            if existing.get("partition") == state.get("partition") or not overwrite:
                 return "resume"
         remove_cache_files(out)
     if write_state:
@@ -141,11 +141,22 @@ def check_resumable(
     out: Path | str, existing: dict[str, Any], state: dict[str, Any], overwrite: bool
 ) -> None:
     """ConfigError when an unfinished build with the same fingerprints cannot be resumed by this
-    run: one cut by rank (an older kdcache, several processes), or slices of another count."""
-    if existing.get("partition") is None and existing.get("world_size", 1) != 1 and not overwrite:
+    run: one started by a kdcache that cut the work by rank (no partition), one cut into other
+    row groups, or slices of another count. ``overwrite`` restarts instead."""
+    if overwrite:
+        return
+    if existing.get("partition") is None:
         raise ConfigError(
-            f"the unfinished build in {out} was cut by rank by an older kdcache "
-            f"({existing['world_size']} processes); pass --overwrite to rebuild it"
+            f"the unfinished build in {out} was started by an older kdcache (shards by rank, "
+            f"{existing.get('world_size', 1)} processes), whose shards this one cannot continue; "
+            "pass --overwrite to rebuild it"
+        )
+    theirs, ours = existing["partition"], state.get("partition") or {}
+    if theirs.get("group_rows") != ours.get("group_rows"):
+        raise ConfigError(
+            f"the unfinished build in {out} cuts the rows into groups of "
+            f"{theirs.get('group_rows')} (this run: {ours.get('group_rows')}); pass --group-rows "
+            f"{theirs.get('group_rows')} to resume it, or --overwrite"
         )
     theirs, ours = existing.get("num_shards"), state.get("num_shards")
     if theirs is not None and ours is not None and theirs != ours:

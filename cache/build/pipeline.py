@@ -214,7 +214,7 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
     fingerprints = fingerprints_for(config, model, tokenizer, stream.rows, dtype, vocab_size)
     state = {
         **fingerprints,
-        "partition": {"group_rows": config.group_rows, "num_groups": stream.num_groups},
+        "partition": {"group_rows": stream.group_size, "num_groups": stream.num_groups},
         "num_shards": config.num_shards,
         "manifest": manifest_fields(config, fingerprints, vocab_size),
     }
