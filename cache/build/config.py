@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format.codecs import MODES
-from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
-from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
 from kdcache.cache.build.data import DataSpec
 from kdcache.cache.build.slices import slice_problems
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.extraction.sizing import parse_auto_int
+from kdcache.cache.format.codecs import MODES
+from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
+from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
 from kdcache.cache.format.modes import storage_mode
 from kdcache.cache.storage.location import Location, resolve_location
 

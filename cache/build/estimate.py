@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdcache.cache.build.pipeline import BuildConfig
 from kdcache.cache.build.config import ESTIMATE_SAMPLE_SEQUENCES
 from kdcache.cache.build.data import SPLITS, RecordStream
+from kdcache.cache.build.pipeline import BuildConfig
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.read.inspect import kprime_values as k_primes
 from kdcache.cache.format.modes import describe_storage
+from kdcache.cache.read.inspect import kprime_values as k_primes
 from kdcache.cache.records import SequenceRecord
 
 PERCENTILES = (5, 25, 50, 75, 95)

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.build.fingerprint import differences
 from kdcache.cache.build.slices import PARTS_DIR
+from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.format.manifest import BUILD_STATE_NAME as STATE_NAME
 from kdcache.cache.format.manifest import manifest_path, read_manifest
 from kdcache.cache.format.shards import SHARDS_DIR, atomic_write_bytes

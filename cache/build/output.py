@@ -28,8 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format import shards as shard_files
-from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.build.fingerprint import differences
 from kdcache.cache.build.lock import (
     FINGERPRINT_KEYS,
@@ -47,6 +45,8 @@ from kdcache.cache.build.slices import (
     read_local_markers,
     read_state,
 )
+from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.format import shards as shard_files
 from kdcache.cache.format.manifest import (
     MANIFEST_NAME,
     ShardInfo,
@@ -54,9 +54,15 @@ from kdcache.cache.format.manifest import (
     file_checksum,
     manifest_path,
 )
-from kdcache.cache.storage.remote_lock import RemoteLock
 from kdcache.cache.format.shards import SHARDS_DIR
-from kdcache.cache.storage.location import Location, cache_home, check_bucket, remote_errors, upload_tree
+from kdcache.cache.storage.location import (
+    Location,
+    cache_home,
+    check_bucket,
+    remote_errors,
+    upload_tree,
+)
+from kdcache.cache.storage.remote_lock import RemoteLock
 
 UPLOAD_PAUSE_ENV = "KDCACHE_TEST_PAUSE_IN_UPLOAD"  # tests: seconds between a shard and its journal
 
@@ -70,7 +76,6 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: no write permission in {existing}; choose another --out")
-
 
 
 class LocalTarget:
@@ -90,7 +95,7 @@ class LocalTarget:
     def prepare(
         self, state: dict[str, Any], overwrite: bool, creator: bool, exclusive: bool = False
     ) -> str:
-        """"complete", "resume" or "fresh" (``lock.prepare_directory``); ``creator``: this process
+        """ "complete", "resume" or "fresh" (``lock.prepare_directory``); ``creator``: this process
         may write the build state (torchrun: rank 0 first; slices: all, ``exclusive``)."""
         return prepare_directory(
             self.local_dir, state, overwrite and creator, write_state=creator, exclusive=exclusive

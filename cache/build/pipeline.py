@@ -19,7 +19,6 @@ the slice that completes the last group for independent slices, or by ``finalize
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -33,18 +32,18 @@ from kdcache.cache.build.config import (  # noqa: F401 (BuildConfig, MODES: re-e
     BuildConfig,
 )
 from kdcache.cache.build.data import SPLITS, RecordStream, owned_groups
-from kdcache.cache.build.slices import missing_groups, missing_text, shards_of_markers
-from kdcache.cache.extraction.sizing import PassSizes, size_teacher_pass
-from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
 from kdcache.cache.build.fingerprint import (
     data_fingerprint,
     stable_hash,
     teacher_fingerprint,
     tokenizer_details,
 )
-from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.build.lock import TOKENIZER_DIR
 from kdcache.cache.build.output import build_target
+from kdcache.cache.build.slices import missing_groups, missing_text, shards_of_markers
+from kdcache.cache.errors import CacheError, ConfigError, KdcacheError
+from kdcache.cache.extraction.sizing import PassSizes, size_teacher_pass
+from kdcache.cache.format.blocks import BlockCodec
 from kdcache.cache.format.manifest import (
     ShardInfo,
     manifest_path,

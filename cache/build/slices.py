@@ -98,7 +98,9 @@ def missing_text(missing: list[int], num_shards: int | None) -> str:
     """What is not built yet, by slice when the build runs in slices: one short phrase."""
     if num_shards:
         slices = sorted({group % num_shards for group in missing})
-        listed = ", ".join(str(index) for index in slices[:20]) + (" ..." if len(slices) > 20 else "")
+        listed = ", ".join(str(index) for index in slices[:20]) + (
+            " ..." if len(slices) > 20 else ""
+        )
         return f"slices {listed} of {num_shards} (--shard-index) are not complete"
     listed = ", ".join(str(group) for group in missing[:20]) + (" ..." if len(missing) > 20 else "")
     return f"{len(missing)} row groups are not built (groups {listed})"

@@ -27,7 +27,6 @@ from kdcache.cache.build.config import DTYPE_NAMES
 from kdcache.cache.build.data import SequenceInput
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.extraction.heads import OutputHead, body_of, fp32_output_gemm, resolve_head
-from kdcache.cache.records import SequenceRecord
 from kdcache.cache.extraction.topk import (
     DEFAULT_CHUNK_ELEMENTS,
     ScratchBuffers,
@@ -36,6 +35,7 @@ from kdcache.cache.extraction.topk import (
     topk_from_hidden,
     topk_from_logit_rows,
 )
+from kdcache.cache.records import SequenceRecord
 
 T = TypeVar("T")
 
