@@ -12,7 +12,8 @@
 #   4. build throughput / bare forward (bench/bench_build.py): a 12-layer hidden-768 Llama
 #      teacher (~110M parameters at vocab 32k, ~180M at 128k), top-64 and the default mode
 #   5. KD step / CE step, tokens/s and peak memory (bench/gpu_step.py), vocab 32k and 128k
-#   6. build / bare forward with the device-sized head (bench/gpu_build_scale.py): auto vs the
+#   6. kdcache.hf.KDTrainer on CUDA: its loss equals kdcache train's, bf16 steps (tests/test_hf.py)
+#   7. build / bare forward with the device-sized head (bench/gpu_build_scale.py): auto vs the
 #      old CPU chunking, top-64 and the default mode, vocab 32k and 152k
 # Logs and RESULT lines go to $KDCACHE_GPU_CHECK_OUT (default: a new temp dir); PYTHON picks the
 # interpreter (default python3).
@@ -80,6 +81,7 @@ else
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
     stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cuda --vocab 32000 152064
 fi
+stage hf-trainer 60 "$PYTHON" -m pytest -q -m gpu tests/test_hf.py -rs -p no:cacheprovider  # KDTrainer
 
 echo "=== summary ($((SECONDS - START))s)"
 cat "$OUT/environment.log"

@@ -22,6 +22,7 @@ from kdcache.cache.build.config import (
 )
 from kdcache.cache.errors import ConfigError
 from kdcache.cli import _storage
+from kdcache.cli._config import config_option
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
@@ -187,6 +188,7 @@ def build(
             f"{_storage.CACHE_HOME_TEXT}/staging",
         ),
     ),
+    config_file: str | None = config_option(settings=(BuildConfig,)),
 ) -> None:
     """Run the teacher once over a dataset; store top-k log-probs + tail mass per position."""
     from kdcache.cache.build.pipeline import build_cache

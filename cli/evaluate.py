@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from kdcache.cli import _storage
+from kdcache.cli._config import config_option
 from kdcache.cli._defaults import field_default
 from kdcache.cli._errors import handle_errors
 from kdcache.trainer.config import EvalConfig
@@ -45,7 +46,11 @@ def evaluate(
     cross_tokenizer: bool = typer.Option(
         _eval("cross_tokenizer"),
         help="Allow students whose tokenizer differs from the teacher's: CE / perplexity on "
-        "their own tokens and bits per byte (no KL to the teacher).",
+        "their own tokens and bits per byte (no KL to the teacher). Not needed for a checkpoint "
+        "whose run.json (beside or above it) says the run was --cross-tokenizer.",
+    ),
+    config_file: str | None = config_option(
+        aliases={"students": "student"}, settings=(EvalConfig,)
     ),
 ) -> None:
     """Evaluate students on the cache's held-out split and print them side by side."""

@@ -12,6 +12,7 @@ import typer
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cli import _storage
+from kdcache.cli._config import config_option
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
@@ -157,7 +158,8 @@ def train(
     cross_tokenizer: bool = typer.Option(
         _train("cross_tokenizer"),
         help="Allow a student whose tokenizer differs from the cache's teacher's: positions "
-        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md).",
+        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md). With "
+        "--loss ce: train on the cache's text with the student's own tokenizer (no teacher).",
     ),
     uld_weight: float = typer.Option(
         _train("uld_weight"), help="Weight of the ULD term on unmatched tokens (--cross-tokenizer)."
@@ -176,9 +178,21 @@ def train(
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
+    report_to: str = typer.Option(
+        _train("report_to"),
+        help="Also log the metrics to these trackers, comma-separated: tensorboard, wandb, "
+        "mlflow, trackio; all (the installed ones) or none (metrics.jsonl only). Each is an "
+        "extra: pip install 'kdcache[wandb]'.",
+    ),
+    run_name: str | None = typer.Option(
+        None, help="The run's name in the trackers (default: the --out folder's name)."
+    ),
     storage_option: list[str] = _storage.storage_option(),
     cache_dir: str | None = _storage.cache_dir_option(),
     cache_limit: str = _storage.cache_limit_option(),
+    config_file: str | None = config_option(
+        aliases={"num_workers": "workers"}, settings=(TrainConfig, DemoSettings)
+    ),
 ) -> None:
     """Train a student on a teacher cache with a sparse KD loss (or on the tokens alone: ce)."""
     from kdcache.trainer import TrainConfig
@@ -232,6 +246,8 @@ def train(
         vocab_map=vocab_map,
         distill_inside=distill_inside,
         progress=progress,
+        report_to=report_to,
+        run_name=run_name,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )
     result = run_training(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +197,6 @@ def test_cross_tokenizer_resume_with_another_worker_count_is_exact(
 def test_eval_reports_bits_per_byte_for_both_kinds_of_student(tmp_path, small_cache, cross_run,
                                                              tiny_llama_dir):  # fmt: skip
     _, run = cross_run
-    refused = CliRunner().invoke(app, ["eval", "--cache", str(small_cache), "--student",
-                                       str(run / "final")])  # fmt: skip
-    assert refused.exit_code == 2 and "pass --cross-tokenizer" in refused.stderr
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["eval", "--cache", str(small_cache), "--student",
                                       str(tiny_llama_dir), "--student", str(run / "final"),
@@ -320,3 +318,34 @@ def test_resume_of_a_run_from_before_the_vocab_map_flags():
         vocab_map="prefix",
     )  # fmt: skip
     assert prefix.differences(stored) == ["vocab_map: 'exact' -> 'prefix'"]
+
+
+def test_eval_reads_cross_tokenizer_from_the_students_run(tmp_path, small_cache, cross_run,
+                                                          other_student):  # fmt: skip
+    """The run.json above ``final/`` says --cross-tokenizer: eval needs no flag; without it, no."""
+    _, run = cross_run
+    with_flag, without = tmp_path / "flag.json", tmp_path / "run.json"
+    for out, extra in ((with_flag, ["--cross-tokenizer"]), (without, [])):
+        result = CliRunner().invoke(app, ["eval", "--cache", str(small_cache), "--student",
+                                          str(run / "final"), "--json", str(out), *extra])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert json.loads(without.read_text()) == json.loads(with_flag.read_text())
+    # the same student weights with no run beside them: the flag is still needed
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "final", bare)
+    refused = CliRunner().invoke(app, ["eval", "--cache", str(small_cache), "--student", str(bare)])
+    assert refused.exit_code == 2 and "pass --cross-tokenizer" in refused.stderr
+
+
+def test_ce_with_another_tokenizer_is_explained_as_training_on_the_caches_text(
+    tmp_path, small_cache, other_student
+):
+    refused = _train(small_cache, other_student, tmp_path / "refused", "--loss", "ce")
+    assert refused.exit_code == 2
+    assert "trains on the cache's text with the student's own tokenizer" in refused.stderr
+    assert "not distillation" in refused.stderr
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    result = _train(small_cache, other_student, tmp_path / "ce", "--loss", "ce",
+                    "--cross-tokenizer")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "training on the cache's text with the student's own tokenizer" in result.stderr

@@ -31,7 +31,7 @@ def test_every_subpackage_folder_is_listed_in_pyproject():
         importlib.import_module(name)
 
 
-GENERIC_NAMES = ("cache", "trainer", "cli", "demo")
+GENERIC_NAMES = ("cache", "trainer", "cli", "demo", "hf")
 
 # Run from a folder outside the checkout, so that the repository root (where folders named
 # cache/, cli/ ... exist) is not on sys.path: what is importable there is what the installed

@@ -15,6 +15,7 @@ from typing import Any
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.storage.location import DEFAULT_CACHE_LIMIT
+from kdcache.trainer.trackers import parse_report_to
 
 VOCAB_MAPS = ("exact", "prefix")  # --vocab-map (kdcache.trainer.cross_tokenizer.prefix)
 
@@ -34,6 +35,7 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
     # who reads the data, not what it is: a resume may change the workers and (to keep the
     # global batch at another world size) the accumulation
     | {"num_workers", "grad_accum"}
+    | {"report_to", "run_name"}  # where the metrics are also sent (--report-to)
 )
 # Fields never written into run.json (storage options may hold credentials)
 _NOT_STORED = ("storage_options",)
@@ -147,6 +149,8 @@ class TrainConfig:
     vocab_map: str = "exact"  # exact | prefix: where unmatched teacher tokens' mass goes
     distill_inside: bool = True  # distill student positions inside a teacher token too
     progress: bool = True  # tqdm progress bar
+    report_to: str = "none"  # trackers, comma-separated: tensorboard, wandb, mlflow, trackio, all
+    run_name: str | None = None  # the run's name in the trackers (None: the --out folder's name)
     split: str = "train"  # cache split to train on
     eval_split: str = "holdout"  # cache split used by eval_every
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL
@@ -199,6 +203,10 @@ class TrainConfig:
         if self.teacher is not None and self.loss == CE_ONLY:
             problems.append("--loss ce trains on the tokens alone; drop --teacher")
         problems += _cross_tokenizer_problems(self)
+        try:
+            parse_report_to(self.report_to)
+        except ConfigError as error:
+            problems.append(str(error))
         if self.loss == "ce" and self.ce_weight not in (0.0, 1.0):
             problems.append("--loss ce trains on next-token CE alone; leave --ce-weight out")
         _raise(problems)

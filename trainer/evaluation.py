@@ -150,6 +150,25 @@ def evaluate_model(
     return metrics
 
 
+def trained_cross_tokenizer(student: str) -> bool:
+    """True when the run that wrote checkpoint ``student`` trained with ``--cross-tokenizer``.
+
+    Reads the run's ``run.json`` in the checkpoint directory or the one above it (``<out>/final``,
+    ``<out>/step-N``); a hub id or a checkpoint without a run says nothing (False).
+    """
+    from kdcache.trainer.checkpoint import RUN_FILE
+
+    directory = Path(student)
+    for candidate in (directory / RUN_FILE, directory.parent / RUN_FILE):
+        if directory.is_dir() and candidate.is_file():
+            try:
+                run = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            return bool(isinstance(run, dict) and run.get("cross_tokenizer"))
+    return False
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Evaluate every student of ``config`` and write the JSON report.
 
@@ -184,8 +203,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     same_tokenizer = {}  # cheap checks of every student before any evaluation
     for student in config.students:
         tokenizer = load_student_tokenizer(student, cache.path)  # cache.path: a local copy
+        cross = config.cross_tokenizer or trained_cross_tokenizer(student)
         same_tokenizer[student] = check_tokenizer(
-            tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
+            tokenizer, cache.path, cache.manifest, cross_tokenizer=cross
         )
     results: dict[str, dict[str, float | None]] = {}
     for student in config.students:  # one model in memory at a time

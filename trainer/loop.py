@@ -24,7 +24,6 @@ from kdcache.cache.extraction.heads import resolve_head
 from kdcache.trainer import distributed as dist_utils
 from kdcache.trainer.checkpoint import (
     FINAL,
-    append_metrics,
     check_run_dir,
     load_training_state,
     rng_state,
@@ -41,6 +40,8 @@ from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
 from kdcache.trainer.student import (
+    CE_OTHER_TOKENIZER_HINT,
+    CE_OTHER_TOKENIZER_NOTE,
     autocast_dtype,
     check_tokenizer,
     check_vocab_size,
@@ -55,6 +56,7 @@ from kdcache.trainer.targets import (
     TeacherTarget,
     target_for_cache,
 )
+from kdcache.trainer.trackers import check_report_to, parse_report_to, start_metrics_log
 
 
 @dataclass
@@ -151,8 +153,9 @@ class _Run:
             self.source = "checkpoint"
         self.tokenizer = load_student_tokenizer(spec, cache.path)  # cache.path: a local copy
         same_tokenizer = check_tokenizer(
-            self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer
-        )
+            self.tokenizer, cache.path, cache.manifest, cross_tokenizer=config.cross_tokenizer,
+            **({"hint": CE_OTHER_TOKENIZER_HINT} if config.loss == CE_ONLY else {}),
+        )  # fmt: skip
         check_vocab_size(self.model, self.tokenizer)
         self.cross = (
             None
@@ -167,6 +170,8 @@ class _Run:
             if self.cross is None
             else self.cross.summary()
         )
+        if self.cross is not None and config.loss == CE_ONLY:
+            notice = CE_OTHER_TOKENIZER_NOTE
         if notice is not None and info.is_main:
             print(f"note: {notice}", file=sys.stderr)
         self.device = info.device
@@ -202,10 +207,17 @@ class _Run:
         self.eval_split = _eval_split(config, cache)
         self.total_steps = self._total_steps()
 
+        report_to = parse_report_to(config.report_to)
+        check_report_to(report_to)  # a missing tracker package: refused before anything is written
+
         self.out = Path(config.out)  # all checks passed: now (rank 0) writes
         dist_utils.barrier(info)  # every rank checked the out dir before rank 0 writes into it
         if info.is_main:
             start_run_dir(self.out, config)
+            run_name = config.run_name or self.out.resolve().name
+            self.metrics = start_metrics_log(
+                self.out, report_to, run_name, config.to_dict(), fresh=not config.resume
+            )
         dist_utils.barrier(info)
 
         self.objective = self._objective()
@@ -327,6 +339,8 @@ class _Run:
         batches.close()  # stops DataLoader workers of an unfinished epoch now, not at GC
         progress.close()
         final = self._save(FINAL)
+        if info.is_main:
+            self.metrics.finish()
         return TrainResult(
             out=self.out,
             final=final,
@@ -399,7 +413,7 @@ class _Run:
         }
         if self.cross is not None:
             entry.update(self.alignment.as_dict())
-        append_metrics(self.out, entry)
+        self.metrics.log(entry)
 
     def _evaluate(self) -> None:
         from kdcache.trainer.evaluation import evaluate_model
@@ -417,7 +431,7 @@ class _Run:
         )
         self.model.train()
         entry = {"kind": "eval", "step": self.step, "split": self.eval_split, **self.last_eval}
-        append_metrics(self.out, entry)
+        self.metrics.log(entry)
 
     def _save(self, name: str) -> Path:
         """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint."""

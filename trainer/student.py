@@ -136,6 +136,15 @@ def _vocabulary_difference(student: dict[str, int], cache: dict[str, int]) -> st
 
 
 _CROSS_HINT = "pass --cross-tokenizer to distill across tokenizers, or use the teacher's tokenizer"
+# --loss ce reads only the cache's tokens: with another tokenizer it is not distillation at all
+CE_OTHER_TOKENIZER_HINT = (
+    "--loss ce with another tokenizer trains on the cache's text with the student's own "
+    "tokenizer (no teacher targets, not distillation): pass --cross-tokenizer to do that"
+)
+CE_OTHER_TOKENIZER_NOTE = (
+    "--loss ce with another tokenizer: training on the cache's text with the student's own "
+    "tokenizer (the teacher's targets are not used: this is not distillation)"
+)
 
 
 def check_tokenizer(
@@ -144,13 +153,14 @@ def check_tokenizer(
     manifest: dict[str, Any],
     *,
     cross_tokenizer: bool = False,
+    hint: str = _CROSS_HINT,
 ) -> bool:
     """True when the student's ids mean the teacher's strings (a same-tokenizer run).
 
     Compares the ids both tokenizers have against ``<cache>/tokenizer/`` when the build saved
     it, else the manifest's ``tokenizer_fingerprint``. A difference is refused (naming the first
     differing id) unless ``cross_tokenizer``: then False (a cross-tokenizer run, which needs the
-    cache's tokenizer).
+    cache's tokenizer). ``hint`` ends the refusal (how to fix it).
     """
     from transformers import AutoTokenizer
 
@@ -164,7 +174,7 @@ def check_tokenizer(
             return False
         raise ConfigError(
             f"the student's tokenizer does not match the cache's teacher tokenizer: "
-            f"{difference}; {_CROSS_HINT}"
+            f"{difference}; {hint}"
         )
     expected = manifest.get("tokenizer_fingerprint")
     actual = _fingerprint(tokenizer)
@@ -176,7 +186,7 @@ def check_tokenizer(
             )
         raise ConfigError(
             "the student's tokenizer fingerprint differs from the cache's "
-            f"({actual[:12]} vs {str(expected)[:12]}); {_CROSS_HINT}"
+            f"({actual[:12]} vs {str(expected)[:12]}); {hint}"
         )
     return True
 

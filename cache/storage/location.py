@@ -32,6 +32,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "abfs": ("adlfs", "azure"),
     "abfss": ("adlfs", "azure"),
 }
+# package -> the oldest version its extra accepts (pyproject.toml's extras; older ones break late)
+MIN_VERSIONS: dict[str, str] = {"s3fs": "2024.6", "gcsfs": "2024.6", "adlfs": "2024.4"}
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):(?P<slashes>/*)")
 _CACHE_HOME_ENV = "KDCACHE_CACHE_HOME"
 DEFAULT_CACHE_LIMIT = "32GiB"  # size limit of the read-through cache of a remote cache
@@ -111,6 +113,7 @@ class Location:
         """The fsspec filesystem of this URL (instances are cached by fsspec)."""
         import fsspec
 
+        _check_filesystem_version(self.scheme)
         try:
             return fsspec.filesystem(self.scheme, **self.storage_options)
         except ImportError:
@@ -120,6 +123,15 @@ class Location:
                 f"--storage-option for {self.scheme}:// is not accepted by its filesystem "
                 f"({error}); see the fsspec docs of {self.scheme}://"
             ) from None
+
+
+def _check_filesystem_version(scheme: str) -> None:
+    """ConfigError naming the package and the version needed when an installed one is too old."""
+    from kdcache.cache.requirements import check_min_version, installed_version
+
+    module, extra = _EXTRAS.get(scheme, (scheme + "fs", None))
+    if module in MIN_VERSIONS and installed_version(module) is not None:
+        check_min_version(module, MIN_VERSIONS[module], extra)
 
 
 def _missing_filesystem(scheme: str) -> ConfigError:
