@@ -13,7 +13,9 @@
 #      teacher (~110M parameters at vocab 32k, ~180M at 128k), top-64 and the default mode
 #   5. KD step / CE step, tokens/s and peak memory (bench/gpu_step.py), vocab 32k and 128k
 #   6. kdcache.hf.KDTrainer on CUDA: its loss equals kdcache train's, bf16 steps (tests/test_hf.py)
-#   7. build / bare forward with the device-sized head (bench/gpu_build_scale.py): auto vs the
+#   7. train smoke (bench/gpu_train_smoke.py): 100 steps of a ~0.5B vocab-152k student, SIGKILL
+#      during a save, --resume, final/ loaded; DDP vs --fsdp tokens/s + peak memory on >= 2 GPUs
+#   8. build / bare forward with the device-sized head (bench/gpu_build_scale.py): auto vs the
 #      old CPU chunking, top-64 and the default mode, vocab 32k and 152k
 # Logs and RESULT lines go to $KDCACHE_GPU_CHECK_OUT (default: a new temp dir); PYTHON picks the
 # interpreter (default python3).
@@ -79,9 +81,10 @@ else
     done
     stage step-bench 70 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
-    stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cuda --vocab 32000 152064
+    stage build-scale 90 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cuda --vocab 32000 152064
 fi
 stage hf-trainer 60 "$PYTHON" -m pytest -q -m gpu tests/test_hf.py -rs -p no:cacheprovider  # KDTrainer
+stage train-smoke 150 "$PYTHON" bench/gpu_train_smoke.py $( ((DRY)) && echo --dry-run )
 
 echo "=== summary ($((SECONDS - START))s)"
 cat "$OUT/environment.log"

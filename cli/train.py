@@ -130,8 +130,38 @@ def train(
     chunk_size: int = typer.Option(
         _train("chunk_size"), help="Positions per lm_head + loss chunk."
     ),
+    shuffle_window: int = typer.Option(
+        _train("shuffle_window"),
+        help="Shards whose sequences are shuffled together each epoch (after the shard order is "
+        "shuffled); memory: this many decoded shards per data partition (docs/TRAINING.md).",
+    ),
     save_every: int = typer.Option(
-        _train("save_every"), help="Checkpoint every N steps (0 = final only)."
+        _train("save_every"),
+        help="Resumable step-N checkpoint every N steps (0 = by --save-every-minutes only).",
+    ),
+    save_every_minutes: float = typer.Option(
+        _train("save_every_minutes"),
+        help="Also a step-N checkpoint every N minutes of wall time, checked every --log-every "
+        "steps (0 = off).",
+    ),
+    save_total_limit: int = typer.Option(
+        _train("save_total_limit"),
+        help="Keep the N newest step-N checkpoints, delete older ones (0 = keep all).",
+    ),
+    export_dtype: str = typer.Option(
+        _train("export_dtype"),
+        help="dtype of the weights in final/ (model only, no optimizer): float32 or bf16.",
+    ),
+    fsdp: bool = typer.Option(
+        _train("fsdp"),
+        "--fsdp/--no-fsdp",
+        help="Shard the student over the ranks with FSDP2 (one unit per decoder layer; bf16 "
+        "params, fp32 reduction on CUDA) for students that do not fit DDP; sharded step-N "
+        "checkpoints, a consolidated final/.",
+    ),
+    dist_timeout: float = typer.Option(
+        _train("dist_timeout"),
+        help="Minutes a collective may wait before the run fails (torchrun; e.g. on a save).",
     ),
     eval_every: int | None = typer.Option(
         None,
@@ -232,7 +262,13 @@ def train(
         num_workers=workers,
         data_partitions=data_partitions,
         chunk_size=chunk_size,
+        shuffle_window=shuffle_window,
         save_every=save_every,
+        save_every_minutes=save_every_minutes,
+        save_total_limit=save_total_limit,
+        export_dtype=export_dtype,
+        dist_timeout=dist_timeout,
+        fsdp=fsdp,
         eval_every=settings["eval_every"],
         eval_sequences=settings["eval_sequences"],
         log_every=log_every,

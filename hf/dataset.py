@@ -3,7 +3,8 @@
 Every item is one ``SequenceRecord`` (token ids plus the teacher's stored distribution at each
 distilled position); ``KDCollator`` pads a list of them into a batch. The order follows
 ``kdcache train``'s data order (``kdcache.trainer.data.CacheDataset``): each epoch permutes the
-shards with ``(seed, epoch)`` and every reader shuffles its records through a bounded buffer.
+shards with ``(seed, epoch)`` and every reader shuffles the sequences of each window of
+``shuffle_window`` of its shards (``kdcache.trainer.shuffle``).
 
 Readers are split when iteration starts, not when the dataset is made: reader ``rank *
 workers + worker`` of ``world_size * workers`` (``torch.distributed``'s rank and world size when
@@ -23,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.records import SequenceRecord
+from kdcache.trainer.shuffle import DEFAULT_SHUFFLE_WINDOW
 
 __all__ = ["CacheSequences", "cache_dataset", "process_rank"]
 
@@ -53,6 +55,7 @@ class CacheSequences(IterableDataset):
         shuffle_buffer: int = 64,
         rank: int | None = None,
         world_size: int | None = None,
+        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     ) -> None:
         if split not in cache.manifest["splits"]:
             raise ConfigError(
@@ -63,6 +66,7 @@ class CacheSequences(IterableDataset):
         self.cache, self.split = cache, split
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(1, shuffle_buffer)
         self.rank, self.world_size = rank, world_size
+        self.shuffle_window = shuffle_window  # shuffle_buffer: kept for callers, unused now
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,8 +87,9 @@ class CacheSequences(IterableDataset):
         plan = CacheDataset(
             self.cache, self.split, batch_size=1, seed=self.seed, shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer, partitions=readers,
+            shuffle_window=self.shuffle_window,
         )  # fmt: skip
-        yield from plan._shuffled(self.epoch, reader)  # kdcache train's order, one partition
+        yield from plan.partition_records(self.epoch, reader)  # kdcache train's, one partition
 
 
 def cache_dataset(
@@ -96,6 +101,7 @@ def cache_dataset(
     shuffle_buffer: int = 64,
     rank: int | None = None,
     world_size: int | None = None,
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     **open_options: Any,
 ) -> CacheSequences:
     """The sequences of ``split`` of ``cache`` (a path, URL or opened ``Cache``) for Trainer.
@@ -113,5 +119,5 @@ def cache_dataset(
         raise ConfigError("open options apply to a cache path or URL, not an opened Cache")
     return CacheSequences(
         cache, split, shuffle=shuffle, seed=seed, shuffle_buffer=shuffle_buffer,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, shuffle_window=shuffle_window,
     )  # fmt: skip

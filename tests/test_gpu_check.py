@@ -22,6 +22,8 @@ def test_gpu_check_dry_run_prints_the_final_table(tmp_path):
     assert "DRY RUN" in output and "GPU: none (CPU)" in output
     assert re.search(r"gpu-tests: exit 0", output)  # the gpu tests ran and skipped cleanly
     assert "needs a CUDA device" in (tmp_path / "gpu-tests.log").read_text()
+    smoke = (tmp_path / "train-smoke.log").read_text()  # SIGKILL in a save, then --resume
+    assert re.search(r'RESULT .*"resumable": true', smoke), smoke[-2000:]
     table = output[output.index("=== summary") :]
     # at the dry run's tiny sizes a marginal build rate can drown in noise: "n/a", never an error
     for mode in ("top64", "default"):

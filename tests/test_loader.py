@@ -10,7 +10,7 @@ import torch
 
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.records import SequenceRecord
-from kdcache.trainer.data import CacheDataset, collate_records
+from kdcache.trainer.data import BUFFER_ORDER, CacheDataset, collate_records
 from kdcache.trainer.targets import TopkBucketTarget
 
 
@@ -255,11 +255,14 @@ def test_another_world_size_refusals():
 
 
 def test_a_cursor_of_the_format_before_partitions_resumes():
-    """Checkpoints written before partitions (one stream per rank x worker) still load."""
+    """Checkpoints written before partitions (one stream per rank x worker) still load, and
+    continue in the order they were written in (shard order + shuffle buffer)."""
     cache = FakeCache()
     full = CacheDataset(cache, batch_size=3, num_workers=2, seed=7)
+    full.order = BUFFER_ORDER  # how the runs of that time read
     expected = _ids(full.epoch_batches())
     interrupted = CacheDataset(cache, batch_size=3, num_workers=2, seed=7)
+    interrupted.order = BUFFER_ORDER
     stream = interrupted.epoch_batches()
     head = [next(stream) for _ in range(3)]
     state = interrupted.state_dict()

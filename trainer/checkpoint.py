@@ -23,6 +23,7 @@ import torch
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.format.manifest import fsync_dir
+from kdcache.trainer.checkpoint_policy import sleep_if_test_hook
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -53,15 +54,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    out_dir: Path, name: str, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any]
+    out_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    state: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``out_dir/name`` atomically (temp dir, then rename) and return its path."""
+    """Write ``out_dir/name`` atomically (temp dir, then rename) and return its path.
+
+    ``weights``: the state dict to save instead of the model's own (e.g. cast to bf16 for
+    export, or gathered from FSDP shards); its dtype is written into config.json.
+    """
     final = out_dir / name
     temporary = out_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    dtypes = {tensor.dtype for tensor in (weights or {}).values() if tensor.is_floating_point()}
+    model.save_pretrained(temporary, state_dict=weights)
+    if len(dtypes) == 1:
+        _write_config_dtype(temporary, dtypes.pop())
     if tokenizer is not None:
         tokenizer.save_pretrained(temporary)
+    sleep_if_test_hook(name)  # tests SIGKILL the process here: a half-written checkpoint
     with open(temporary / STATE_FILE, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
@@ -76,6 +90,20 @@ def save_checkpoint(
         temporary.rename(final)
     fsync_dir(out_dir)
     return final
+
+
+def _write_config_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype of the saved weights (save_pretrained writes the model's), so
+    ``from_pretrained(dtype="auto")`` loads an exported bf16 model as bf16."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -100,8 +128,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    """The ``trainer_state.pt`` of a checkpoint directory."""
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """The ``trainer_state.pt`` of a checkpoint directory, memory-mapped (tensors are read from
+    the file as they are used, e.g. when the optimizer moves its state to the GPU, not first
+    copied into host memory)."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
 def check_run_dir(config: Any) -> Path | None:

@@ -27,10 +27,14 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 # result); every other field must match the stored run.json.
 # What a field missing from an older run.json meant: the behaviour before the field existed.
 ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": False}
+# Runs from before --shuffle-window: their data cursors carry their own order (the buffer order),
+# so the default resumes them unchanged.
+ABSENT_FIELD_MEANS.update(shuffle_window=4, fsdp=False)
 # Fields that change nothing unless the run is --cross-tokenizer.
 CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
+    | {"save_every_minutes", "save_total_limit", "export_dtype", "dist_timeout"}
     | {"storage_options", "cache_dir", "cache_limit"}
     # who reads the data, not what it is: a resume may change the workers and (to keep the
     # global batch at another world size) the accumulation
@@ -105,6 +109,47 @@ def _cross_tokenizer_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _long_run_problems(config: TrainConfig) -> list[str]:
+    from kdcache.trainer.checkpoint_policy import EXPORT_DTYPES
+
+    problems = []
+    if not (config.save_every_minutes >= 0 and math.isfinite(config.save_every_minutes)):
+        problems.append(f"--save-every-minutes must be >= 0, got {config.save_every_minutes}")
+    if config.save_total_limit < 0:
+        problems.append(
+            f"--save-total-limit must be >= 0 (0 = keep all), got {config.save_total_limit}"
+        )
+    if config.export_dtype not in EXPORT_DTYPES:
+        problems.append(
+            f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}, got {config.export_dtype!r}"
+        )
+    if config.fsdp:
+        problems += _fsdp_problems(config)
+    if not (config.dist_timeout > 0 and math.isfinite(config.dist_timeout)):
+        problems.append(
+            f"--dist-timeout must be a positive number of minutes, got {config.dist_timeout}"
+        )
+    return problems
+
+
+def _fsdp_problems(config: TrainConfig) -> list[str]:
+    from kdcache.trainer.parallel import fsdp_available
+
+    reason = fsdp_available()
+    if reason is not None:
+        return [f"--fsdp: {reason}; upgrade torch or train with DDP (drop --fsdp)"]
+    problems = []
+    if config.eval_every:
+        problems.append(
+            "--fsdp with --eval-every is not supported (the held-out pass runs on rank 0 and "
+            "the sharded model needs every rank); drop --eval-every and run `kdcache eval` on "
+            "the checkpoints"
+        )
+    if config.cross_tokenizer:
+        problems.append("--fsdp with --cross-tokenizer is not supported yet; drop --fsdp")
+    return problems
+
+
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
@@ -133,9 +178,15 @@ class TrainConfig:
     seed: int = 0  # student init, data order and every RNG
     num_workers: int = 0  # DataLoader workers decoding shards (any number on resume)
     data_partitions: int | None = None  # parts of the data order (None = world x max(1, workers))
-    shuffle_buffer: int = 64  # records held in the loader's shuffle buffer per worker
+    shuffle_buffer: int = 64  # the buffer of cursors from before --shuffle-window (old runs)
+    shuffle_window: int = 4  # shards whose sequences are shuffled together (trainer/shuffle.py)
     chunk_size: int = 1024  # positions per chunk of the lm_head + loss (memory: chunk x vocab)
-    save_every: int = 0  # checkpoint every N steps (0 = only the final one)
+    save_every: int = 0  # resumable checkpoint every N steps (0 = by minutes only)
+    save_every_minutes: float = 60.0  # ... and every N minutes of wall time (0 = off)
+    save_total_limit: int = 3  # keep the N newest step-N checkpoints (0 = all)
+    export_dtype: str = "float32"  # dtype of final/ (float32 or bf16); step-N stay float32
+    dist_timeout: float = 30.0  # minutes a collective may wait (e.g. on rank 0 saving)
+    fsdp: bool = False  # shard the student with FSDP2 (trainer/parallel.py) instead of DDP
     eval_every: int = 0  # held-out KL/CE every N steps into metrics.jsonl (0 = off)
     eval_sequences: int = 32  # held-out sequences used by eval_every
     log_every: int = 10  # training metrics line every N steps
@@ -184,7 +235,13 @@ class TrainConfig:
                 "--max-tokens needs --steps N: the number of token-budget batches per epoch is "
                 "only known after decoding the whole split, which would run before training"
             )
-        for name in ("grad_accum", "log_every", "eval_sequences", "shuffle_buffer"):
+        for name in (
+            "grad_accum",
+            "log_every",
+            "eval_sequences",
+            "shuffle_buffer",
+            "shuffle_window",
+        ):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 problems.append(f"{flag} must be >= 1, got {getattr(self, name)}")
@@ -194,6 +251,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-").replace("num-workers", "workers")
                 problems.append(f"{flag} must be >= 0, got {getattr(self, name)}")
+        problems += _long_run_problems(self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -1,31 +1,34 @@
 """Stream a teacher cache as padded training batches, with exact mid-epoch resume.
 
-The order of the batches is a pure function of ``(seed, epoch, partitions)``; the world size and
-the DataLoader workers only decide who reads what:
+The order of the batches is a pure function of ``(seed, epoch, partitions, shuffle window)``; the
+world size and the DataLoader workers only decide who reads what:
 
-* every epoch the split's shards are permuted with ``rng(seed, epoch)``;
 * the epoch is cut into ``partitions`` parts (default: ``world_size * max(1, num_workers)`` of the
-  run's first start; ``--data-partitions`` fixes it): partition ``p`` reads the shards ``i`` of
-  the permutation with ``i % partitions == p``. A cache with fewer shards than partitions is
-  split by record instead (every partition decodes every shard and keeps every
-  ``partitions``-th record);
-* each partition shuffles its records through a bounded buffer (``rng(seed, epoch, p)``) and
-  groups them into batches of ``batch_size`` sequences (or up to ``max_tokens`` padded tokens);
+  run's first start; ``--data-partitions`` fixes it);
+* every epoch the split's shards are permuted with ``rng(seed, epoch)`` and dealt to the
+  partitions in turn; each partition shuffles the sequences of each window of ``shuffle_window``
+  consecutive shards of its own (``kdcache.trainer.shuffle``: what exactly is shuffled). A cache
+  with fewer shards than partitions is split by record instead (every partition reads the same
+  windows and keeps every ``partitions``-th place);
+* each partition groups its sequences into batches of ``batch_size`` sequences (or up to
+  ``max_tokens`` padded tokens);
 * rank ``r`` of ``world_size`` owns a contiguous range of partitions (``p * world_size //
   partitions == r``) and takes one batch from each of them in turn (round-robin, skipping
   partitions that have ended); its DataLoader workers split its partitions between them, and
   the main process restores the round-robin order whatever order the workers deliver in.
 
-The state is therefore small: the epoch, the number of batches handed out per partition, and
-whose turn is next. On resume each worker re-reads its partitions and skips (without collating)
-the batches already handed out, so the resumed run sees exactly the batches the uninterrupted
-one would, with any number of workers. With another world size (``load_state_dicts`` with every
-rank's state) the partitions change owners and continue from their own cursors: every remaining
-sequence of the epoch is seen exactly once; with the same global batch (ranks x batch x
-accumulation) a step takes the same batches as the uninterrupted run while the partitions hold
-equally many batches (at the end of an epoch, partitions that run out at different times can
-make a step's batches differ).
-Memory is bounded by the shuffle buffers and the DataLoader prefetch, whatever the cache size.
+The state is therefore small: the epoch, the batches and sequences handed out per partition, and
+whose turn is next. On resume each partition starts at its sequence count by arithmetic on the
+manifest's per-shard counts: shards whose sequences were all handed out are neither read nor
+downloaded. With another world size (``load_state_dicts`` with every rank's state) the partitions
+change owners and continue from their own cursors: every remaining sequence of the epoch is seen
+exactly once; with the same global batch (ranks x batch x accumulation) a step takes the same
+batches as the uninterrupted run while the partitions hold equally many batches (at the end of an
+epoch, partitions that run out at different times can make a step's batches differ).
+Memory: the decoded shards of one shuffle window per partition, plus the DataLoader prefetch.
+
+A cursor written before the shuffle windows (no ``order`` in it) continues in the order it was
+written in: shard order plus a ``shuffle_buffer``-record buffer, re-read and skipped on resume.
 """
 
 from __future__ import annotations
@@ -40,9 +43,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.cache.errors import ConfigError, KdcacheError
 from kdcache.cache.records import SequenceRecord
+from kdcache.trainer.shuffle import (
+    DEFAULT_SHUFFLE_WINDOW,
+    PartitionPlan,
+    buffered_records,
+    records_from,
+)
 from kdcache.trainer.targets import TeacherTarget, target_for_cache
 
 IGNORE_INDEX = -100
+WINDOW_ORDER = "window"  # the cursor's ``order``: shuffle windows (kdcache.trainer.shuffle)
+BUFFER_ORDER = "buffer"  # a cursor without ``order``: shard order + a shuffle buffer
 
 
 class _CacheLike(Protocol):
@@ -136,6 +147,7 @@ class CacheDataset(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 64,
+        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         pad_id: int = 0,
         target: TeacherTarget | None = None,
         partitions: int | None = None,
@@ -148,6 +160,8 @@ class CacheDataset(IterableDataset):
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        if shuffle_window < 1:
+            raise ConfigError(f"--shuffle-window must be >= 1 shard, got {shuffle_window}")
         self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.partitions = world_size * self.num_streams if partitions is None else partitions
         if self.partitions < world_size:
@@ -161,6 +175,7 @@ class CacheDataset(IterableDataset):
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, max(1, shuffle_buffer)
+        self.order, self.shuffle_window = WINDOW_ORDER, shuffle_window
         self.pad_id = pad_id
         # the teacher target collates its own tensors (default: the cache's storage mode)
         self.target = target if target is not None else target_for_cache(cache.manifest)
@@ -173,6 +188,7 @@ class CacheDataset(IterableDataset):
     def _reset_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.consumed = [0] * len(self.owned)  # batches handed out per owned partition
+        self.sequences = [0] * len(self.owned)  # sequences handed out per owned partition
         self.finished = [False] * len(self.owned)
         self.next_slot = 0
 
@@ -193,6 +209,9 @@ class CacheDataset(IterableDataset):
             "world_size": self.world_size,
             "rank": self.rank,
             "seed": self.seed,
+            "order": self.order,
+            "shuffle_window": self.shuffle_window,
+            "sequences": list(self.sequences),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,10 +223,17 @@ class CacheDataset(IterableDataset):
                 f"cannot resume the data stream: the saved cursor is of partitions "
                 f"{mine['owned']}, this rank reads {self.owned}"
             )
+        self._adopt_order(mine)
         self.epoch = int(mine["epoch"])
         self.consumed = [int(count) for count in mine["consumed"]]
+        self.sequences = [int(count) for count in mine.get("sequences", [0] * len(self.owned))]
         self.finished = [bool(flag) for flag in mine["finished"]]
         self.next_slot = int(mine["next"])
+
+    def _adopt_order(self, state: dict[str, Any]) -> None:
+        """The order the cursor was written in (a cursor from before windows: the buffer order)."""
+        self.order = str(state.get("order", BUFFER_ORDER))
+        self.shuffle_window = int(state.get("shuffle_window", self.shuffle_window))
 
     def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
         """Continue from every rank's ``state_dict()`` of a checkpoint, at any world size.
@@ -229,18 +255,24 @@ class CacheDataset(IterableDataset):
                 f"resume with {len(states)} ranks"
             )
         cursors = {
-            int(part): (int(count), bool(flag))
+            int(part): (int(count), bool(flag), int(sequences))
             for state in states
-            for part, count, flag in zip(
-                state["owned"], state["consumed"], state["finished"], strict=True
+            for part, count, flag, sequences in zip(
+                state["owned"],
+                state["consumed"],
+                state["finished"],
+                state.get("sequences", [0] * len(state["owned"])),
+                strict=True,
             )
         }
         missing = [part for part in self.owned if part not in cursors]
         if missing:
             raise ConfigError(f"the checkpoint holds no data cursor for partitions {missing}")
+        self._adopt_order(states[0])
         self.epoch = epochs[0]
         self.consumed = [cursors[part][0] for part in self.owned]
         self.finished = [cursors[part][1] for part in self.owned]
+        self.sequences = [cursors[part][2] for part in self.owned]
         self.next_slot = self._first_behind()
 
     def _check_compatible(self, states: Sequence[dict[str, Any]]) -> None:
@@ -262,7 +294,7 @@ class CacheDataset(IterableDataset):
 
     # -- the deterministic partitions ----------------------------------------------------------
 
-    def _partition_plan(self, epoch: int, part: int) -> tuple[list[Any], int, int]:
+    def _shard_places(self, epoch: int, part: int) -> tuple[list[Any], int, int]:
         """(shards to read, record stride, record offset) of partition ``part``."""
         order = np.arange(len(self.shard_infos))
         if self.shuffle:
@@ -272,36 +304,37 @@ class CacheDataset(IterableDataset):
             return shards[part :: self.partitions], 1, 0
         return shards, self.partitions, part  # too few shards: split by record
 
-    def _records(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
-        shards, stride, offset = self._partition_plan(epoch, part)
-        counter = 0
-        for shard_records in self.cache.read_shards(shards):  # a remote cache fetches ahead
-            for record in shard_records:
-                if counter % stride == offset:
-                    yield record
-                counter += 1
+    def partition_plan(self, epoch: int, part: int) -> PartitionPlan:
+        """Partition ``part``'s sequences in ``epoch`` (``kdcache.trainer.shuffle``)."""
+        shards, stride, offset = self._shard_places(epoch, part)
+        key = None
+        if self.shuffle:  # with too few shards the partitions share their windows
+            key = (self.seed, epoch, part if stride == 1 else self.partitions, 2)
+        counts = [int(info.num_sequences) for info in shards]
+        return PartitionPlan(shards, counts, stride, offset, self.shuffle_window, key)
 
-    def _shuffled(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
-        records = self._records(epoch, part)
-        if not self.shuffle:
-            yield from records
+    def partition_records(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
+        """Partition ``part``'s records in ``epoch``, in order (what its batches are cut from)."""
+        return self._records(epoch, part)
+
+    def _records(self, epoch: int, part: int, start: int = 0) -> Iterator[SequenceRecord]:
+        if self.order == WINDOW_ORDER:
+            yield from records_from(self.partition_plan(epoch, part), start, self.cache.read_shards)
             return
-        rng = np.random.default_rng([self.seed, epoch, part, 1])
-        buffer: list[SequenceRecord] = []
-        for record in records:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(record)
-                continue
-            index = int(rng.integers(len(buffer)))
-            yield buffer[index]
-            buffer[index] = record
-        rng.shuffle(buffer)
-        yield from buffer
+        yield from self._buffered(epoch, part)  # a cursor from before the windows
 
-    def _batched(self, epoch: int, part: int) -> Iterator[list[SequenceRecord]]:
+    def _buffered(self, epoch: int, part: int) -> Iterator[SequenceRecord]:
+        """The order before shuffle windows: shard order, records through a bounded buffer."""
+        shards, stride, offset = self._shard_places(epoch, part)
+        rng = np.random.default_rng([self.seed, epoch, part, 1]) if self.shuffle else None
+        records = self.cache.read_shards(shards)
+        yield from buffered_records(records, stride, offset, rng, self.shuffle_buffer)
+
+    def _batched(self, epoch: int, part: int, start: int = 0) -> Iterator[list[SequenceRecord]]:
+        """Partition ``part``'s batches from its sequence ``start`` on (a batch boundary)."""
         group: list[SequenceRecord] = []
         longest = 0
-        for record in self._shuffled(epoch, part):
+        for record in self._records(epoch, part, start):
             longest_with = max(longest, record.num_tokens)
             too_many_tokens = (
                 self.max_tokens is not None and (len(group) + 1) * longest_with > self.max_tokens
@@ -314,11 +347,30 @@ class CacheDataset(IterableDataset):
         if group:
             yield group
 
-    def partition_batches(self, part: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The collated batches of partition ``part`` this epoch, the first ``skip`` left out."""
-        for index, group in enumerate(self._batched(self.epoch, part)):
-            if index >= skip:
-                yield collate_records(group, self.target, self.pad_id)
+    def partition_batches(
+        self, part: int, skip: int = 0, sequences: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The collated batches of partition ``part`` this epoch, the first ``skip`` left out.
+
+        ``sequences``: how many sequences those ``skip`` batches held; the shuffle-window order
+        then starts there by arithmetic (nothing before it is read). Without it, or in the
+        buffer order of an old cursor, the skipped batches are re-read and dropped.
+        """
+        if self.order == WINDOW_ORDER and (sequences is not None or self.max_tokens is None):
+            start = skip * self.batch_size if sequences is None else sequences
+            groups: Iterator[list[SequenceRecord]] = self._batched(self.epoch, part, start)
+        else:
+            groups = (
+                group
+                for index, group in enumerate(self._batched(self.epoch, part))
+                if index >= skip
+            )
+        for group in groups:
+            yield self.collate(group)
+
+    def collate(self, group: list[SequenceRecord]) -> dict[str, torch.Tensor]:
+        """One batch of tensors from a group of records (``collate_records``)."""
+        return collate_records(group, self.target, self.pad_id)
 
     def num_batches(self, rank: int | None = None) -> int:
         """Batches in one epoch for ``rank`` (default: this one), summed over its partitions.
@@ -329,11 +381,8 @@ class CacheDataset(IterableDataset):
         rank = self.rank if rank is None else rank
         total = 0
         for part in owned_partitions(self.partitions, rank, self.world_size):
-            shards, stride, offset = self._partition_plan(0, part)
             if self.max_tokens is None:
-                sequences = sum(int(info.num_sequences) for info in shards)
-                if stride > 1:
-                    sequences = len(range(offset, sequences, stride))
+                sequences = self.partition_plan(0, part).num_sequences()
                 total += math.ceil(sequences / self.batch_size)
             else:
                 total += sum(1 for _ in self._batched(0, part))
@@ -355,7 +404,7 @@ class CacheDataset(IterableDataset):
         streams = {
             slot: (
                 self.consumed[slot],
-                self.partition_batches(self.owned[slot], self.consumed[slot]),
+                self.partition_batches(self.owned[slot], self.consumed[slot], self.sequences[slot]),
             )
             for slot in slots
             if not self.finished[slot]
@@ -408,6 +457,7 @@ class CacheDataset(IterableDataset):
                     self.finished[slot] = True
                     continue
                 self.consumed[slot] += 1
+                self.sequences[slot] += int(batch["sequence_ids"].shape[0])
                 yield batch
         finally:
             del source

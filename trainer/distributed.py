@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -36,11 +37,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun job when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU), else one process."""
+def init_distributed(
+    device: str = "auto", timeout_minutes: float | None = None, group: bool = False
+) -> DistInfo:
+    """Join the torchrun job when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on CPU), else one process.
+
+    ``timeout_minutes``: how long a collective waits for the other ranks (``--dist-timeout``;
+    None: torch's default). ``group``: create a process group even for one process (FSDP and
+    its sharded checkpoints need one; without torchrun's address a local one is used)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     if world_size <= 1:
-        return DistInfo(device=resolve_device(device))
+        info = DistInfo(device=resolve_device(device))
+        if group and not dist.is_initialized():  # FSDP in one process: a group of one
+            backend = "nccl" if info.device.type == "cuda" else "gloo"
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(
+                backend, init_method=address, rank=0, world_size=1, timeout=timeout
+            )
+            info.owns_group = True
+        return info
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
@@ -49,9 +65,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(chosen)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
         owns = True
     return DistInfo(rank, world_size, local_rank, chosen, owns)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def shutdown(info: DistInfo) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.extraction.heads import resolve_head
 from kdcache.trainer import distributed as dist_utils
+from kdcache.trainer import parallel
 from kdcache.trainer.checkpoint import (
     FINAL,
     check_run_dir,
@@ -32,6 +33,13 @@ from kdcache.trainer.checkpoint import (
     start_run_dir,
     truncate_metrics,
 )
+from kdcache.trainer.checkpoint_policy import (
+    SaveClock,
+    cast_weights,
+    export_state_dict,
+    prune_checkpoints,
+    remove_partial_saves,
+)
 from kdcache.trainer.config import CE_ONLY, TrainConfig, reader_options
 from kdcache.trainer.cross_tokenizer.batches import AlignmentStats, CrossTokenizerDataset
 from kdcache.trainer.cross_tokenizer.setup import cross_tokenizer_for, cross_tokenizer_target
@@ -39,6 +47,7 @@ from kdcache.trainer.data import IGNORE_INDEX, CacheDataset
 from kdcache.trainer.objective import DistillObjective, batch_loss
 from kdcache.trainer.optim import build_optimizer, warmup_cosine
 from kdcache.trainer.resume import partitions_for, rng_for_rank, world_size_note
+from kdcache.trainer.sharded_checkpoint import full_weights, is_sharded, load_sharded, save_sharded
 from kdcache.trainer.student import (
     CE_OTHER_TOKENIZER_HINT,
     CE_OTHER_TOKENIZER_NOTE,
@@ -123,7 +132,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     Under torchrun (``WORLD_SIZE > 1``) every rank calls this; only rank 0 writes.
     """
-    info = dist_utils.init_distributed(config.device)
+    info = dist_utils.init_distributed(config.device, config.dist_timeout, group=config.fsdp)
     try:
         return _Run(config, info).run()
     finally:
@@ -198,6 +207,7 @@ class _Run:
             num_workers=config.num_workers,
             seed=config.seed,
             shuffle_buffer=config.shuffle_buffer,
+            shuffle_window=config.shuffle_window,
             pad_id=0,
             target=self.target,
             partitions=partitions_for(config.data_partitions, self.resume_state),
@@ -218,7 +228,10 @@ class _Run:
             self.metrics = start_metrics_log(
                 self.out, report_to, run_name, config.to_dict(), fresh=not config.resume
             )
+            for name in remove_partial_saves(self.out):  # a save killed midway
+                print(f"note: removed {name}, left by a save that did not finish", file=sys.stderr)
         dist_utils.barrier(info)
+        self.save_clock = SaveClock(config.save_every, config.save_every_minutes, config.log_every)
 
         self.objective = self._objective()
         self.optimizer = build_optimizer(self.model, config)
@@ -230,6 +243,7 @@ class _Run:
         torch.manual_seed(config.seed)
         if self.resume_state is not None:
             self._load_state(self.resume_state)
+            self.resume_state = None  # loaded: no copy of the optimizer state held for the run
         if config.resume and info.is_main:  # lines logged after the checkpoint are redone
             truncate_metrics(self.out, self.step)
 
@@ -252,10 +266,9 @@ class _Run:
         chunked = resolve_head(model, self.probe) is not None
         model.train()
         objective = self._distill_objective(chunked)
-        if self.info.distributed:
-            ids = [device.index] if device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        return objective
+        return parallel.wrap_objective(
+            objective, self.info, fsdp=self.config.fsdp, autocast=self.autocast
+        )
 
     def _distill_objective(self, chunked: bool) -> nn.Module:
         model, config = self.model, self.config
@@ -294,7 +307,10 @@ class _Run:
         note = world_size_note(state, info.world_size, config.batch_size, config.grad_accum)
         if note is not None and info.is_main:
             print(f"note: {note}", file=sys.stderr, flush=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # final/ is model-only: a finished run has nothing to resume
+            self.optimizer.load_state_dict(state.pop("optimizer"))
+        elif is_sharded(self.resume_from):  # --fsdp: model + optimizer, re-sharded to these ranks
+            load_sharded(self.resume_from, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rng_for_rank(state, info.rank))
         self.step, self.tokens, self.loss = int(state["step"]), int(state["tokens"]), state["loss"]
@@ -334,11 +350,12 @@ class _Run:
                 self._log_train(grad_norm, tokens_per_s)
             if self.eval_split and info.is_main and (self.step % config.eval_every == 0 or last):
                 self._evaluate()
-            if config.save_every and self.step % config.save_every == 0 and not last:
+            if not last and self.save_clock.due(self.step, info):
                 self._save(f"step-{self.step}")
+                self.save_clock.saved()
         batches.close()  # stops DataLoader workers of an unfinished epoch now, not at GC
         progress.close()
-        final = self._save(FINAL)
+        final = self._save(FINAL, resumable=False)
         if info.is_main:
             self.metrics.finish()
         return TrainResult(
@@ -374,7 +391,7 @@ class _Run:
         for index, batch in enumerate(group):
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = index == len(group) - 1
-            no_sync = self.objective.no_sync() if info.distributed and not last else None
+            no_sync = parallel.no_sync(self.objective, sync=last)
             amp = (
                 torch.autocast(self.device.type, dtype=self.autocast)
                 if self.autocast is not None
@@ -386,9 +403,7 @@ class _Run:
             step_loss += float(loss.detach())
         grad_norm = float("nan")
         if config.max_grad_norm > 0:
-            grad_norm = float(
-                nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            )
+            grad_norm = parallel.clip_grad_norm(self.model, config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -433,17 +448,21 @@ class _Run:
         entry = {"kind": "eval", "step": self.step, "split": self.eval_split, **self.last_eval}
         self.metrics.log(entry)
 
-    def _save(self, name: str) -> Path:
-        """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint."""
+    def _save(self, name: str, resumable: bool = True) -> Path:
+        """Gather every rank's data cursor and RNG state; rank 0 writes the checkpoint.
+
+        ``resumable``: a step-N checkpoint (with the optimizer; older ones pruned to
+        --save-total-limit); else final/, the model alone in --export-dtype.
+        """
         data_states = dist_utils.gather_objects(self.dataset.state_dict(), self.info)
         rng_states = dist_utils.gather_objects(rng_state(), self.info)
         path = self.out / name
+        state: dict[str, Any] = {}
         if self.info.is_main:
             state = {
                 "step": self.step,
                 "tokens": self.tokens,
                 "loss": self.loss,
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": data_states,
                 "rng": rng_states,
@@ -451,6 +470,33 @@ class _Run:
                 "world_size": self.info.world_size,
                 "total_steps": self.total_steps,
             }
-            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state)
+        if self.config.fsdp:
+            return self._save_fsdp(name, resumable, state if self.info.is_main else {})
+        if self.info.is_main:
+            weights = None
+            if resumable:
+                state["optimizer"] = self.optimizer.state_dict()
+            else:
+                weights = export_state_dict(self.model, self.config.export_dtype)
+            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state, weights)
+            if resumable:
+                prune_checkpoints(self.out, self.config.save_total_limit)
+        dist_utils.barrier(self.info)
+        return path
+
+    def _save_fsdp(self, name: str, resumable: bool, state: dict[str, Any]) -> Path:
+        """--fsdp: step-N sharded (every rank writes), final/ gathered and written by rank 0."""
+        if resumable:
+            path = save_sharded(
+                self.out, name, self.model, self.optimizer, self.tokenizer, state, self.info
+            )
+            if self.info.is_main:
+                prune_checkpoints(self.out, self.config.save_total_limit)
+            return path
+        weights = full_weights(self.model)  # a collective: every rank
+        path = self.out / name
+        if self.info.is_main:
+            weights = cast_weights(weights, self.config.export_dtype)
+            path = save_checkpoint(self.out, name, self.model, self.tokenizer, state, weights)
         dist_utils.barrier(self.info)
         return path

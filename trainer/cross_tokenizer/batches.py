@@ -11,7 +11,7 @@ dataset (same shards, order, resume state) that yields such batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,11 +162,9 @@ class CrossTokenizerDataset(CacheDataset):
         super().__init__(cache, split, **options)
         self.cross = cross
 
-    def partition_batches(self, part: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for index, group in enumerate(self._batched(self.epoch, part)):
-            if index >= skip:
-                students = [student_record(record, self.cross) for record in group]
-                yield collate_student_records(students, self.pad_id)
+    def collate(self, group: list[SequenceRecord]) -> dict[str, torch.Tensor]:
+        students = [student_record(record, self.cross) for record in group]
+        return collate_student_records(students, self.pad_id)
 
 
 class AlignmentStats:
