@@ -113,8 +113,15 @@ class Bench:
         return BuildConfig(
             teacher=str(self.teacher), data=str(self.data[docs]), out=self.root / "cache",
             max_length=self.args.max_length, holdout=0.0, device=self.args.device,
-            progress=False, **MODES[mode],
+            progress=False, **MODES[mode], **self.sizes,
         )  # fmt: skip
+
+    @property
+    def sizes(self) -> dict:
+        """--head-chunk-rows / --batch-tokens when given (else the build's defaults)."""
+        given = {"head_chunk_rows": self.args.head_chunk_rows,
+                 "batch_tokens": self.args.batch_tokens}  # fmt: skip
+        return {key: value for key, value in given.items() if value is not None}
 
     def bare(self) -> np.ndarray:
         """(wall, cpu) tokens/s of ``model(input_ids).logits`` over the batches."""
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--doc-chars", type=int, default=None, help="cut documents (dry runs)")
+    parser.add_argument("--head-chunk-rows", default=None, help="auto or N (default: the build's)")
+    parser.add_argument("--batch-tokens", default=None, help="auto or N (default: the build's)")
+    parser.add_argument("--label", default=None, help="RESULT rows' mode becomes MODE/LABEL")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kdcache-bench-build-"))
     try:
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = [r[1] for r in ratios[mode]]
                 results.append((threads, mode, statistics.median(wall), max(wall),
                                 statistics.median(cpu)))  # fmt: skip
-                row = {"bench": "build", "device": args.device, "vocab": args.vocab, "mode": mode,
+                label = f"{mode}/{args.label}" if args.label else mode
+                row = {"bench": "build", "device": args.device, "vocab": args.vocab, "mode": label,
                        "threads": threads, "build_over_bare": _finite(statistics.median(wall)),
                        "build_over_bare_cpu": _finite(statistics.median(cpu)),
                        "build_tokens_per_s": _finite(np.median([r[0] for r in builds[mode]])),

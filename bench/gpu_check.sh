@@ -17,6 +17,8 @@
 #      during a save, --resume, final/ loaded; DDP vs --fsdp tokens/s + peak memory on >= 2 GPUs
 #   8. train step of a ~0.5B student at vocab 152k: fp32 vs bf16 head, checkpointing, compile,
 #      tokens/s, peak memory, the head's share of the step (bench/gpu_train_check.py)
+#   9. build / bare forward with the device-sized head (bench/gpu_build_scale.py): auto vs the
+#      old CPU chunking, top-64 and the default mode, vocab 32k and 152k
 # Logs and RESULT lines go to $KDCACHE_GPU_CHECK_OUT (default: a new temp dir); PYTHON picks the
 # interpreter (default python3).
 set -uo pipefail
@@ -72,6 +74,7 @@ if ((DRY)); then
     stage step-bench 120 "$PYTHON" bench/gpu_step.py --device cpu --vocab 2048 --batch 1 \
         --seq 64 --hidden 64 --layers 1 --chunk 32 --reps 1 --threads 1
     stage train-check 120 "$PYTHON" bench/gpu_train_check.py --dry-run --threads 1
+    stage build-scale 120 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cpu --vocab 2048 --hidden 64 --layers 1 --heads 1 --docs 1 --doc-chars 1500 --max-length 64 --bare-batch 2 --threads 1 --chunkings auto
 else
     stage gpu-tests 110 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -rs -p no:cacheprovider
     for vocab in 32000 128000; do
@@ -82,6 +85,7 @@ else
     stage step-bench 70 "$PYTHON" bench/gpu_step.py --device cuda --vocab 32000 128000 \
         --batch 8 --seq 1024 --hidden 768 --layers 4 --reps 5
     stage train-check 150 "$PYTHON" bench/gpu_train_check.py --batch 8 --seq 1024
+    stage build-scale 90 "$PYTHON" bench/gpu_build_scale.py --gpu-tests --device cuda --vocab 32000 152064
 fi
 stage hf-trainer 60 "$PYTHON" -m pytest -q -m gpu tests/test_hf.py -rs -p no:cacheprovider  # KDTrainer
 stage train-smoke 150 "$PYTHON" bench/gpu_train_smoke.py $( ((DRY)) && echo --dry-run )

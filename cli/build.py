@@ -1,8 +1,9 @@
 """``kdcache build``: run the teacher once over a dataset and write a top-k + tail-mass cache.
 
 With neither ``--teacher`` nor ``--data`` it builds the embedded demo (shipped teacher, held-out
-standard-library text). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every rank builds its slice
-of the data and rank 0 writes the manifest.
+standard-library text). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every rank builds its row
+groups and rank 0 writes the manifest; ``--num-shards N --shard-index I`` builds one independent
+slice (no torchrun, no collective) and ``--finalize`` writes the manifest of a sliced build.
 """
 
 from __future__ import annotations
@@ -129,8 +130,36 @@ def build(
         _build("dtype"), help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
     ),
     device: str = typer.Option(_build("device"), help="auto, cpu, cuda, cuda:N."),
-    batch_tokens: int = typer.Option(
-        _build("batch_tokens"), help="Padded tokens per teacher batch."
+    batch_tokens: str = typer.Option(
+        _build("batch_tokens"),
+        help="Padded tokens per teacher batch: auto (CPU 16384; CUDA from free memory) or N.",
+    ),
+    head_chunk_rows: str = typer.Option(
+        _build("head_chunk_rows"),
+        help="Positions per chunk of the teacher's head (log-softmax, top-k): auto (CPU: 2^24 "
+        "logits; CUDA from free memory) or N.",
+    ),
+    shard_tokens: int = typer.Option(
+        _build("shard_tokens"),
+        help="Tokens per shard file (object size on object storage; more shards, more readers).",
+    ),
+    group_rows: str = typer.Option(
+        _build("group_rows"),
+        help="Rows per row group, the unit of work of ranks and slices (packing restarts at "
+        "each group): auto (~64 groups of 1-1024 rows) or N.",
+    ),
+    num_shards: int | None = typer.Option(
+        None,
+        help="Build one independent slice of N (with --shard-index): no collective, any order, "
+        "any machine; the last slice writes the manifest (default: one build).",
+    ),
+    shard_index: int | None = typer.Option(
+        None, help="Which slice (0..N-1) of --num-shards N this job builds (default: none)."
+    ),
+    finalize: bool = typer.Option(
+        False,
+        help="Only write the manifest of a build run in slices, from --out alone (or name the "
+        "slices still missing).",
     ),
     mode: str = typer.Option(
         _build("mode"),
@@ -172,6 +201,16 @@ def build(
     from kdcache.cache.build.pipeline import build_cache
     from kdcache.cache.storage.location import parse_storage_options
 
+    if finalize:
+        from kdcache.cache.build.pipeline import finalize_build
+
+        if out is None:
+            raise ConfigError("--finalize needs --out: the directory or URL the slices built into")
+        summary = finalize_build(out, parse_storage_options(storage_option), staging_dir)
+        if summary.status == "complete":
+            typer.echo(f"cache is complete, nothing to do: {summary.out}")
+        typer.echo(summary.line())
+        return
     defaults: dict[str, int | float] = {
         "max_length": _build("max_length"),
         "holdout": _build("holdout"),
@@ -201,6 +240,11 @@ def build(
         dtype=dtype,
         device=device,
         batch_tokens=batch_tokens,
+        head_chunk_rows=head_chunk_rows,
+        shard_tokens=shard_tokens,
+        group_rows=group_rows,
+        num_shards=num_shards,
+        shard_index=shard_index,
         mode=mode,
         tail_samples=tail_samples,
         overwrite=overwrite,
@@ -213,7 +257,7 @@ def build(
         report = estimate_build(config, sample_sequences=sample_sequences)
         typer.echo(report.text())
         return
-    rank, world_size = _distributed()
+    rank, world_size = _distributed() if num_shards is None else (0, 1)
     try:
         summary = build_cache(config, rank=rank, world_size=world_size)
     finally:
@@ -221,7 +265,7 @@ def build(
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 or num_shards is not None:
         if summary.status == "complete":
             typer.echo(f"cache is complete, nothing to do: {summary.out}")
         typer.echo(summary.line())

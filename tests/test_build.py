@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdcache.cache.build.data import group_of
 from kdcache.cache.build.fingerprint import tokenizer_fingerprint
 from kdcache.cache.build.lock import STATE_NAME, BuildLock
 from kdcache.cache.build.pipeline import BuildConfig, build_cache
@@ -90,7 +91,11 @@ def test_build_equals_model_forward(tiny_teacher_dir, docs_jsonl, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     for split in ("train", "holdout"):
         records = list(cache.sequences(split))
-        assert [r.sequence_id for r in records] == list(range(len(records)))
+        ids = [r.sequence_id for r in records]  # group << 32 | n: n counts from 0 per group
+        assert ids == sorted(set(ids))
+        for group in {group_of(i) for i in ids}:
+            local = [i - (group << 32) for i in ids if group_of(i) == group]
+            assert local == list(range(len(local)))
         for record in records:
             np.testing.assert_array_equal(record.positions, np.arange(record.num_tokens))
             _check_against_forward(model, record, temperature=1.5)

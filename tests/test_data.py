@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from kdcache.cache.build.data import DataSpec, RecordStream, is_holdout, render_chat
+from kdcache.cache.build.data import (
+    DataSpec,
+    RecordStream,
+    group_of,
+    is_holdout,
+    owned_groups,
+    render_chat,
+    resolve_group_rows,
+)
 from kdcache.cache.errors import ConfigError
 from tests.conftest import chat_rows, make_tokenizer, text_rows, write_jsonl
 
@@ -59,7 +67,43 @@ def test_rank_slices_are_disjoint_and_cover(tiny_tokenizer, text_jsonl):
     whole = [s.sequence_id for s in stream.sequences("train")]
     parts = [[s.sequence_id for s in stream.sequences("train", r, 3)] for r in range(3)]
     assert sorted(i for part in parts for i in part) == whole
-    assert all(i % 3 == r for r, part in enumerate(parts) for i in part)
+
+
+def test_auto_group_rows_give_about_64_groups_of_at_most_1024_rows():
+    assert [resolve_group_rows("auto", n) for n in (1, 16, 64, 65, 6400, 10**5, 10**7)] == [
+        1, 1, 1, 2, 100, 1024, 1024,
+    ]  # fmt: skip
+    assert resolve_group_rows(7, 10**7) == 7
+
+
+def test_row_groups_partition_rows_and_tokenize_only_owned_rows(tiny_tokenizer, text_jsonl):
+    """Ranks own row groups g % W == r; each tokenizes only its groups' rows; packing restarts at
+    a group, so a group's sequences equal a stream of that group's rows alone."""
+    spec = DataSpec(str(text_jsonl), max_length=32, holdout=0.3, group_rows=3)
+    reference = RecordStream(spec, tiny_tokenizer)
+    rows = len(reference.rows)
+    assert reference.num_groups == -(-rows // 3) and reference.num_groups >= 3
+    for world in (2, 3):
+        streams = [RecordStream(spec, tiny_tokenizer) for _ in range(world)]
+        for split in ("train", "holdout"):
+            parts = [list(s.sequences(split, r, world)) for r, s in enumerate(streams)]
+            for r, part in enumerate(parts):
+                assert all(group_of(q.sequence_id) % world == r for q in part)
+            got = sorted((q.sequence_id, q.input_ids.tobytes()) for p in parts for q in p)
+            whole = sorted(
+                (q.sequence_id, q.input_ids.tobytes()) for q in reference.sequences(split)
+            )
+            assert got == whole
+        assert [s.tokenized_rows for s in streams] == [
+            sum(min(3, rows - 3 * g) for g in owned_groups(reference.num_groups, r, world))
+            for r in range(world)
+        ]
+    # a group's sequences are those of its rows alone (ids: group << 32 | n)
+    alone = RecordStream(spec, tiny_tokenizer, rows=reference.rows.select(range(3, 6)))
+    expected = [q.input_ids.tolist() for q in alone.group_sequences("train", 0)]
+    got = list(reference.group_sequences("train", 1))
+    assert [q.input_ids.tolist() for q in got] == expected
+    assert [q.sequence_id for q in got] == [(1 << 32) + n for n in range(len(got))]
 
 
 def test_local_formats_and_directories(tiny_tokenizer, tmp_path):

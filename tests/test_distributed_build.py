@@ -22,13 +22,16 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.cache.build.data import group_of, owned_groups
 from kdcache.cache.build.pipeline import BuildConfig, build_cache
+from kdcache.cache.build.slices import PARTS_DIR, marker_name
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.format.shards import SHARDS_DIR, list_complete_shards, shard_name
 from kdcache.cache.read.reader import open_cache
 from kdcache.cache.read.verify import verify_cache
 from tests.conftest import text_rows, write_jsonl
 
+GROUP_ROWS = 4
 RANK_TIMEOUT_S = 180  # a hung rank fails the test instead of hanging the suite
 
 
@@ -111,6 +114,7 @@ def docs_jsonl(tmp_path_factory) -> Path:
 
 def _config(teacher, data, out, **overrides) -> BuildConfig:
     settings = dict(top_k=8, max_length=48, holdout=0.25, batch_tokens=200, shard_tokens=120)
+    settings["group_rows"] = GROUP_ROWS  # 16 rows: 4 row groups, the units of work
     settings.update(overrides)
     return BuildConfig(teacher=str(teacher), data=str(data), out=out, progress=False, **settings)
 
@@ -171,12 +175,13 @@ def test_two_rank_build_equals_one_rank_build(two_ranks, single):
         )
     assert manifest["fingerprints"] == reference["fingerprints"]
     shards = list_complete_shards(two_ranks)
-    assert {info.rank for info in shards} == {0, 1}
+    assert {info.rank for info in shards} == {0, 1, 2, 3}  # a shard's "rank" is its row group
     assert len(manifest["shards"]) == len(shards)
+    assert sorted(s.name for s in shards) == sorted(s.name for s in list_complete_shards(single))
     cache = open_cache(two_ranks)
-    for info in shards:  # each rank wrote its own deterministic slice: ids = rank (mod 2)
+    for info in shards:  # each shard holds the sequences of its own row group
         ids = [record.sequence_id for record in cache.read_shard(info)]
-        assert ids and all(sequence_id % 2 == info.rank for sequence_id in ids), (info.name, ids)
+        assert ids and all(group_of(sequence_id) == info.rank for sequence_id in ids), ids
     assert verify_cache(two_ranks) == []
 
 
@@ -192,15 +197,21 @@ def _drop_shards(cache: Path, split: str, rank: int, first_index: int) -> list[s
     return dropped
 
 
-def _crashed_copy(source: Path, target: Path, rank: int) -> Path:
-    """``source`` as a crash of ``rank`` left it: no manifest, that rank's stream cut short.
+def _crashed_copy(source: Path, target: Path, rank: int, world_size: int = 2) -> Path:
+    """``source`` as a crash of ``rank`` (of ``world_size``) left it: no manifest, the rank's
+    first row group cut short (no marker, one train shard kept), its later groups not built.
 
     The other ranks finished, so only ``rank`` has work left; a torn temp file is left behind too.
     """
     shutil.copytree(source, target)
     (target / "manifest.json").unlink()
-    assert _drop_shards(target, "train", rank, 1), "the rank had a single train shard"
-    _drop_shards(target, "holdout", rank, 0)
+    groups = owned_groups(16 // GROUP_ROWS, rank, world_size)
+    for position, group in enumerate(groups):
+        (target / PARTS_DIR / marker_name(group)).unlink()
+        first = 1 if position == 0 else 0
+        dropped = _drop_shards(target, "train", group, first)
+        assert dropped or first == 0, "the group had a single train shard"
+        _drop_shards(target, "holdout", group, 0)
     (target / SHARDS_DIR / ".tmp-crash").write_bytes(b"half a shard")
     return target
 
@@ -216,29 +227,60 @@ def test_resume_after_one_rank_crashed(two_ranks, single, tiny_llama_dir, docs_j
     assert verify_cache(out) == []
 
 
-def test_other_world_size_on_a_partial_cache_is_refused(
+def test_resume_with_another_number_of_processes(
     two_ranks, single, tiny_llama_dir, docs_jsonl, tmp_path
 ):
-    """2 ranks -> 1 process and 1 process -> 2 ranks: a clear refusal on every rank, no damage."""
+    """A 2-rank build resumed by 1 process, and a 1-process build resumed by 2 (or 3) ranks:
+    the completed row groups are kept, the rest built; the records are the one-process build's."""
     partial = _crashed_copy(two_ranks, tmp_path / "from-two", rank=1)
-    before = sorted(info.name for info in list_complete_shards(partial))
-    with pytest.raises(ConfigError, match="ran with 2 processes; resume it with the same number"):
-        build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
-    assert sorted(info.name for info in list_complete_shards(partial)) == before
-
-    partial = _crashed_copy(single, tmp_path / "from-one", rank=0)
-    before = sorted(info.name for info in list_complete_shards(partial))
-    results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, partial))
-    for status, message in results:  # every rank refuses (none waits forever at a barrier)
-        assert status == "ConfigError", message
-        assert "ran with 1 processes" in message.splitlines()[0], message
-    assert sorted(info.name for info in list_complete_shards(partial)) == before
-    build_cache(_config(tiny_llama_dir, docs_jsonl, partial))  # the same world size resumes
+    kept = {info.name for info in list_complete_shards(partial)}
+    summary = build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
+    assert summary.status == "resumed" and summary.tokens_this_run > 0
+    assert kept <= {info.name for info in list_complete_shards(partial)}
     assert_same_record_sets(partial, single)
+    assert verify_cache(partial) == []
+
+    partial = _crashed_copy(single, tmp_path / "from-one", rank=0, world_size=1)
+    results = run_ranks(_build_rank, 3, _config(tiny_llama_dir, docs_jsonl, partial))
+    assert results[0][0] == "resumed", results
+    assert [status for status, _ in results[1:]] == ["written", "written"], results
+    assert_same_record_sets(partial, single)
+    assert verify_cache(partial) == []
 
 
-def test_cli_refusal_of_other_world_size_is_one_line(
-    two_ranks, tiny_llama_dir, docs_jsonl, tmp_path
+def _build_rank_logging_groups(rank: int, world_size: int, config: BuildConfig):
+    """``_build_rank`` that also returns the row groups whose rows this rank read (tokenized)."""
+    from kdcache.cache.build import data
+
+    read: list[int] = []
+    group_rows = data.RecordStream.group_rows
+
+    def logged(self, group: int):
+        read.append(group)
+        return group_rows(self, group)
+
+    data.RecordStream.group_rows = logged
+    return (*_build_rank(rank, world_size, config), sorted(set(read)))
+
+
+def test_three_rank_build_equals_one_rank_build(single, tiny_llama_dir, docs_jsonl, tmp_path):
+    """3 ranks, 4 row groups: rank 0 builds groups 0 and 3, ranks 1 and 2 one each; no rank reads
+    (tokenizes) a row of a group it does not own."""
+    out = tmp_path / "three"
+    results = run_ranks(_build_rank_logging_groups, 3, _config(tiny_llama_dir, docs_jsonl, out))
+    assert results[0][0] == "built", results
+    assert [groups for *_, groups in results] == [[0, 3], [1], [2]], results
+    assert_same_record_sets(out, single)
+    shards = {s.name: s for s in list_complete_shards(out)}
+    reference = {s.name: s for s in list_complete_shards(single)}
+    assert shards.keys() == reference.keys()  # the same files, with the same records
+    for name, info in reference.items():
+        assert shards[name].num_sequences == info.num_sequences, name
+        assert shards[name].num_tokens == info.num_tokens, name
+
+
+def test_cli_resume_with_one_process_after_two(
+    two_ranks, single, tiny_llama_dir, docs_jsonl, tmp_path
 ):
     from typer.testing import CliRunner
 
@@ -247,12 +289,11 @@ def test_cli_refusal_of_other_world_size_is_one_line(
     partial = _crashed_copy(two_ranks, tmp_path / "partial", rank=1)
     args = ["build", "--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out"]
     args += [str(partial), "--top-k", "8", "--max-length", "48", "--holdout", "0.25"]
-    args += ["--batch-tokens", "200"]
+    args += ["--batch-tokens", "200", "--shard-tokens", "120", "--group-rows", str(GROUP_ROWS)]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "ran with 2 processes" in errors[0], result.output
-    assert "Traceback" not in result.output
+    assert result.exit_code == 0, result.output
+    assert "resumed:" in result.output
+    assert_same_record_sets(partial, single)
 
 
 def _build_rank_blind(rank: int, world_size: int, config: BuildConfig):
@@ -283,7 +324,7 @@ def test_torchrun_build_command(single, tiny_llama_dir, docs_jsonl, tmp_path):
     args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}"]
     args += ["-m", "kdcache.cli", "build", "--teacher", str(tiny_llama_dir), "--data"]
     args += [str(docs_jsonl), "--out", str(out), "--top-k", "8", "--max-length", "48"]
-    args += ["--holdout", "0.25", "--batch-tokens", "200"]
+    args += ["--holdout", "0.25", "--batch-tokens", "200", "--group-rows", str(GROUP_ROWS)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -332,7 +373,7 @@ def test_torchrun_build_resumes_after_a_rank_dies(single, tiny_llama_dir, docs_j
     script.write_text(_CRASHING_RANK, encoding="utf-8")
     build = ["build", "--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out"]
     build += [str(out), "--top-k", "8", "--max-length", "48", "--holdout", "0.25"]
-    build += ["--batch-tokens", "200"]
+    build += ["--batch-tokens", "200", "--group-rows", str(GROUP_ROWS)]
 
     def torchrun(*target: str) -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
@@ -362,6 +403,7 @@ def test_two_node_torchrun_command(single, tiny_llama_dir, docs_jsonl, tmp_path)
     args += ["--rdzv-endpoint", f"localhost:{free_port()}", "-m", "kdcache.cli", "build"]
     args += ["--teacher", str(tiny_llama_dir), "--data", str(docs_jsonl), "--out", str(out)]
     args += ["--top-k", "8", "--max-length", "48", "--holdout", "0.25", "--batch-tokens", "200"]
+    args += ["--group-rows", str(GROUP_ROWS)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     nodes = [
         subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -370,5 +412,28 @@ def test_two_node_torchrun_command(single, tiny_llama_dir, docs_jsonl, tmp_path)
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert open_cache(out).manifest["world_size"] == 2
-    assert {info.rank for info in list_complete_shards(out)} == {0, 1}
+    assert {info.rank for info in list_complete_shards(out)} == {0, 1, 2, 3}
     assert_same_record_sets(out, single)
+
+
+def test_partial_build_cut_by_rank_by_an_older_kdcache_is_refused(
+    two_ranks, tiny_llama_dir, docs_jsonl, tmp_path
+):
+    """A build state without a partition and of several processes: its shards were named by
+    rank, not row group, so they cannot be reused; refused, nothing deleted, --overwrite works."""
+    import json
+
+    from kdcache.cache.format.manifest import BUILD_STATE_NAME
+
+    partial = _crashed_copy(two_ranks, tmp_path / "old", rank=1)
+    state = json.loads((partial / BUILD_STATE_NAME).read_text())
+    state.pop("partition"), state.pop("manifest")
+    (partial / BUILD_STATE_NAME).write_text(json.dumps({**state, "world_size": 2}))
+    before = sorted(info.name for info in list_complete_shards(partial))
+    with pytest.raises(
+        ConfigError, match=r"started by an older kdcache \(shards by rank, 2 processes\)"
+    ):
+        build_cache(_config(tiny_llama_dir, docs_jsonl, partial))
+    assert sorted(info.name for info in list_complete_shards(partial)) == before
+    summary = build_cache(_config(tiny_llama_dir, docs_jsonl, partial, overwrite=True))
+    assert summary.status == "built"

@@ -24,6 +24,7 @@ from tests.conftest import crash_shard_writes_at, text_rows, write_jsonl
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SETTINGS = dict(top_k=8, max_length=48, holdout=0.25, batch_tokens=60, shard_tokens=150)
+SETTINGS["group_rows"] = 4  # 16 rows: 4 row groups, the units of work of ranks
 
 
 @pytest.fixture(scope="module")
@@ -203,5 +204,6 @@ def test_two_gloo_ranks_build_to_s3_equal_one_process(
     results = run_ranks(_build_rank, 2, _config(tiny_llama_dir, docs_jsonl, url))
     assert [status for status, _ in results] == ["built", "written"], results
     manifest = open_cache(url).manifest
-    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert manifest["world_size"] == 2  # a shard's "rank" is its row group (2 per rank here)
+    assert {s["rank"] for s in manifest["shards"]} == {0, 1, 2, 3}
     assert_same_record_sets(url, local_build)

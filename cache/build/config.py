@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.build.data import DataSpec
+from kdcache.cache.build.slices import slice_problems
 from kdcache.cache.errors import CacheError, ConfigError
+from kdcache.cache.extraction.sizing import parse_auto_int
 from kdcache.cache.format.codecs import MODES
 from kdcache.cache.format.codecs.tail_samples import MAX_TAIL_SAMPLES
 from kdcache.cache.format.codecs.topk_compact import compact_tail_samples_problem
@@ -59,13 +61,22 @@ class BuildConfig:
     holdout: float = 0.01  # fraction of rows (by content hash) in the "holdout" split
     dtype: str = "auto"  # teacher dtype: auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
-    batch_tokens: int = 16384  # padded tokens per teacher batch
+    # padded tokens per teacher batch / positions per head chunk: "auto" (CPU: 16384 and a
+    # 2^24-logit chunk, as measured; CUDA: from free memory, cache/extraction/sizing.py) or N
+    batch_tokens: int | str = "auto"
+    head_chunk_rows: int | str = "auto"
     # shard encoding (--encoding / --mode): q8, exact, unique or compact (docs/FORMAT.md)
     mode: str = DEFAULT_ENCODING
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
     overwrite: bool = False  # replace an existing different cache in ``out``
-    shard_tokens: int = 1 << 20  # tokens per shard file
+    shard_tokens: int = 1 << 20  # tokens per shard file (--shard-tokens)
+    # rows per row group, the unit of work: "auto" (~64 groups of 1-1024 rows, data.py) or N
+    group_rows: int | str = "auto"
+    # an independent slice (--num-shards N --shard-index I): the row groups g % N == I, no
+    # collective; the last slice to finish writes the manifest (cache/build/slices.py)
+    num_shards: int | None = None
+    shard_index: int | None = None
     progress: bool = True  # show a tqdm bar
     # fsspec options of a URL --out (endpoint, credentials); never written into the manifest
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -104,8 +115,18 @@ class BuildConfig:
             problems.append(f"--holdout must be in [0, 1) (got {self.holdout})")
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype})")
-        if self.batch_tokens < 1 or self.shard_tokens < 1:
-            problems.append("--batch-tokens and shard tokens must be >= 1")
+        try:
+            self.batch_tokens = parse_auto_int(self.batch_tokens, "--batch-tokens")
+            self.head_chunk_rows = parse_auto_int(self.head_chunk_rows, "--head-chunk-rows")
+        except ConfigError as error:
+            problems.append(str(error))
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
+            problems.append(f"--shard-tokens must be >= 1 (got {self.shard_tokens})")
+        try:
+            self.group_rows = parse_auto_int(self.group_rows, "--group-rows")
+        except ConfigError as error:
+            problems.append(str(error))
+        problems.extend(slice_problems(self.num_shards, self.shard_index))
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)} (got {self.mode})")
         if not isinstance(self.tail_samples, int) or not 0 <= self.tail_samples <= MAX_TAIL_SAMPLES:
@@ -147,4 +168,5 @@ class BuildConfig:
             pack=self.pack,
             limit=self.limit,
             holdout=self.holdout,
+            group_rows=self.group_rows,
         )

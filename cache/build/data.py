@@ -13,8 +13,12 @@ Everything here is deterministic: the same settings give the same sequences with
 * ``pack``: the documents of a split are concatenated with EOS after each one and cut into blocks
   of ``max_length`` tokens (the last block may be shorter). Without ``pack`` each row is one
   sequence, truncated to ``max_length``.
-* Sequence ids count the sequences of one split from 0; rank ``r`` of ``world_size`` takes the
-  sequences with ``sequence_id % world_size == r``.
+* Row groups: the rows are cut into groups of ``group_rows`` consecutive rows (the last may be
+  smaller; ``"auto"``: ``resolve_group_rows``), the unit of work of a build. Packing runs inside a group (a group's last block may be
+  shorter), so a group's sequences depend on its own rows only: a rank or an independent slice
+  tokenizes exactly the rows of the groups it owns (``g % world_size == rank``), and the records
+  are the same whatever the number of processes. Sequence ids are ``group << 32 | n``, ``n``
+  counting the group's sequences of one split from 0 (a dataset of one group: 0, 1, 2 ...).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ LOCAL_BUILDERS = {
     ".txt": "text",
 }
 _TOKENIZE_BATCH = 256
+DEFAULT_GROUP_ROWS = 1024  # DataSpec's rows per group (the build's default is "auto")
+AUTO_GROUPS = 64  # --group-rows auto: about this many groups, of 1 to MAX_AUTO_GROUP_ROWS rows
+MAX_AUTO_GROUP_ROWS = 1024
+GROUP_ID_SHIFT = 32  # sequence_id = group << GROUP_ID_SHIFT | index in the group's split
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
@@ -56,6 +64,7 @@ class DataSpec:
     pack: bool = True
     limit: int | None = None  # first rows only
     holdout: float = 0.01  # fraction of rows in the "holdout" split
+    group_rows: int | str = DEFAULT_GROUP_ROWS  # rows per group ("auto": resolve_group_rows)
 
 
 @dataclass
@@ -65,6 +74,25 @@ class SequenceInput:
     sequence_id: int  # index in its split's stream
     input_ids: np.ndarray  # (T,) int32
     positions: np.ndarray  # (M,) int32, positions whose next-token distribution is stored
+
+
+def resolve_group_rows(group_rows: int | str, num_rows: int) -> int:
+    """Rows per row group: ``group_rows``, or for ``"auto"`` ``ceil(num_rows / AUTO_GROUPS)``
+    clamped to [1, ``MAX_AUTO_GROUP_ROWS``] (every rank of a small build gets work; a big one
+    gets groups of 1,024 rows). A pure function of the row count: every process agrees."""
+    if group_rows == "auto":
+        return max(1, min(MAX_AUTO_GROUP_ROWS, -(-num_rows // AUTO_GROUPS)))
+    return int(group_rows)
+
+
+def owned_groups(num_groups: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The groups of rank ``rank`` of ``world_size``: ``g % world_size == rank``, in order."""
+    return list(range(rank, num_groups, world_size))
+
+
+def group_of(sequence_id: int) -> int:
+    """The row group a sequence id belongs to."""
+    return int(sequence_id) >> GROUP_ID_SHIFT
 
 
 def local_data_files(data: str) -> tuple[str, list[str]] | None:
@@ -152,18 +180,39 @@ class RecordStream:
                 "tokenizer has none; use a chat model's tokenizer or --text-field"
             )
         self.eos_id = tokenizer.eos_token_id
+        self.group_size = resolve_group_rows(spec.group_rows, len(self.rows))
+        self.tokenized_rows = 0  # rows this stream has tokenized (tests: no rank tokenizes more)
 
-    def documents(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """``(token_ids (T,), target (T,) bool or None)`` of each row of ``split``, in row order.
+    @property
+    def num_groups(self) -> int:
+        """Row groups of the dataset (``ceil(rows / group_rows)``)."""
+        return -(-len(self.rows) // self.group_size)
+
+    def group_rows(self, group: int):
+        """The rows of one group (a ``datasets.Dataset`` view; nothing is read yet)."""
+        start = group * self.group_size
+        if not 0 <= start < len(self.rows):
+            raise ConfigError(f"row group {group} is outside the {self.num_groups} groups")
+        if self.num_groups == 1:
+            return self.rows
+        return self.rows.select(range(start, min(start + self.group_size, len(self.rows))))
+
+    def documents(
+        self, split: str, group: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """``(token_ids (T,), target (T,) bool or None)`` of each row of ``split``, in row order
+        (of one row ``group``, or of all rows).
 
         ``target[j]`` marks assistant tokens of chat rows (None for text: every token is a target).
         """
         if split not in SPLITS:
             raise ConfigError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         want_holdout = split == "holdout"
-        for batch in self.rows.iter(batch_size=_TOKENIZE_BATCH):
+        rows = self.rows if group is None else self.group_rows(group)
+        for batch in rows.iter(batch_size=_TOKENIZE_BATCH):
             contents = batch[self.spec.messages_field or self.spec.text_field]
             kept = [c for c in contents if is_holdout(c, self.spec.holdout) == want_holdout]
+            self.tokenized_rows += len(kept)
             if self.spec.messages_field:
                 for messages in kept:
                     ids, target = render_chat(self.tokenizer, messages)
@@ -183,15 +232,18 @@ class RecordStream:
                 yield np.asarray(ids, dtype=np.int32), None
 
     def sequences(self, split: str, rank: int = 0, world_size: int = 1) -> Iterator[SequenceInput]:
-        """The sequences of ``split`` that belong to ``rank`` (``sequence_id % world_size``)."""
-        for sequence in self._all_sequences(split):
-            if sequence.sequence_id % world_size == rank:
-                yield sequence
+        """The sequences of ``split`` in the row groups of ``rank`` (``owned_groups``), in order.
 
-    def _all_sequences(self, split: str) -> Iterator[SequenceInput]:
+        Only the rows of those groups are tokenized.
+        """
+        for group in owned_groups(self.num_groups, rank, world_size):
+            yield from self.group_sequences(split, group)
+
+    def group_sequences(self, split: str, group: int) -> Iterator[SequenceInput]:
+        """The sequences of ``split`` made from the rows of one row group, in order."""
         chat = self.spec.messages_field is not None
-        blocks = self._packed(split) if self.spec.pack else self._truncated(split)
-        sequence_id = 0
+        blocks = self._packed(split, group) if self.spec.pack else self._truncated(split, group)
+        sequence_id = group << GROUP_ID_SHIFT
         for ids, target in blocks:
             if len(ids) == 0:
                 continue
@@ -204,19 +256,19 @@ class RecordStream:
             yield SequenceInput(sequence_id, ids.astype(np.int32), positions)
             sequence_id += 1
 
-    def _truncated(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _truncated(self, split: str, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         limit = self.spec.max_length
-        for ids, target in self.documents(split):
+        for ids, target in self.documents(split, group):
             target = np.ones(len(ids), dtype=bool) if target is None else target
             yield ids[:limit], target[:limit]
 
-    def _packed(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _packed(self, split: str, group: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         limit = self.spec.max_length
         ids_buffer: list[np.ndarray] = []
         target_buffer: list[np.ndarray] = []
         buffered = 0
         chat = self.spec.messages_field is not None
-        for ids, target in self.documents(split):
+        for ids, target in self.documents(split, group):
             target = np.ones(len(ids), dtype=bool) if target is None else target
             if self.eos_id is not None:  # EOS after every document; not distilled for chat
                 ids = np.append(ids, np.int32(self.eos_id))

@@ -173,20 +173,30 @@ def kept_mass(records: list[SequenceRecord], top_k: int) -> dict[int, dict[str, 
 
 
 def count_tokens(
-    stream: RecordStream, count_rows: int
-) -> tuple[dict[str, int], dict[str, int], int]:
-    """(tokens per split, sequences per split, rows counted); scaled when rows > count_rows."""
+    stream: RecordStream, count_rows: int, shard_tokens: int | None = None
+) -> tuple[dict[str, int], dict[str, int], int, int]:
+    """(tokens per split, sequences per split, rows counted, shards); scaled when rows >
+    count_rows. Shards never span row groups: ``ceil(tokens / shard_tokens)`` per (split, group)
+    with records (the counted groups keep the whole dataset's group size)."""
+    import dataclasses
+
     rows = stream.rows
     counted = min(len(rows), count_rows)
     if counted < len(rows):
-        stream = RecordStream(stream.spec, stream.tokenizer, rows=rows.select(range(counted)))
+        spec = dataclasses.replace(stream.spec, group_rows=stream.group_size)
+        stream = RecordStream(spec, stream.tokenizer, rows=rows.select(range(counted)))
     scale = len(rows) / counted
-    tokens, sequences = {}, {}
+    tokens, sequences, shards = {}, {}, 0
     for split in SPLITS:
-        lengths = [len(s.input_ids) for s in stream.sequences(split)]
+        lengths = []
+        for group in range(stream.num_groups):
+            group_lengths = [len(s.input_ids) for s in stream.group_sequences(split, group)]
+            if shard_tokens and group_lengths:
+                shards += math.ceil(sum(group_lengths) / shard_tokens)
+            lengths += group_lengths
         tokens[split] = round(sum(lengths) * scale)
         sequences[split] = round(len(lengths) * scale)
-    return tokens, sequences, counted
+    return tokens, sequences, counted, round(shards * scale)
 
 
 def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRecord]) -> int:
@@ -246,10 +256,14 @@ def estimate_build(
         raise ConfigError(
             f"dataset '{config.data}' gives no training sequences; nothing to estimate"
         )
+    from kdcache.cache.build.pipeline import teacher_pass_sizes
+
+    sizes = teacher_pass_sizes(config, model, device, vocab_size)
     runner = TeacherRunner(
-        model, top_k=config.top_k, temperature=config.temperature, tail_samples=config.tail_samples
-    )
-    first_batch = plan_batches([len(s.input_ids) for s in sample], config.batch_tokens)[0]
+        model, top_k=config.top_k, temperature=config.temperature,
+        tail_samples=config.tail_samples, chunk_elements=sizes.chunk_rows * vocab_size,
+    )  # fmt: skip
+    first_batch = plan_batches([len(s.input_ids) for s in sample], sizes.batch_tokens)[0]
     runner.run(
         [sample[i].input_ids for i in first_batch],
         [sample[i].positions for i in first_batch],
@@ -257,7 +271,7 @@ def estimate_build(
     )
     _synchronize(device)
     started = time.perf_counter()  # after a warm-up batch (allocator, kernels, lazy init)
-    records = list(run_sequences(runner, sample, config.batch_tokens))
+    records = list(run_sequences(runner, sample, sizes.batch_tokens))
     _synchronize(device)
     seconds = time.perf_counter() - started
     sample_tokens = sum(r.num_tokens for r in records)
@@ -265,8 +279,9 @@ def estimate_build(
     overhead = _shard_bytes(config, vocab_size, [_one_token(records[0])])
     sample_bytes = _shard_bytes(config, vocab_size, records)
     bytes_per_token = max(sample_bytes - overhead, 0) / sample_tokens
-    split_tokens, split_sequences, counted = count_tokens(stream, count_rows)
-    shards = sum(math.ceil(t / config.shard_tokens) for t in split_tokens.values() if t > 0)
+    split_tokens, split_sequences, counted, shards = count_tokens(
+        stream, count_rows, config.shard_tokens
+    )
     return EstimateReport(
         teacher=config.teacher,
         data=config.data,

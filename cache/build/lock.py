@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from kdcache.cache.build.fingerprint import differences
+from kdcache.cache.build.slices import PARTS_DIR
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.format.manifest import BUILD_STATE_NAME as STATE_NAME
 from kdcache.cache.format.manifest import manifest_path, read_manifest
@@ -75,19 +76,28 @@ class BuildLock:
         self.release()
 
 
+FINGERPRINT_KEYS = ("teacher", "tokenizer", "data", "settings")
+
+
 def prepare_directory(
     out: Path,
-    fingerprints: dict[str, Any],
+    state: dict[str, Any],
     overwrite: bool,
-    world_size: int,
     write_state: bool = True,
+    exclusive: bool = False,
 ) -> str:
-    """Compare ``fingerprints`` with what ``out`` holds: "complete", "resume" or "fresh".
+    """Compare the build ``state`` (fingerprints + partition) with ``out``: "complete", "resume"
+    or "fresh".
 
-    A manifest with the same fingerprints: complete. A build state with the same fingerprints (and
-    world size): resume. Anything different: ConfigError naming the differences, unless
-    ``overwrite`` (then kdcache's own files are removed). Fresh builds write the build state.
+    A manifest with the same fingerprints: complete. A build state with the same fingerprints:
+    resume, with any number of processes (the work is cut into row groups, not ranks), unless the
+    state was written by independent slices of another ``num_shards`` or by a kdcache that cut
+    the work by rank. Anything different: ConfigError naming the differences, unless
+    ``overwrite`` (then kdcache's own files are removed). Fresh builds write the build state;
+    ``exclusive``: only if none exists yet (independent slices start in any order: the first
+    writes it, the others compare with it).
     """
+    fingerprints = {key: state[key] for key in FINGERPRINT_KEYS if key in state}
     state_path = out / STATE_NAME
     existing, where = None, None
     if manifest_path(out).is_file():
@@ -105,7 +115,7 @@ def prepare_directory(
             )
         remove_cache_files(out)
     elif existing is not None:
-        previous = {k: v for k, v in existing.items() if k != "world_size"}
+        previous = {k: v for k, v in existing.items() if k in FINGERPRINT_KEYS}
         changed = differences(previous, fingerprints)
         if changed and not overwrite:
             raise ConfigError(
@@ -114,17 +124,46 @@ def prepare_directory(
             )
         if not changed and manifest_path(out).is_file():
             return "complete"
-        if not changed and existing.get("world_size", world_size) != world_size:
-            raise ConfigError(
-                f"the unfinished build in {out} ran with {existing['world_size']} processes; "
-                f"resume it with the same number (this run has {world_size}) or pass --overwrite"
-            )
         if not changed:
-            return "resume"
+            check_resumable(out, existing, state, overwrite)
+            if existing.get("partition") == state.get("partition") or not overwrite:
+                return "resume"
         remove_cache_files(out)
     if write_state:
-        write_json(state_path, {**fingerprints, "world_size": world_size})
+        if exclusive and not write_json_exclusive(state_path, state):
+            return prepare_directory(out, state, overwrite, write_state=False)
+        if not exclusive:
+            write_json(state_path, state)
     return "fresh"
+
+
+def check_resumable(
+    out: Path | str, existing: dict[str, Any], state: dict[str, Any], overwrite: bool
+) -> None:
+    """ConfigError when an unfinished build with the same fingerprints cannot be resumed by this
+    run: one started by a kdcache that cut the work by rank (no partition), one cut into other
+    row groups, or slices of another count. ``overwrite`` restarts instead."""
+    if overwrite:
+        return
+    if existing.get("partition") is None:
+        raise ConfigError(
+            f"the unfinished build in {out} was started by an older kdcache (shards by rank, "
+            f"{existing.get('world_size', 1)} processes), whose shards this one cannot continue; "
+            "pass --overwrite to rebuild it"
+        )
+    theirs, ours = existing["partition"], state.get("partition") or {}
+    if theirs.get("group_rows") != ours.get("group_rows"):
+        raise ConfigError(
+            f"the unfinished build in {out} cuts the rows into groups of "
+            f"{theirs.get('group_rows')} (this run: {ours.get('group_rows')}); pass --group-rows "
+            f"{theirs.get('group_rows')} to resume it, or --overwrite"
+        )
+    theirs, ours = existing.get("num_shards"), state.get("num_shards")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ConfigError(
+            f"{out} is being built in {theirs} independent slices; this run says --num-shards "
+            f"{ours}: run the slices with --num-shards {theirs} (or pass --overwrite to restart)"
+        )
 
 
 def remove_cache_files(out: Path) -> None:
@@ -139,9 +178,26 @@ def remove_cache_files(out: Path) -> None:
                 path.unlink()
         if not any(shards.iterdir()):
             shards.rmdir()
-    if (out / TOKENIZER_DIR).is_dir():
-        shutil.rmtree(out / TOKENIZER_DIR)
+    for tree in (TOKENIZER_DIR, PARTS_DIR):
+        if (out / tree).is_dir():
+            shutil.rmtree(out / tree)
     (out / STATE_NAME).unlink(missing_ok=True)
+
+
+def write_json_exclusive(path: Path, value: dict[str, Any]) -> bool:
+    """Write ``value`` as JSON at ``path`` only if no file is there (atomic: temp file + link).
+
+    Returns False when ``path`` already existed (it is left as it was).
+    """
+    temp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    atomic_write_bytes(temp, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        os.link(temp, path)  # fails if path exists: exactly one writer wins
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

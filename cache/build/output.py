@@ -28,16 +28,32 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kdcache.cache.build.fingerprint import differences
 from kdcache.cache.build.lock import (
+    FINGERPRINT_KEYS,
     STATE_NAME,
     TOKENIZER_DIR,
     BuildLock,
     prepare_directory,
     remove_cache_files,
 )
+from kdcache.cache.build.slices import (
+    PARTS_DIR,
+    marker_bytes,
+    marker_name,
+    parse_markers,
+    read_local_markers,
+    read_state,
+)
 from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.cache.format import shards as shard_files
-from kdcache.cache.format.manifest import MANIFEST_NAME, ShardInfo, file_checksum, manifest_path
+from kdcache.cache.format.manifest import (
+    MANIFEST_NAME,
+    ShardInfo,
+    atomic_write_bytes,
+    file_checksum,
+    manifest_path,
+)
 from kdcache.cache.format.shards import SHARDS_DIR
 from kdcache.cache.storage.location import (
     Location,
@@ -74,11 +90,35 @@ class LocalTarget:
     def lock(self) -> contextlib.AbstractContextManager:
         return BuildLock(self.local_dir, self.rank)
 
-    def prepare(self, fingerprints: dict[str, Any], overwrite: bool, world_size: int) -> str:
-        first = self.rank == 0
+    owned: set[int] | None = None  # the row groups this process builds (None: all)
+
+    def prepare(
+        self, state: dict[str, Any], overwrite: bool, creator: bool, exclusive: bool = False
+    ) -> str:
+        """ "complete", "resume" or "fresh" (``lock.prepare_directory``); ``creator``: this process
+        may write the build state (torchrun: rank 0 first; slices: all, ``exclusive``)."""
         return prepare_directory(
-            self.local_dir, fingerprints, overwrite and first, world_size, write_state=first
+            self.local_dir, state, overwrite and creator, write_state=creator, exclusive=exclusive
         )
+
+    def complete_groups(self) -> dict[int, list[str]]:
+        """``{group: shard names}`` of the row groups with a completion marker."""
+        return read_local_markers(self.local_dir)
+
+    def mark_group(self, group: int, shard_names: list[str]) -> None:
+        """Write a row group's completion marker (after its shards are where readers look)."""
+        (self.local_dir / PARTS_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(
+            self.local_dir / PARTS_DIR / marker_name(group), marker_bytes(group, shard_names)
+        )
+
+    def save_tokenizer(self, tokenizer) -> None:
+        """The teacher's tokenizer into the cache (every slice: the same files)."""
+        tokenizer.save_pretrained(self.local_dir / TOKENIZER_DIR)
+
+    def read_state(self) -> dict[str, Any]:
+        """The build state of an unfinished build (``--finalize``)."""
+        return read_state(self.local_dir)
 
     def complete_shards(self) -> list[ShardInfo]:
         return shard_files.list_complete_shards(self.local_dir)
@@ -115,17 +155,76 @@ class RemoteTarget(LocalTarget):
         stack.callback(self._drain)  # runs first: no upload outlives the lock
         return stack
 
-    def prepare(self, fingerprints: dict[str, Any], overwrite: bool, world_size: int) -> str:
-        """Mirror the remote's manifest / build state into staging, then decide as locally."""
-        overwrite = overwrite and self.rank == 0
-        self._sync_down(overwrite)
-        status = super().prepare(fingerprints, overwrite, world_size)
-        if self.rank == 0 and status == "fresh":
-            self._reset_remote()
-            self._put_file(self.local_dir / STATE_NAME, STATE_NAME)
+    def prepare(
+        self, state: dict[str, Any], overwrite: bool, creator: bool, exclusive: bool = False
+    ) -> str:
+        """Mirror the remote's manifest / build state into staging, then decide as locally.
+
+        A slice (``exclusive``) creates the remote build state only where there is none, and
+        reads it back: of two slices that start at once with other settings, one is refused.
+        """
+        overwrite = overwrite and creator
+        had_state = self._sync_down(overwrite)
+        status = super().prepare(state, overwrite, creator, exclusive=False)
+        if status == "fresh" and creator and (not exclusive or overwrite or not had_state):
+            if not exclusive or overwrite:
+                self._reset_remote()
+            self._put_state(exclusive)
         if status == "resume":
             self._upload_staged()
         return status
+
+    def _put_state(self, exclusive: bool) -> None:
+        staged = (self.local_dir / STATE_NAME).read_bytes()
+        fs = self.location.filesystem()
+        remote = self.location.child(STATE_NAME)
+        with remote_errors(self.location, "writing the build state"):
+            if exclusive and fs.exists(remote):
+                current = fs.cat_file(remote)
+            else:
+                fs.pipe_file(remote, staged)
+                current = fs.cat_file(remote)
+        if current == staged:
+            return
+        ours, theirs = json.loads(staged), json.loads(current)
+        changed = differences(
+            {k: theirs.get(k) for k in FINGERPRINT_KEYS}, {k: ours.get(k) for k in FINGERPRINT_KEYS}
+        )
+        if changed or theirs.get("num_shards") != ours.get("num_shards"):
+            remove_cache_files(self.local_dir)
+            raise ConfigError(
+                f"{self.location.url} was started at the same moment by a build with other "
+                f"settings ({'; '.join(changed) or 'num_shards'}); use another --out"
+            )
+        (self.local_dir / STATE_NAME).write_bytes(current)  # the first slice's state rules
+
+    def complete_groups(self) -> dict[int, list[str]]:
+        """Completion markers under ``<url>/parts``."""
+        fs = self.location.filesystem()
+        directory = self.location.child(PARTS_DIR)
+        with remote_errors(self.location, "listing completion markers"):
+            if not fs.exists(directory):
+                return {}
+            names = [p for p in fs.ls(directory, detail=False, refresh=True) if p.endswith(".json")]
+            contents = fs.cat(names) if names else {}
+        return parse_markers(contents)
+
+    def mark_group(self, group: int, shard_names: list[str]) -> None:
+        """After the group's uploads: one small object, ``<url>/parts/g<group>.json``."""
+        self.flush()
+        fs = self.location.filesystem()
+        with remote_errors(self.location, f"writing the marker of row group {group}"):
+            fs.pipe_file(
+                self.location.child(PARTS_DIR, marker_name(group)), marker_bytes(group, shard_names)
+            )
+
+    def save_tokenizer(self, tokenizer) -> None:
+        super().save_tokenizer(tokenizer)
+        upload_tree(self.location, self.local_dir / TOKENIZER_DIR, TOKENIZER_DIR)
+
+    def read_state(self) -> dict[str, Any]:
+        self._sync_down(False)
+        return super().read_state()
 
     def complete_shards(self) -> list[ShardInfo]:
         """Remote shards whose journal exists and whose object has the journal's size."""
@@ -188,10 +287,11 @@ class RemoteTarget(LocalTarget):
         """Upload staged shards of this rank a killed run finished but did not upload."""
         remote = {info.name: info for info in self.complete_shards()}
         for info in shard_files.list_complete_shards(self.local_dir):
-            if info.rank != self.rank:
-                continue
             staged = self.local_dir / SHARDS_DIR / info.name
-            if remote.get(info.name) == info:
+            if self.owned is not None and info.rank not in self.owned:
+                staged.unlink()  # a row group another process builds now: it writes its shards
+                staged.with_suffix(".json").unlink()
+            elif remote.get(info.name) == info:
                 staged.unlink()
                 staged.with_suffix(".json").unlink()
             elif file_checksum(staged) == info.checksum:
@@ -199,8 +299,9 @@ class RemoteTarget(LocalTarget):
             else:
                 staged.unlink()  # damaged on disk: the build computes it again
 
-    def _sync_down(self, overwrite: bool) -> None:
-        """Make the staging directory's manifest and build state those of the remote."""
+    def _sync_down(self, overwrite: bool) -> bool:
+        """Make the staging directory's manifest and build state those of the remote; whether
+        the remote has a build state."""
         self.local_dir.mkdir(parents=True, exist_ok=True)
         fs = self.location.filesystem()
         with remote_errors(self.location, "reading the build state"):
@@ -225,6 +326,7 @@ class RemoteTarget(LocalTarget):
         manifest.unlink(missing_ok=True)
         if remote[MANIFEST_NAME] is not None:
             manifest.write_bytes(remote[MANIFEST_NAME])
+        return remote[STATE_NAME] is not None
 
     def _reset_remote(self) -> None:
         """Delete kdcache's own objects under the URL (manifest first); nothing else."""
@@ -234,7 +336,7 @@ class RemoteTarget(LocalTarget):
                 fs.rm_file(self.location.child(MANIFEST_NAME))
             doomed = [
                 path
-                for sub in (SHARDS_DIR, TOKENIZER_DIR)
+                for sub in (SHARDS_DIR, TOKENIZER_DIR, PARTS_DIR)
                 if fs.exists(self.location.child(sub))
                 for path in fs.find(self.location.child(sub))
             ]

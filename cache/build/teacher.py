@@ -26,7 +26,7 @@ from torch import nn
 from kdcache.cache.build.config import DTYPE_NAMES
 from kdcache.cache.build.data import SequenceInput
 from kdcache.cache.errors import ConfigError
-from kdcache.cache.extraction.heads import OutputHead, body_of, resolve_head
+from kdcache.cache.extraction.heads import OutputHead, body_of, fp32_output_gemm, resolve_head
 from kdcache.cache.extraction.topk import (
     DEFAULT_CHUNK_ELEMENTS,
     ScratchBuffers,
@@ -137,10 +137,24 @@ def load_model(teacher: str, dtype: torch.dtype, device: torch.device) -> nn.Mod
     _check_teacher_path(teacher)
     name = str(Path(teacher).expanduser()) if looks_like_path(teacher) else teacher
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **transformers_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_pretrained(name, **model_load_kwargs(dtype, device))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _load_error("teacher", teacher, error) from error
-    return model.to(device).eval()
+    return model.to(device).eval()  # a no-op where it was loaded there already
+
+
+def model_load_kwargs(dtype: torch.dtype, device: torch.device) -> dict:
+    """``from_pretrained`` arguments that load the weights straight onto ``device``.
+
+    ``device_map={"": device}`` places every weight on this rank's device as it is read (with
+    ``low_cpu_mem_usage``: no full copy in host memory first; 8 ranks of a 7B bf16 teacher no
+    longer need 8 x 15 GB of host memory). Needs ``accelerate`` where transformers asks for it.
+    """
+    return {
+        **transformers_dtype_kwargs(dtype),
+        "device_map": {"": str(device)},
+        "low_cpu_mem_usage": True,
+    }
 
 
 def output_vocab_size(model: nn.Module) -> int:
@@ -183,6 +197,8 @@ class TeacherRunner:
         if use_head:
             probe = torch.arange(1, 9, device=self.device)[None] % output_vocab_size(model)
             self.head = resolve_head(model, probe)
+        if self.head is not None and not fp32_output_gemm(self.head, self.device):
+            self.head.keep_fp32_weight()  # frozen teacher: one float32 copy, not one per chunk
 
     @torch.inference_mode()
     def run(

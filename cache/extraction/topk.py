@@ -112,8 +112,15 @@ def head_logits(
     Reusing one buffer across chunks spares a fresh (C, V) allocation per chunk (on the CPU each
     one is an mmap whose pages fault in again).
     """
-    plain = head.scale == 1.0 and head.softcap is None and head.weight.dtype == torch.float32
-    if out is None or not plain or hidden.dtype != torch.float32:
+    plain = head.scale == 1.0 and head.softcap is None
+    if out is not None and plain and head.weight.dtype != torch.float32:
+        return head.fp32_linear(hidden, out=out)  # 16-bit head: float32 accumulation and output
+    if (
+        out is None
+        or not plain
+        or hidden.dtype != torch.float32
+        or head.weight.dtype != torch.float32
+    ):
         return head.logits(hidden)
     logits = torch.mm(hidden, head.weight.t(), out=out[: hidden.shape[0]])  # (C, V)
     return logits if head.bias is None else logits.add_(head.bias)
