@@ -173,6 +173,16 @@ def train(
         help="--cross-tokenizer: also distill student positions inside a teacher token "
         "(the teacher's tokens consistent with the bytes emitted so far).",
     ),
+    xtok_loss: str = typer.Option(
+        _train("xtok_loss"),
+        help="--cross-tokenizer objective: exact (the teacher's top-k at aligned positions, by "
+        "exact string match), alm (likelihoods of chunks both tokenizations cut alike, from the "
+        "cache's observed log-probs) or alm+exact (both) (docs/LOSSES.md).",
+    ),
+    alm_binarization: float = typer.Option(
+        _train("alm_binarization"),
+        help="--xtok-loss alm*: the binarisation temperature tau of the chunk likelihoods.",
+    ),
     progress: bool = typer.Option(
         _train("progress"), "--progress/--no-progress", help="Show a progress bar."
     ),
@@ -231,6 +241,8 @@ def train(
         uld_weight=uld_weight,
         vocab_map=vocab_map,
         distill_inside=distill_inside,
+        xtok_loss=xtok_loss,
+        alm_binarization=alm_binarization,
         progress=progress,
         **_storage.reader_settings(storage_option, cache_dir, cache_limit),
     )

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.cache import CacheError, ConfigError, ShardWriter, open_cache, shard_summary
-from kdcache.cache.format.blocks import BlockCodec, synthetic_records
+from kdcache.cache.format.blocks import FORMAT_VERSION, BlockCodec, synthetic_records
 from kdcache.cache.format.codecs import CODECS, MODES, ShardSettings, codecs_for
 from kdcache.cache.format.manifest import write_manifest
 from kdcache.cache.format.modes import describe_storage, storage_mode
@@ -38,11 +38,17 @@ def test_encoded_blocks_equal_the_golden_digests_of_the_old_encoder(case):
     )
     codec = BlockCodec(mode, top_k=top_k, vocab_size=vocab_size, tail_samples=tail_samples)
     encoded = json.loads(json.dumps(format_golden.encoded_digest(codec, records)))
+    # format 2 only adds optional column groups: without them a block is format 1's, but for
+    # the version it states
+    assert ["format_version", str(FORMAT_VERSION)] in encoded["metadata"]
+    encoded["metadata"] = [[key, "1" if key == "format_version" else value]
+                           for key, value in encoded["metadata"]]  # fmt: skip
     assert encoded == {key: golden[key] for key in ("schema", "metadata", "blocks")}
 
 
 def test_the_registry_gives_each_storage_mode_its_column_groups():
-    assert list(CODECS) == ["tokens", "topk", "tail_samples"] and MODES == ("exact", "compact")
+    assert list(CODECS) == ["tokens", "topk", "tail_samples", "observed"]
+    assert MODES == ("exact", "compact")
     expected = {
         "topk_bucket": ["tokens", "topk"],
         "topk_samples": ["tokens", "topk", "tail_samples"],
@@ -194,11 +200,14 @@ def test_build_settings_hash_is_the_one_older_caches_recorded(
     monkeypatch, tmp_path, settings, expected
 ):
     """The settings fingerprint now comes from the codecs' settings; the hashes (first 16 hex
-    digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume."""
+    digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume
+    (built without the observed column of format 2: with it the settings, and the hash, differ)."""
     from kdcache.cache.build import pipeline as build
 
     for name in ("teacher_fingerprint", "tokenizer_details", "data_fingerprint"):
         monkeypatch.setattr(build, name, lambda *args: {})
-    config = build.BuildConfig(teacher="t", data="d", out=tmp_path, **settings)
+    config = build.BuildConfig(
+        teacher="t", data="d", out=tmp_path, observed_logprobs=False, **settings
+    )
     fingerprints = build.fingerprints_for(config, None, None, [], "torch.float32", 1000)
     assert fingerprints["settings"]["hash"][:16] == expected

@@ -18,13 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.extraction.heads import OutputHead
 
-__all__ = ["METHODS", "RowKernel", "add_cross_entropy", "chunked_head_loss", "logits_loss"]
+__all__ = [
+    "METHODS",
+    "RowKernel",
+    "add_cross_entropy",
+    "chunk_spans",
+    "chunked_head_loss",
+    "logits_loss",
+]
 
 METHODS: tuple[str, ...] = ("fused", "plain")
 
@@ -72,7 +80,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     """sum over chunks of row losses of head(hidden[chunk]); gradients made in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, kernel, chunk_size):
+    def forward(ctx, hidden, weight, bias, head, kernel, spans):
         compute_dtype = hidden.dtype  # autocast-like: the activations' dtype runs the matmuls
         weight_c = weight.detach().to(compute_dtype)  # (V, H)
         bias_c = None if bias is None else bias.detach().to(compute_dtype)  # (V,)
@@ -84,8 +92,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         if bias is not None:
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
+        for start, end in spans:
             hidden_chunk = hidden[start:end].detach()  # (C, H)
             logits = _postprocess(F.linear(hidden_chunk, weight_c, bias_c), head)  # (C, V) fp32
             loss, grad = kernel(logits, start, end)  # (C,), (C, V) d loss / d logits
@@ -146,6 +153,29 @@ def logits_loss(logits: torch.Tensor, kernel: RowKernel) -> torch.Tensor:
     return _LogitsLoss.apply(logits, kernel)
 
 
+def chunk_spans(
+    rows: int, chunk_size: int, groups: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """(start, end) row ranges of at most ``chunk_size`` rows covering ``rows``; with ``groups``
+    (rows,) int64 (-1: none) a range never ends inside a run of equal non-negative ids (a run
+    longer than ``chunk_size`` gets a range of its own). One host copy of ``groups``."""
+    if groups is None:
+        return [(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+    ids = groups.cpu().numpy()
+    cuts = np.ones(rows + 1, dtype=bool)  # cuts[i]: a range may start at row i
+    cuts[1:rows] = (ids[1:] != ids[:-1]) | (ids[1:] < 0)
+    allowed = np.flatnonzero(cuts)  # increasing, ends with ``rows``
+    spans, start = [], 0
+    while start < rows:
+        index = np.searchsorted(allowed, start + chunk_size, side="right") - 1
+        end = int(allowed[index])
+        if end <= start:  # one group longer than chunk_size
+            end = int(allowed[np.searchsorted(allowed, start, side="right")])
+        spans.append((start, end))
+        start = end
+    return spans
+
+
 def chunked_head_loss(
     hidden: torch.Tensor,
     head: OutputHead,
@@ -153,6 +183,7 @@ def chunked_head_loss(
     *,
     chunk_size: int = 1024,
     method: str = "fused",
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar sum over N rows of ``kernel``'s loss on ``head.logits(hidden)``, chunk by chunk.
 
@@ -161,6 +192,8 @@ def chunked_head_loss(
         head: the student's ``OutputHead`` (weight (V, H), bias, scale, softcap).
         kernel: (logits (C, V) float32, start, end) -> ((C,) loss, (C, V) gradient).
         chunk_size: rows of logits alive at once. method: "fused" or "plain".
+        groups: (N,) int64 or None: rows the kernel couples (equal ids >= 0, consecutive) stay
+            in one chunk (``chunk_spans``; the target's ``row_groups``).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown chunked-loss method {method!r}; choose one of {METHODS}")
@@ -176,4 +209,5 @@ def chunked_head_loss(
         return zero if head.bias is None else zero + head.bias.float().sum() * 0.0
     if method == "plain":
         return logits_loss(head.logits(hidden), kernel)
-    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, chunk_size)
+    spans = chunk_spans(hidden.shape[0], chunk_size, groups)
+    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, spans)

@@ -57,6 +57,9 @@ class BuildConfig:
     mode: str = "exact"  # shard storage mode: exact (fp16 log-probs) or compact (quantized)
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
+    # store the teacher's log-prob of each observed next token (the ``observed`` column, ~2
+    # B/token; cross-tokenizer --xtok-loss alm needs it, inspect reports the teacher's perplexity)
+    observed_logprobs: bool = True
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file
     progress: bool = True  # show a tqdm bar

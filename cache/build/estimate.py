@@ -178,6 +178,7 @@ def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRec
             max_shard_tokens=1 << 62,
             mode=config.mode,
             tail_samples=config.tail_samples,
+            observed_logprobs=config.observed_logprobs,
         )
         with writer:
             for record in records:
@@ -223,8 +224,9 @@ def estimate_build(
             f"dataset '{config.data}' gives no training sequences; nothing to estimate"
         )
     runner = TeacherRunner(
-        model, top_k=config.top_k, temperature=config.temperature, tail_samples=config.tail_samples
-    )
+        model, top_k=config.top_k, temperature=config.temperature,
+        tail_samples=config.tail_samples, observed_logprobs=config.observed_logprobs,
+    )  # fmt: skip
     first_batch = plan_batches([len(s.input_ids) for s in sample], config.batch_tokens)[0]
     runner.run(
         [sample[i].input_ids for i in first_batch],
@@ -276,6 +278,9 @@ def _one_token(record: SequenceRecord) -> SequenceRecord:
         positions=np.zeros(1, dtype=np.int32),
         tail_ids=None if record.tail_ids is None else record.tail_ids[:1],
         tail_logprobs=None if record.tail_logprobs is None else record.tail_logprobs[:1],
+        observed_logprobs=(
+            None if record.observed_logprobs is None else record.observed_logprobs[:1]
+        ),
     )
 
 

@@ -75,7 +75,10 @@ class BuildSummary:
 def storage_settings(config: BuildConfig, vocab_size: int) -> dict[str, Any]:
     """The manifest's storage settings (mode, top_k, vocab_size, tail_samples ...): those of the
     column groups the codec registry gives for ``config`` (a group's key only when it is on)."""
-    codec = BlockCodec(config.mode, config.top_k, vocab_size, tail_samples=config.tail_samples)
+    codec = BlockCodec(
+        config.mode, config.top_k, vocab_size, tail_samples=config.tail_samples,
+        observed_logprobs=config.observed_logprobs,
+    )  # fmt: skip
     return codec.settings()
 
 
@@ -183,6 +186,7 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
             top_k=config.top_k,
             temperature=config.temperature,
             tail_samples=config.tail_samples,
+            observed_logprobs=config.observed_logprobs,
         )
         started = time.perf_counter()
         tokens_this_run = 0
@@ -263,6 +267,7 @@ def _run_split(
         max_shard_tokens=config.shard_tokens,
         mode=config.mode,
         tail_samples=config.tail_samples,
+        observed_logprobs=config.observed_logprobs,
         on_shard=target.publish,
     ) as writer:
         for record in run_sequences(runner, sequences, config.batch_tokens, skip=skip):

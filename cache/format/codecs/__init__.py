@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from kdcache.cache.format.codecs import topk_compact  # noqa: F401 (registers the compact encoding)
 from kdcache.cache.format.codecs.base import BlockColumns, ColumnCodec, ShardSettings
+from kdcache.cache.format.codecs.observed import ObservedCodec
 from kdcache.cache.format.codecs.tail_samples import TailSamplesCodec
 from kdcache.cache.format.codecs.tokens import TokensCodec
 from kdcache.cache.format.codecs.topk import ENCODINGS, TopkCodec, TopkEncoding
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 CODECS: dict[str, type[ColumnCodec]] = {
-    codec.name: codec for codec in (TokensCodec, TopkCodec, TailSamplesCodec)
+    codec.name: codec for codec in (TokensCodec, TopkCodec, TailSamplesCodec, ObservedCodec)
 }
 MODES: tuple[str, ...] = tuple(ENCODINGS)  # the top-k encodings, the shards' ``mode``
 
