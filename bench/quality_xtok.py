@@ -189,7 +189,8 @@ def table(results: dict) -> str:
             continue
         cells = [f"{gains[s]:+.4f}" if gains[s] is not None else "missing" for s in seeds]
         rel = _relative(results, base, name, seeds)
-        share = "-" if rel is None or not same_rel else f"{rel / same_rel:.0%}"
+        # a share of a same-tokenizer "gain" <= 0 means nothing: n/a
+        share = "n/a" if rel is None or not same_rel or same_rel <= 0 else f"{rel / same_rel:.0%}"
         lines.append(f"| {name} vs {base} | " + " | ".join(cells)
                      + f" | {sum(done) / len(done):+.4f} | "
                      + ("-" if rel is None else f"{rel:+.2%}") + f" | {share} |")  # fmt: skip

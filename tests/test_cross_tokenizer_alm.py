@@ -283,3 +283,13 @@ def test_cli_trains_with_alm(tmp_path, small_cache, other_student, old_cache):
     assert "no observed-token log-probs" in refused.output
     wrong = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "w"), "--xtok-loss", "chunks"])
     assert wrong.exit_code != 0 and "--xtok-loss must be one of" in wrong.output
+
+
+def test_cross_tokenizer_defaults_to_half_ce(tmp_path, small_cache, other_student):
+    """The defaults of --cross-tokenizer (docs/QUALITY.md, issue 26): exact-match KD + 0.5 CE."""
+    args = ["train", "--cache", str(small_cache), "--student", str(other_student), "--steps", "1",
+            "--batch-size", "2", "--no-progress", "--cross-tokenizer", "--out", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "run.json").read_text())
+    assert stored["ce_weight"] == 0.5 and stored["xtok_loss"] == "exact"

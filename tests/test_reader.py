@@ -139,8 +139,8 @@ def test_unknown_shard_mode_is_refused(tmp_path, monkeypatch):
     cache = open_cache(tmp_path)
     monkeypatch.setattr(fmt, "MODES", ("exact",))
     info = cache.shards("train")[0]
-    monkeypatch.setattr(fmt, "SUPPORTED_FORMAT_VERSIONS", (2,))
-    with pytest.raises(CacheError, match=f"shard {info.name} has format_version 1"):
+    monkeypatch.setattr(fmt, "SUPPORTED_FORMAT_VERSIONS", (3,))
+    with pytest.raises(CacheError, match=f"shard {info.name} has format_version 2"):
         list(cache.read_shard(info))
 
 
