@@ -12,6 +12,9 @@ exact teacher match (the ULD term ranks them). Variants (forward + backward, no 
     chunked-exact body -> chunked exact-match AKL, no ULD (every student id has a match, as for
                   a student BPE nested in the teacher's: ULD has nothing to rank and is skipped)
     chunked-xtok  body -> chunked exact-match AKL + ULD, closed-form gradient (cross-tokenizer)
+    chunked-alm   body -> chunked chunk-likelihood term (--xtok-loss alm; synthetic chunks of 1
+                  to 3 positions, the fused head's chunks cut at chunk boundaries)
+    chunked-alm-exact  body -> chunked ALM + exact-match AKL + ULD (--xtok-loss alm+exact)
     naive-xtok    model(input_ids).logits -> cross_tokenizer_kd_loss (full logits, autograd)
 
 Times: minimum wall and median process CPU over --reps interleaved repetitions after a warm-up.
@@ -37,6 +40,7 @@ import bench_step  # the shared student, batch and teacher of the step benchmark
 
 from kdcache.cache.extraction.heads import body_of, split_head
 from kdcache.trainer.chunked import chunked_head_loss
+from kdcache.trainer.cross_tokenizer.likelihood import ChunkLikelihood, add_chunk_likelihood
 from kdcache.trainer.cross_tokenizer.loss import (
     CrossTokenizerLoss,
     cross_tokenizer_kd_loss,
@@ -44,7 +48,8 @@ from kdcache.trainer.cross_tokenizer.loss import (
 )
 from kdcache.trainer.cross_tokenizer.uld import unmatched_student_ids
 
-VARIANTS = ("hf-ce", "chunked-ce", "bucket-k64", "chunked-exact", "chunked-xtok", "naive-xtok")
+VARIANTS = ("hf-ce", "chunked-ce", "bucket-k64", "chunked-exact", "chunked-xtok", "chunked-alm",
+            "chunked-alm-exact", "naive-xtok")  # fmt: skip
 SAME_TOKENIZER = ("hf-ce", "chunked-ce", "bucket-k64")  # bench_step.py's variants
 
 
@@ -66,6 +71,20 @@ def cross_rows(vocab: int, topk_ids, topk_logprobs, tail_mass, seed: int = 0):
     return rows, setting
 
 
+def chunk_rows(input_ids: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Synthetic likelihood chunks over the flat positions: runs of 1 to 3 positions (a few left
+    out), the next token as label, a teacher log-likelihood per chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    n = input_ids.numel()
+    sizes = torch.randint(1, 4, (n,), generator=generator)
+    chunk = torch.repeat_interleave(torch.arange(n), sizes)[:n]  # (n,) runs of 1-3 equal ids
+    chunk = chunk.masked_fill(torch.rand(n, generator=generator) < 0.05, -1)
+    size = torch.bincount(chunk.clamp_min(0), minlength=n).float()[chunk.clamp_min(0)]
+    labels = torch.roll(input_ids.reshape(-1), -1)
+    teacher_ll = -torch.rand(n, generator=generator) * 8 * size
+    return {"labels": labels, "alm_chunk": chunk, "alm_teacher_ll": teacher_ll, "alm_size": size}
+
+
 def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int, k: int):
     if variant in SAME_TOKENIZER:
         return bench_step.make_step(variant, model, vocab, batch, seq, chunk)
@@ -80,10 +99,19 @@ def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int,
     n = input_ids.numel()
     weight = torch.full((n,), 1.0 / n)
     head, body = split_head(model), body_of(model)
+    chunks = chunk_rows(input_ids) if variant.startswith("chunked-alm") else None
+    likelihood = ChunkLikelihood(100.0, 1.0)
 
     def kernel(logits, start, end):
         part = {name: tensor[start:end] for name, tensor in rows.items()}
-        return cross_tokenizer_loss_and_grad(logits, part, setting, weight[start:end])
+        loss = grad = None
+        if variant != "chunked-alm":
+            loss, grad = cross_tokenizer_loss_and_grad(logits, part, setting, weight[start:end])
+        if chunks is not None:
+            part = {name: tensor[start:end] for name, tensor in chunks.items()}
+            loss, grad = add_chunk_likelihood(logits, part, weight[start:end], likelihood,
+                                              loss, grad)  # fmt: skip
+        return loss, grad
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -92,7 +120,8 @@ def make_step(variant: str, model, vocab: int, batch: int, seq: int, chunk: int,
             loss = (weight * cross_tokenizer_kd_loss(logits, rows, setting)).sum()
         else:
             hidden = body(input_ids=input_ids).last_hidden_state.reshape(n, -1)
-            loss = chunked_head_loss(hidden, head, kernel, chunk_size=chunk)
+            groups = None if chunks is None else chunks["alm_chunk"]
+            loss = chunked_head_loss(hidden, head, kernel, chunk_size=chunk, groups=groups)
         loss.backward()
         return loss.detach().item()
 
@@ -117,13 +146,13 @@ def memory_child(args) -> None:
 def measure_times(args, vocab: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU seconds of ``args.reps`` interleaved steps of each variant (after a warm-up)."""
     model = bench_step.build_model(vocab, args.seq)
-    steps = {variant: _make(args, model, vocab, variant) for variant in VARIANTS}
-    wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for variant in VARIANTS:  # warm-up
+    steps = {variant: _make(args, model, vocab, variant) for variant in args.variants}
+    wall: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    cpu: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    for variant in args.variants:  # warm-up
         steps[variant]()
     for _ in range(args.reps):
-        for variant in VARIANTS:
+        for variant in args.variants:
             start, start_cpu = time.perf_counter(), time.process_time()
             steps[variant]()
             wall[variant].append(time.perf_counter() - start)
@@ -152,23 +181,33 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="chunked-xtok", help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        help="which variants (chunked-ce always: the ratios' baseline)",
+    )
     args = parser.parse_args()
     if args.child:
         memory_child(args)
         return
+    if "chunked-ce" not in args.variants:
+        args.variants = ["chunked-ce", *args.variants]
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch} x {args.seq}, k = {args.k}, chunk {args.chunk}, {args.threads} "
           f"threads, {args.reps} interleaved reps; step = forward + backward")  # fmt: skip
     for vocab in args.vocab:
         wall, cpu = measure_times(args, vocab)
-        memory = {} if args.skip_memory else {v: measure_memory(args, vocab, v) for v in VARIANTS}
-        best = {v: min(wall[v]) for v in VARIANTS}
-        cpu_med = {v: statistics.median(cpu[v]) for v in VARIANTS}
+        variants = args.variants
+        memory = {} if args.skip_memory else {v: measure_memory(args, vocab, v) for v in variants}
+        best = {v: min(wall[v]) for v in variants}
+        cpu_med = {v: statistics.median(cpu[v]) for v in variants}
         print(f"\nvocab {vocab}")
-        print(f"{'variant':<14}{'wall min s':>11}{'/ ch-ce':>9}{'cpu med s':>11}{'/ ch-ce':>9}"
+        print(f"{'variant':<18}{'wall min s':>11}{'/ ch-ce':>9}{'cpu med s':>11}{'/ ch-ce':>9}"
               + ("" if not memory else f"{'peak MiB':>10}{'/ ch-ce':>9}"))  # fmt: skip
-        for v in VARIANTS:
-            line = f"{v:<14}{best[v]:>11.3f}{best[v] / best['chunked-ce']:>9.3f}"
+        for v in variants:
+            line = f"{v:<18}{best[v]:>11.3f}{best[v] / best['chunked-ce']:>9.3f}"
             line += f"{cpu_med[v]:>11.3f}{cpu_med[v] / cpu_med['chunked-ce']:>9.3f}"
             if memory:
                 line += f"{memory[v]:>10.0f}{memory[v] / memory['chunked-ce']:>9.3f}"

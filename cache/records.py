@@ -29,6 +29,10 @@ class SequenceRecord:
     # the teacher's log p_j of them
     tail_ids: np.ndarray | None = None  # (M, s) int32; id 0 with log-prob -inf = absent
     tail_logprobs: np.ndarray | None = None  # (M, s) float32, full-distribution log p_j
+    # caches with the ``observed`` column (format 2, the build default; None otherwise): the
+    # teacher's log p of the token that actually follows each stored position, at the cache
+    # temperature; NaN where the next token is not in the sequence (the last position)
+    observed_logprobs: np.ndarray | None = None  # (M,) float32
 
     @property
     def num_tokens(self) -> int:

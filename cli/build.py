@@ -178,6 +178,11 @@ def build(
             f"{DEFAULT_TAIL_SAMPLES} when --top-k is not given, else 0",
         ),
     ),
+    observed_logprobs: bool = typer.Option(
+        _build("observed_logprobs"),
+        help="Also store the teacher's log-prob of each observed next token (~2 B/token; "
+        "cross-tokenizer --xtok-loss alm needs it; inspect reports the teacher's perplexity).",
+    ),
     overwrite: bool = typer.Option(
         _build("overwrite"), help="Replace a different cache already in --out."
     ),
@@ -247,6 +252,7 @@ def build(
         shard_index=shard_index,
         mode=mode,
         tail_samples=tail_samples,
+        observed_logprobs=observed_logprobs,
         overwrite=overwrite,
         storage_options=parse_storage_options(storage_option),
         staging_dir=staging_dir,

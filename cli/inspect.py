@@ -83,6 +83,15 @@ def format_report(report: Any) -> str:
     ]  # fmt: skip
     header = ["split", "shards", "sequences", "tokens", "positions", "bytes", "B/token"]
     lines += _table(header, rows)
+    teacher = getattr(report, "teacher", None)
+    if teacher is not None:
+        temperature = teacher["temperature"]
+        at = "" if temperature in (None, 1, 1.0) else f" at the cache temperature {temperature}"
+        lines += ["", (
+            f"teacher on {teacher['split']} (observed next-token log-probs{at}): CE "
+            f"{teacher['ce_nats']:.4f} nats/token ({teacher['bits_per_token']:.4f} bits), "
+            f"perplexity {teacher['perplexity']:.2f} over {teacher['positions']:,} positions"
+        )]  # fmt: skip
 
     sample, stats = report.sample, report.stats
     lines.append("")

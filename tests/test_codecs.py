@@ -48,7 +48,7 @@ def test_encoded_blocks_equal_the_golden_digests_of_the_old_encoder(case):
 
 
 def test_the_registry_gives_each_storage_mode_its_column_groups():
-    assert list(CODECS)[:4] == ["tokens", "topk", "tail_samples", "tail_counts"]
+    assert list(CODECS) == ["tokens", "topk", "tail_samples", "tail_counts", "observed"]
     assert MODES[:4] == ("exact", "compact", "q8", "unique")
     expected = {
         "topk_bucket": ["tokens", "topk"],
@@ -202,11 +202,14 @@ def test_build_settings_hash_is_the_one_older_caches_recorded(
     monkeypatch, tmp_path, settings, expected
 ):
     """The settings fingerprint now comes from the codecs' settings; the hashes (first 16 hex
-    digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume."""
+    digits) are those that ``fingerprints_for`` of b7736fd computed, so older caches resume
+    (built without the observed column of format 2: with it the settings, and the hash, differ)."""
     from kdcache.cache.build import pipeline as build
 
     for name in ("teacher_fingerprint", "tokenizer_details", "data_fingerprint"):
         monkeypatch.setattr(build, name, lambda *args: {})
-    config = build.BuildConfig(teacher="t", data="d", out=tmp_path, **settings)
+    config = build.BuildConfig(
+        teacher="t", data="d", out=tmp_path, observed_logprobs=False, **settings
+    )
     fingerprints = build.fingerprints_for(config, None, None, [], "torch.float32", 1000)
     assert fingerprints["settings"]["hash"][:16] == expected

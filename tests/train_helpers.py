@@ -33,14 +33,22 @@ def token_blocks(tokenizer, texts: list[str], num_blocks: int, seed: int = 0) ->
 
 
 @torch.no_grad()
-def teacher_records(teacher, blocks, top_k: int, temperature: float, first_id: int = 0):
-    """SequenceRecords holding the teacher's own top-k + tail mass at every position."""
+def teacher_records(
+    teacher, blocks, top_k: int, temperature: float, first_id: int = 0, observed: bool = False
+):
+    """SequenceRecords holding the teacher's own top-k + tail mass at every position (and with
+    ``observed`` the log-prob of each next token, NaN at the last position)."""
     records = []
     for offset, block in enumerate(blocks):
         logits = teacher(input_ids=torch.from_numpy(block).long().unsqueeze(0)).logits[0]
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
         top = logprobs.topk(top_k, dim=-1)
         tail = (1.0 - top.values.exp().sum(-1)).clamp(min=0.0)
+        next_logprobs = None
+        if observed:
+            following = torch.from_numpy(block[1:]).long()[:, None]
+            picked = logprobs[:-1].gather(1, following)[:, 0]
+            next_logprobs = torch.cat([picked, torch.tensor([float("nan")])]).numpy()
         records.append(
             SequenceRecord(
                 sequence_id=first_id + offset,
@@ -49,6 +57,7 @@ def teacher_records(teacher, blocks, top_k: int, temperature: float, first_id: i
                 topk_logprobs=top.values.numpy().astype(np.float32),
                 tail_mass=tail.numpy().astype(np.float32),
                 positions=np.arange(len(block), dtype=np.int32),
+                observed_logprobs=next_logprobs,
             )
         )
     return records
@@ -64,8 +73,10 @@ def make_cache(
     top_k: int = 8,
     temperature: float = 1.0,
     max_shard_tokens: int = 600,
+    observed: bool = True,
 ) -> Path:
-    """A complete cache (train + holdout splits, tokenizer/) from the teacher in ``teacher_dir``."""
+    """A complete cache (train + holdout splits, tokenizer/) from the teacher in ``teacher_dir``
+    (``observed``: with the observed-token log-prob column, as ``kdcache build`` writes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -78,9 +89,10 @@ def make_cache(
         ("holdout", blocks[num_train:], num_train),
     ):
         with ShardWriter(
-            cache_dir, split, top_k=top_k, vocab_size=vocab_size, max_shard_tokens=max_shard_tokens
-        ) as writer:
-            for record in teacher_records(teacher, part, top_k, temperature, first):
+            cache_dir, split, top_k=top_k, vocab_size=vocab_size,
+            max_shard_tokens=max_shard_tokens, observed_logprobs=observed,
+        ) as writer:  # fmt: skip
+            for record in teacher_records(teacher, part, top_k, temperature, first, observed):
                 writer.write(record)
         shards.extend(writer.close())
     tokenizer.save_pretrained(cache_dir / "tokenizer")
@@ -92,6 +104,8 @@ def make_cache(
         temperature=temperature,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
+    if observed:
+        manifest["observed_logprobs"] = True
     write_manifest(cache_dir, manifest)
     return cache_dir
 

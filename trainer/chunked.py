@@ -27,12 +27,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from kdcache.cache.errors import ConfigError
 from kdcache.cache.extraction.heads import OutputHead
 
-__all__ = ["METHODS", "RowKernel", "add_cross_entropy", "chunked_head_loss", "logits_loss"]
+__all__ = [
+    "METHODS",
+    "RowKernel",
+    "add_cross_entropy",
+    "chunk_spans",
+    "chunked_head_loss",
+    "logits_loss",
+]
 
 METHODS: tuple[str, ...] = ("fused", "plain")
 
@@ -107,7 +115,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     """sum over chunks of row losses of head(hidden[chunk]); gradients made in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, kernel, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, bias, head, kernel, spans, compute_dtype):
         compute_dtype = compute_dtype or hidden.dtype
         weight_c = weight.detach().to(compute_dtype)  # (V, H), cast once per call
         hidden_c = hidden.detach().to(compute_dtype)  # (N, H)
@@ -120,8 +128,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         bias_f = None if bias is None else bias.detach().float()  # (V,) added in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
+        for start, end in spans:
             hidden_chunk = hidden_c[start:end]  # (C, H) compute dtype
             pre_logits = _gemm(hidden_chunk, weight_c.t(), torch.float32)  # (C, V) fp32
             if bias_f is not None:
@@ -184,6 +191,29 @@ def logits_loss(logits: torch.Tensor, kernel: RowKernel) -> torch.Tensor:
     return _LogitsLoss.apply(logits, kernel)
 
 
+def chunk_spans(
+    rows: int, chunk_size: int, groups: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """(start, end) row ranges of at most ``chunk_size`` rows covering ``rows``; with ``groups``
+    (rows,) int64 (-1: none) a range never ends inside a run of equal non-negative ids (a run
+    longer than ``chunk_size`` gets a range of its own). One host copy of ``groups``."""
+    if groups is None:
+        return [(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+    ids = groups.cpu().numpy()
+    cuts = np.ones(rows + 1, dtype=bool)  # cuts[i]: a range may start at row i
+    cuts[1:rows] = (ids[1:] != ids[:-1]) | (ids[1:] < 0)
+    allowed = np.flatnonzero(cuts)  # increasing, ends with ``rows``
+    spans, start = [], 0
+    while start < rows:
+        index = np.searchsorted(allowed, start + chunk_size, side="right") - 1
+        end = int(allowed[index])
+        if end <= start:  # one group longer than chunk_size
+            end = int(allowed[np.searchsorted(allowed, start, side="right")])
+        spans.append((start, end))
+        start = end
+    return spans
+
+
 def chunked_head_loss(
     hidden: torch.Tensor,
     head: OutputHead,
@@ -192,6 +222,7 @@ def chunked_head_loss(
     chunk_size: int = 1024,
     method: str = "fused",
     compute_dtype: torch.dtype | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar sum over N rows of ``kernel``'s loss on ``head.logits(hidden)``, chunk by chunk.
 
@@ -203,6 +234,8 @@ def chunked_head_loss(
         compute_dtype: dtype of the head GEMMs' operands (None: ``hidden``'s dtype; the
             trainer passes bfloat16 under ``--dtype bfloat16``). Accumulation and the loss math
             stay float32.
+        groups: (N,) int64 or None: rows the kernel couples (equal ids >= 0, consecutive) stay
+            in one chunk (``chunk_spans``; the target's ``row_groups``).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown chunked-loss method {method!r}; choose one of {METHODS}")
@@ -218,6 +251,5 @@ def chunked_head_loss(
         return zero if head.bias is None else zero + head.bias.float().sum() * 0.0
     if method == "plain":
         return logits_loss(head.logits(hidden), kernel)
-    return _FusedHeadLoss.apply(
-        hidden, head.weight, head.bias, head, kernel, chunk_size, compute_dtype
-    )
+    spans = chunk_spans(hidden.shape[0], chunk_size, groups)
+    return _FusedHeadLoss.apply(hidden, head.weight, head.bias, head, kernel, spans, compute_dtype)

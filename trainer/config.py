@@ -33,8 +33,13 @@ ABSENT_FIELD_MEANS: dict[str, Any] = {"vocab_map": "exact", "distill_inside": Fa
 # so the default resumes them unchanged.
 ABSENT_FIELD_MEANS.update(shuffle_window=4, fsdp=False)
 ABSENT_FIELD_MEANS.update(lr_scheduler="cosine", min_lr=0.0, warmup_ratio=0.0, decay_ratio=0.1)
+ABSENT_FIELD_MEANS.update(xtok_loss="exact", alm_binarization=100.0)
 # Fields that change nothing unless the run is --cross-tokenizer.
-CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset({"uld_weight", "vocab_map", "distill_inside"})
+CROSS_TOKENIZER_FIELDS: frozenset[str] = frozenset(
+    {"uld_weight", "vocab_map", "distill_inside", "xtok_loss", "alm_binarization"}
+)
+# --xtok-loss (kdcache.trainer.cross_tokenizer.likelihood)
+XTOK_LOSSES = ("exact", "alm", "alm+exact")
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "progress"}
     | {"save_every_minutes", "save_total_limit", "export_dtype", "dist_timeout"}
@@ -91,12 +96,19 @@ def _cross_tokenizer_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"--vocab-map must be one of {', '.join(VOCAB_MAPS)}, got {config.vocab_map!r}"
         )
+    if config.xtok_loss not in XTOK_LOSSES:
+        problems.append(
+            f"--xtok-loss must be one of {', '.join(XTOK_LOSSES)}, got {config.xtok_loss!r}"
+        )
+    if not (config.alm_binarization > 0 and math.isfinite(config.alm_binarization)):
+        problems.append(f"--alm-binarization must be a number > 0, got {config.alm_binarization}")
     if problems:
         return problems
     if not config.cross_tokenizer:
         defaults = TrainConfig.__dataclass_fields__
         flags = {"uld_weight": "--uld-weight", "vocab_map": "--vocab-map",
-                 "distill_inside": "--no-distill-inside"}  # fmt: skip
+                 "distill_inside": "--no-distill-inside", "xtok_loss": "--xtok-loss",
+                 "alm_binarization": "--alm-binarization"}  # fmt: skip
         changed = [flag for name, flag in flags.items()
                    if getattr(config, name) != defaults[name].default]  # fmt: skip
         return [f"{flag} needs --cross-tokenizer" for flag in changed]
@@ -235,6 +247,10 @@ class TrainConfig:
     uld_weight: float = 1.0  # weight of the ULD term on unmatched tokens (--cross-tokenizer)
     vocab_map: str = "exact"  # exact | prefix: where unmatched teacher tokens' mass goes
     distill_inside: bool = True  # distill student positions inside a teacher token too
+    # the cross-tokenizer objective: exact (exact-match target [+ ULD]), alm (chunk likelihoods,
+    # needs the cache's observed log-probs) or alm+exact (both); docs/LOSSES.md
+    xtok_loss: str = "exact"
+    alm_binarization: float = 100.0  # ALM's binarisation temperature tau (--xtok-loss alm*)
     progress: bool = True  # tqdm progress bar
     report_to: str = "none"  # trackers, comma-separated: tensorboard, wandb, mlflow, trackio, all
     run_name: str | None = None  # the run's name in the trackers (None: the --out folder's name)

@@ -178,7 +178,13 @@ class _Run:
         self.cross = (
             None
             if same_tokenizer
-            else cross_tokenizer_for(cache, self.tokenizer, config.vocab_map, config.distill_inside)
+            else cross_tokenizer_for(
+                cache,
+                self.tokenizer,
+                config.vocab_map,
+                config.distill_inside,
+                xtok_loss=config.xtok_loss if config.loss != "ce" else "exact",
+            )
         )
         notice = (
             vocab_coverage_notice(
@@ -210,7 +216,9 @@ class _Run:
         make_dataset = CacheDataset
         if self.cross is not None:  # batches in the student's tokens, teacher rows mapped
             make_dataset = functools.partial(CrossTokenizerDataset, cross=self.cross)
-            self.target = cross_tokenizer_target(self.cross, self.model, config.uld_weight)
+            self.target = cross_tokenizer_target(
+                self.cross, self.model, config.uld_weight, config.alm_binarization
+            )
         self.dataset = make_dataset(
             cache,
             config.split,

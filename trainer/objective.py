@@ -168,12 +168,14 @@ class DistillObjective(nn.Module):
         if self.chunked:
             hidden = body_of(self.model)(**inputs).last_hidden_state  # (B, T, H)
             hidden = hidden.reshape(-1, hidden.shape[-1])[rows]  # (N, H)
+            groups = None if target is None else target.row_groups(teacher_rows)
             return chunked_head_loss(
                 hidden,
                 split_head(self.model),
                 kernel,
                 chunk_size=self.chunk_size,
                 compute_dtype=self.compute_dtype,
+                groups=groups,
             )
         logits = self.model(**inputs).logits  # (B, T, V)
         return logits_loss(logits.reshape(-1, logits.shape[-1])[rows], kernel)

@@ -69,7 +69,10 @@ class BuildSummary:
 def storage_settings(config: BuildConfig, vocab_size: int) -> dict[str, Any]:
     """The manifest's storage settings (mode, top_k, vocab_size, tail_samples ...): those of the
     column groups the codec registry gives for ``config`` (a group's key only when it is on)."""
-    codec = BlockCodec(config.mode, config.top_k, vocab_size, tail_samples=config.tail_samples)
+    codec = BlockCodec(
+        config.mode, config.top_k, vocab_size, tail_samples=config.tail_samples,
+        observed_logprobs=config.observed_logprobs,
+    )  # fmt: skip
     return codec.settings()
 
 

@@ -69,6 +69,9 @@ class BuildConfig:
     mode: str = DEFAULT_ENCODING
     # topk+tail mode: tail ids drawn per position from p_j / p_tail (0 = off; None: see below)
     tail_samples: int | None = None
+    # store the teacher's log-prob of each observed next token (the ``observed`` column, ~2
+    # B/token; cross-tokenizer --xtok-loss alm needs it, inspect reports the teacher's perplexity)
+    observed_logprobs: bool = True
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file (--shard-tokens)
     # rows per row group, the unit of work: "auto" (~64 groups of 1-1024 rows, data.py) or N

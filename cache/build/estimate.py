@@ -212,6 +212,7 @@ def _shard_bytes(config: BuildConfig, vocab_size: int, records: list[SequenceRec
             max_shard_tokens=1 << 62,
             mode=config.mode,
             tail_samples=config.tail_samples,
+            observed_logprobs=config.observed_logprobs,
         )
         with writer:
             for record in records:
@@ -262,6 +263,7 @@ def estimate_build(
     runner = TeacherRunner(
         model, top_k=config.top_k, temperature=config.temperature,
         tail_samples=config.tail_samples, chunk_elements=sizes.chunk_rows * vocab_size,
+        observed_logprobs=config.observed_logprobs,
     )  # fmt: skip
     first_batch = plan_batches([len(s.input_ids) for s in sample], sizes.batch_tokens)[0]
     runner.run(
@@ -319,6 +321,9 @@ def _one_token(record: SequenceRecord) -> SequenceRecord:
         positions=np.zeros(1, dtype=np.int32),
         tail_ids=None if record.tail_ids is None else record.tail_ids[:1],
         tail_logprobs=None if record.tail_logprobs is None else record.tail_logprobs[:1],
+        observed_logprobs=(
+            None if record.observed_logprobs is None else record.observed_logprobs[:1]
+        ),
     )
 
 

@@ -194,6 +194,7 @@ def build_cache(config: BuildConfig, *, rank: int = 0, world_size: int = 1) -> B
             temperature=config.temperature,
             tail_samples=config.tail_samples,
             chunk_elements=sizes.chunk_rows * vocab_size,
+            observed_logprobs=config.observed_logprobs,
         )
         started = time.perf_counter()
         done = target.complete_groups()
@@ -303,6 +304,7 @@ def _run_split(
         max_shard_tokens=config.shard_tokens,
         mode=config.mode,
         tail_samples=config.tail_samples,
+        observed_logprobs=config.observed_logprobs,
         on_shard=target.publish,
     ) as writer:
         for record in run_sequences(runner, sequences, batch_tokens, skip=skip):

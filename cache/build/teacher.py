@@ -63,6 +63,7 @@ class TopKRows:
     tail_mass: np.ndarray  # (M,) float32
     tail_ids: np.ndarray | None = None  # (M, s) int32 topk+tail mode: draws from p_j / p_tail
     tail_logprobs: np.ndarray | None = None  # (M, s) float32 teacher log p_j of those draws
+    observed_logprobs: np.ndarray | None = None  # (M,) float32 log p of the next token (NaN: none)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -185,8 +186,10 @@ class TeacherRunner:
         use_head: bool = True,
         tail_samples: int = 0,
         sample_seed: int = 0,
+        observed_logprobs: bool = False,
     ) -> None:
         self.model = model
+        self.observed_logprobs = observed_logprobs  # also the log-prob of each next token
         self.top_k = top_k
         self.tail_samples, self.sample_seed = tail_samples, sample_seed
         self.temperature = temperature
@@ -238,6 +241,13 @@ class TeacherRunner:
         }
         row_index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         col_index = torch.as_tensor(cols, dtype=torch.long, device=self.device)
+        next_ids = None
+        if self.observed_logprobs:  # (N,) the token after each kept position, -1: none
+            has_next = torch.as_tensor(cols + 1 < np.asarray(lengths)[rows])
+            following = input_ids[
+                torch.as_tensor(rows), torch.as_tensor(cols + 1).clamp_max(width - 1)
+            ]
+            next_ids = torch.where(has_next, following, -1).to(self.device)
         if self.head is not None:
             hidden = self._body(inputs)  # (B, L, H)
             selected = hidden[row_index, col_index]  # (N, H)
@@ -245,20 +255,25 @@ class TeacherRunner:
             logits = self.model(**inputs).logits  # (B, L, V)
             selected = logits[row_index, col_index]  # (N, V)
             del logits
-        samples = None
+        samples = observed = None
         if self.tail_samples:  # top-k and tail draws from one pass of the head
             ids, logprobs, tail, *samples = self._topk_and_samples(
-                selected, positions, sequence_ids
+                selected, positions, sequence_ids, next_ids
             )
+            if next_ids is not None:
+                observed = samples.pop()
         elif self.head is not None:
-            ids, logprobs, tail = topk_from_hidden(
+            ids, logprobs, tail, *observed = topk_from_hidden(
                 selected, self.head, self.top_k, self.temperature, self.chunk_elements,
-                scratch=self.scratch,
+                scratch=self.scratch, next_ids=next_ids,
             )  # fmt: skip
         else:
-            ids, logprobs, tail = topk_from_logit_rows(
-                selected, self.top_k, self.temperature, self.chunk_elements
+            ids, logprobs, tail, *observed = topk_from_logit_rows(
+                selected, self.top_k, self.temperature, self.chunk_elements, next_ids=next_ids
             )
+        if isinstance(observed, list):
+            observed = observed[0] if observed else None
+        observed_host = None if observed is None else observed.float().cpu().numpy()
         if samples is not None:
             samples = [samples[0].to(torch.int32).cpu().numpy(), samples[1].cpu().numpy()]
         ids_host = ids.to(torch.int32).cpu().numpy()  # only (N, k) values cross to the host
@@ -270,6 +285,8 @@ class TeacherRunner:
             rows = TopKRows(ids_host[start:end], logprobs_host[start:end], tail_host[start:end])
             if samples is not None:
                 rows.tail_ids, rows.tail_logprobs = samples[0][start:end], samples[1][start:end]
+            if observed_host is not None:
+                rows.observed_logprobs = observed_host[start:end]
             out.append(rows)
             start = end
         return out
@@ -290,7 +307,7 @@ class TeacherRunner:
             ]
         )
 
-    def _topk_and_samples(self, selected, positions, sequence_ids):
+    def _topk_and_samples(self, selected, positions, sequence_ids, next_ids=None):
         """topk+tail mode: top-k plus (N, s) draws from each row's tail, seeded per sequence."""
         from kdcache.cache.extraction.tail_sampling import sequence_uniforms, topk_and_tail_samples
 
@@ -318,7 +335,7 @@ class TeacherRunner:
 
         return topk_and_tail_samples(
             logits_of, selected.shape[0], output_vocab_size(self.model), self.top_k, uniforms,
-            self.temperature, self.chunk_elements, scratch=self.scratch,
+            self.temperature, self.chunk_elements, scratch=self.scratch, next_ids=next_ids,
         )  # fmt: skip
 
 
@@ -454,4 +471,5 @@ def run_sequences(
                 positions=sequence.positions,
                 tail_ids=rows.tail_ids,
                 tail_logprobs=rows.tail_logprobs,
+                observed_logprobs=rows.observed_logprobs,
             )

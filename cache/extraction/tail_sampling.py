@@ -144,6 +144,7 @@ def topk_and_tail_samples(
     temperature: float = 1.0,
     chunk_elements: int = 1 << 24,
     scratch: ScratchBuffers | None = None,
+    next_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Top-k (``topk_from_logits``) and ``sample_tail`` draws of ``num_rows`` rows, from one
     evaluation of their logits: ``logits_of(start, end)`` gives the ``(end - start, V)`` logits
@@ -155,13 +156,18 @@ def topk_and_tail_samples(
         scratch: where the sampler's (C, V') buffer lives across calls (the build keeps one per
             teacher); None allocates one for this call.
 
+        next_ids: (N,) int64 next token per row (-1: none); given, a sixth output is its
+            log-prob (N,) float32 (NaN: none), gathered from the same chunks.
+
     Returns:
         ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, sample ids (N, s)
-        int64 and sample log-probs (N, s) float32, on the logits' device.
+        int64 and sample log-probs (N, s) float32[, observed (N,)], on the logits' device.
     """
     from kdcache.cache.extraction.topk import (
         ScratchBuffers,
+        _observed,
         chunk_rows,
+        observed_logprobs,
         tempered_logits,
         topk_of_scaled,
     )
@@ -179,6 +185,8 @@ def topk_and_tail_samples(
             weights = scratch.get("tail_weights", min(rows, num_rows), width, scaled.device)
             weights[:, vocab_size:].zero_()  # the padding columns (never written below)
         padded = weights[: end - start]
+        if next_ids is not None:
+            picked, has_next = observed_logprobs(scaled, next_ids[start:end])
         # exp(scaled - row max) goes straight into the sampler's buffer: one exp pass serves
         # the normalizer and the draws (no (C, V) log-softmax is written)
         ids, logprobs, tail, normalizer = topk_of_scaled(
@@ -190,14 +198,16 @@ def topk_and_tail_samples(
                 scaled.gather(1, drawn) - normalizer[:, None]
             ),
         )  # fmt: skip
-        parts.append((ids, logprobs, tail, *samples))
+        observed = () if next_ids is None else (_observed(picked, has_next, normalizer),)
+        parts.append((ids, logprobs, tail, *samples, *observed))
     if not parts:
         width = uniforms.shape[1] if uniforms.ndim == 2 else 0
-        return (
+        empty = (
             torch.zeros(0, top_k, dtype=torch.int64),
             torch.zeros(0, top_k),
             torch.zeros(0),
             torch.zeros(0, width, dtype=torch.int64),
             torch.zeros(0, width),
         )
+        return empty if next_ids is None else (*empty, torch.zeros(0))
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))

@@ -26,6 +26,7 @@ __all__ = [
     "chunk_rows",
     "fast_topk",
     "head_logits",
+    "observed_logprobs",
     "row_logsumexp",
     "tempered_log_probs",
     "tempered_logits",
@@ -173,6 +174,23 @@ def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) ->
     return max(1, chunk_elements // max(1, vocab_size))
 
 
+def observed_logprobs(
+    scaled: torch.Tensor, next_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tempered logit of each row's next token (C,), where it has one (C,) bool).
+
+    Gathered from a chunk's (C, V) tempered logits *before* they are overwritten in place; minus
+    the row's normalizer it is ``log p(next token)``. ``next_ids`` (C,) int64, -1: no next token.
+    """
+    has_next = next_ids >= 0
+    return scaled.gather(1, next_ids.clamp_min(0)[:, None])[:, 0], has_next
+
+
+def _observed(picked: torch.Tensor, has_next: torch.Tensor, normalizer: torch.Tensor):
+    """(C,) float32 log p(next token), NaN where there is none."""
+    return torch.where(has_next, picked - normalizer, torch.full_like(picked, float("nan")))
+
+
 def topk_from_hidden(
     hidden: torch.Tensor,
     head: OutputHead,
@@ -180,7 +198,8 @@ def topk_from_hidden(
     temperature: float = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     scratch: ScratchBuffers | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    next_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """``topk_from_logits(head.logits(hidden))`` computed chunk by chunk of positions.
 
     The full (N, V) logits never exist at once: at most ``chunk_elements`` logits per chunk.
@@ -190,9 +209,13 @@ def topk_from_hidden(
         head: the model's output head (``resolve_head``).
         scratch: where the (C, V) logits buffer lives across calls (the build keeps one per
             teacher); None allocates one for this call.
+        next_ids: (N,) int64 the token that follows each row (-1: none); given, a fourth output
+            is the teacher's log-prob of it (N,) float32 (NaN: none), gathered from the same
+            chunks (no extra pass over the logits).
 
     Returns:
-        ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32, on ``hidden``'s device.
+        ids (N, k) int64, logprobs (N, k) float32, tail_mass (N,) float32[, observed (N,)], on
+        ``hidden``'s device.
     """
     rows = chunk_rows(head.vocab_size, chunk_elements)
     scratch = scratch if scratch is not None else ScratchBuffers()
@@ -202,16 +225,22 @@ def topk_from_hidden(
         scaled = tempered_logits(
             head_logits(head, hidden[start : start + rows], buffer), temperature
         )
-        parts.append(topk_of_scaled(scaled, top_k, exp_out=scaled)[:3])  # scaled: a temporary
+        if next_ids is not None:  # before topk_of_scaled overwrites ``scaled``
+            picked, has_next = observed_logprobs(scaled, next_ids[start : start + rows])
+        ids, logprobs, tail, normalizer = topk_of_scaled(scaled, top_k, exp_out=scaled)
+        part = (ids, logprobs, tail)  # scaled was a temporary
+        if next_ids is not None:
+            part += (_observed(picked, has_next, normalizer),)
+        parts.append(part)
     if not parts:
         device = hidden.device
-        return (
+        empty = (
             torch.zeros(0, top_k, dtype=torch.int64, device=device),
             torch.zeros(0, top_k, dtype=torch.float32, device=device),
             torch.zeros(0, dtype=torch.float32, device=device),
         )
-    ids, logprobs, tail_mass = zip(*parts, strict=True)
-    return torch.cat(ids), torch.cat(logprobs), torch.cat(tail_mass)
+        return empty if next_ids is None else (*empty, torch.zeros(0, device=device))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def topk_from_logit_rows(
@@ -219,14 +248,20 @@ def topk_from_logit_rows(
     top_k: int,
     temperature: float = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``topk_from_logits`` over (N, V) ``logits`` in chunks of rows (bounds the fp32 copies)."""
+    next_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``topk_from_logits`` over (N, V) ``logits`` in chunks of rows (bounds the fp32 copies);
+    ``next_ids`` as for ``topk_from_hidden`` (then a fourth output, the observed log-probs)."""
     rows = chunk_rows(logits.shape[-1], chunk_elements)
-    parts = [
-        topk_from_logits(logits[start : start + rows], top_k, temperature)
-        for start in range(0, logits.shape[0], rows)
-    ]
+    parts = []
+    for start in range(0, logits.shape[0], rows):
+        log_probs = tempered_log_probs(logits[start : start + rows], temperature)
+        part = topk_of_log_probs(log_probs, top_k)
+        if next_ids is not None:
+            picked, has_next = observed_logprobs(log_probs, next_ids[start : start + rows])
+            part += (_observed(picked, has_next, torch.zeros_like(picked)),)
+        parts.append(part)
     if not parts:  # no rows: empty outputs of the right shapes
-        return topk_from_logits(logits, top_k, temperature)
-    ids, logprobs, tail_mass = zip(*parts, strict=True)
-    return torch.cat(ids), torch.cat(logprobs), torch.cat(tail_mass)
+        empty = topk_from_logits(logits, top_k, temperature)
+        return empty if next_ids is None else (*empty, torch.zeros(0, device=logits.device))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))

@@ -9,7 +9,9 @@ whose columns are grouped by what they store; each group is one codec, registere
   log-probs and the tail mass, in the encoding the shard's ``mode`` names (``exact``: fp16 /
   float32; ``compact``, ``codecs/topk_compact.py``: quantized levels / fp16);
 * ``tail_samples`` (``codecs/tail_samples.py``): s sampled ids per position and their log-probs,
-  present when the shard's ``tail_samples`` > 0.
+  present when the shard's ``tail_samples`` > 0;
+* ``observed`` (``codecs/observed.py``): the teacher's log-prob of the observed next token per
+  position, present when the shard's ``observed_logprobs`` is set (format version 2).
 
 ``BlockCodec`` composes the groups the registry gives for a shard's settings; it compresses their
 blobs, builds the Arrow row, and on read assembles ``SequenceRecord``s from what the groups
@@ -69,13 +71,15 @@ class BlockCodec:
     vocab_size: int
     level: int = ZSTD_LEVEL
     tail_samples: int = 0  # sampled ids stored per position (0 = none)
+    observed_logprobs: bool = False  # the ``observed`` group (codecs/observed.py)
     groups: tuple[ColumnCodec, ...] = field(init=False, repr=False, compare=False)
     _metadata: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         settings = ShardSettings(
-            self.mode, self.top_k, self.vocab_size, self.tail_samples, self._metadata
-        )
+            self.mode, self.top_k, self.vocab_size, self.tail_samples, self._metadata,
+            observed_logprobs=self.observed_logprobs,
+        )  # fmt: skip
         try:  # the storage mode: what a cache with these settings stores at all
             storage_mode({"top_k": self.top_k, "tail_samples": self.tail_samples})
         except CacheError:
@@ -137,6 +141,7 @@ class BlockCodec:
                 top_k=settings.top_k,
                 vocab_size=settings.vocab_size,
                 tail_samples=settings.tail_samples,
+                observed_logprobs=settings.observed_logprobs,
                 _metadata=meta,
             )
         except (KdcacheError, KeyError, ValueError) as error:
@@ -153,6 +158,7 @@ class BlockCodec:
                 settings.top_k,
                 settings.vocab_size,
                 tail_samples=settings.tail_samples,
+                observed_logprobs=settings.observed_logprobs,
             )
         except KdcacheError as error:
             raise CacheError(f"the manifest's settings cannot be read: {error}") from None

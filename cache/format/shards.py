@@ -124,6 +124,7 @@ class ShardWriter:
         mode: str = "exact",
         block_positions: int = DEFAULT_BLOCK_POSITIONS,
         tail_samples: int = 0,
+        observed_logprobs: bool = False,
         on_shard: Callable[[ShardInfo], None] | None = None,
     ) -> None:
         problems = []
@@ -136,8 +137,9 @@ class ShardWriter:
         if problems:
             raise ConfigError("; ".join(problems))
         self.codec = BlockCodec(
-            mode=mode, top_k=top_k, vocab_size=vocab_size, tail_samples=tail_samples
-        )
+            mode=mode, top_k=top_k, vocab_size=vocab_size, tail_samples=tail_samples,
+            observed_logprobs=observed_logprobs,
+        )  # fmt: skip
         self.directory = Path(cache_dir) / SHARDS_DIR
         self.split, self.rank = split, rank
         self.max_shard_tokens, self.block_positions = max_shard_tokens, block_positions

@@ -105,6 +105,9 @@ class CacheReport:
     stats: PositionStats | None  # all sampled positions; None when the cache stores none
     split_stats: dict[str, PositionStats] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # the raw manifest, less its shard list
+    # the teacher's own next-token CE on the holdout from the observed log-probs (None: the
+    # cache has no such column or no holdout); see ``teacher_holdout``
+    teacher: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (percentile keys become strings in JSON)."""
@@ -194,7 +197,41 @@ def inspect_cache(
         stats=stats,
         split_stats=split_stats,
         manifest={k: v for k, v in manifest.items() if k != "shards"},  # shards: see `splits`
+        teacher=teacher_holdout(cache, manifest),
     )
+
+
+def teacher_holdout(cache: Any, manifest: dict[str, Any], split: str = "holdout") -> dict | None:
+    """The teacher's own next-token cross-entropy on ``split``, from the observed log-probs.
+
+    Every stored position of the split with a next token counts (the whole split is read: the
+    holdout is a small share of a cache). Returns ``{"split", "positions", "ce_nats",
+    "bits_per_token", "perplexity", "temperature"}`` (at the cache temperature: the teacher's
+    own perplexity when it is 1), or None when the cache has no observed column or the split
+    holds no position.
+    """
+    if not manifest.get("observed_logprobs") or split not in (manifest.get("splits") or {}):
+        return None
+    total, count = 0.0, 0
+    for info in cache.shards(split):
+        for record in cache.read_shard(info):
+            values = record.observed_logprobs
+            if values is None:
+                continue
+            known = values[np.isfinite(values)].astype(np.float64)
+            total -= float(known.sum())
+            count += int(known.size)
+    if count == 0:
+        return None
+    ce = total / count
+    return {
+        "split": split,
+        "positions": count,
+        "ce_nats": ce,
+        "bits_per_token": ce / math.log(2.0),
+        "perplexity": math.exp(ce),
+        "temperature": manifest.get("temperature"),
+    }
 
 
 def kprime_values(top_k: int) -> list[int]:

@@ -66,6 +66,8 @@ class AlignedSequence:
     inside_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     inside_emitted: tuple[bytes, ...] = ()
     inside_unstored: int = 0
+    teacher_ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (T,)
+    reproduced: np.ndarray | None = None  # (S,) bool: in a segment reproduced byte for byte
 
 
 def _utf8_edges(data: bytes) -> tuple[int, int]:
@@ -125,6 +127,7 @@ class CrossTokenizer:
         student_tokenizer: Any,
         vocab_map: str = "exact",
         distill_inside: bool = True,
+        xtok_loss: str = "exact",
     ) -> None:
         if vocab_map not in VOCAB_MAPS:
             raise ConfigError(
@@ -133,6 +136,7 @@ class CrossTokenizer:
         self.student_tokenizer = student_tokenizer
         self.vocab_map = vocab_map
         self.distill_inside = bool(distill_inside)
+        self.xtok_loss = xtok_loss  # exact | alm | alm+exact: what the batches carry
         self.teacher = vocabulary_bytes(teacher_tokenizer)
         self.student = vocabulary_bytes(student_tokenizer)
         self.exact_to_student = exact_match_map(self.teacher, self.student)
@@ -250,12 +254,17 @@ class CrossTokenizer:
                 ),
                 "inside_unstored": unstored,
             }
+        reproduced = np.ones(len(ids_array), dtype=bool)
+        for first, last in unaligned:
+            reproduced[first:last] = False
         return AlignedSequence(
             input_ids=ids_array,
             ends=ends_array,
             positions=positions,
             teacher_rows=rows,
             token_bytes=self.student_token_bytes(ids_array),
+            teacher_ends=teacher_ends,
+            reproduced=reproduced,
             **inside,
         )
 

@@ -7,20 +7,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcache.cache.errors import CacheError
+from kdcache.cache.errors import CacheError, ConfigError
 from kdcache.trainer.cross_tokenizer.alignment import CrossTokenizer
-from kdcache.trainer.cross_tokenizer.batches import check_cross_tokenizer_cache
+from kdcache.trainer.cross_tokenizer.batches import (
+    check_cross_tokenizer_cache,
+    missing_observed_message,
+)
 from kdcache.trainer.cross_tokenizer.target import CrossTokenizerTarget
 
 
 def cross_tokenizer_for(
-    cache: Any, student_tokenizer: Any, vocab_map: str = "exact", distill_inside: bool = True
+    cache: Any,
+    student_tokenizer: Any,
+    vocab_map: str = "exact",
+    distill_inside: bool = True,
+    xtok_loss: str = "exact",
 ) -> CrossTokenizer:
     """The teacher (``<cache>/tokenizer/``) -> student translation, after the cache's checks
-    (``vocab_map``, ``distill_inside``: see ``CrossTokenizer``)."""
+    (``vocab_map``, ``distill_inside``, ``xtok_loss``: see ``CrossTokenizer``). A chunk-likelihood
+    objective on a cache without observed log-probs is refused in one line."""
     from transformers import AutoTokenizer
 
     check_cross_tokenizer_cache(cache.manifest)
+    if "alm" in xtok_loss and not cache.manifest.get("observed_logprobs"):
+        raise ConfigError(missing_observed_message())
     teacher_dir = cache.path / "tokenizer"
     if not teacher_dir.is_dir():
         raise CacheError(
@@ -28,7 +38,9 @@ def cross_tokenizer_for(
             f"{teacher_dir}; rebuild the cache (the build saves it)"
         )
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    return CrossTokenizer(teacher_tokenizer, student_tokenizer, vocab_map, distill_inside)
+    return CrossTokenizer(
+        teacher_tokenizer, student_tokenizer, vocab_map, distill_inside, xtok_loss
+    )
 
 
 def student_matched_rows(cross: CrossTokenizer, vocab_rows: int) -> torch.Tensor:
@@ -41,8 +53,11 @@ def student_matched_rows(cross: CrossTokenizer, vocab_rows: int) -> torch.Tensor
 
 
 def cross_tokenizer_target(
-    cross: CrossTokenizer, model: nn.Module, uld_weight: float
+    cross: CrossTokenizer, model: nn.Module, uld_weight: float, alm_binarization: float = 100.0
 ) -> CrossTokenizerTarget:
-    """The teacher target of a ``--cross-tokenizer`` run, for ``model``'s output rows."""
+    """The teacher target of a ``--cross-tokenizer`` run, for ``model``'s output rows (the
+    objective ``cross.xtok_loss``)."""
     rows = int(model.get_output_embeddings().weight.shape[0])
-    return CrossTokenizerTarget(student_matched_rows(cross, rows), uld_weight)
+    return CrossTokenizerTarget(
+        student_matched_rows(cross, rows), uld_weight, cross.xtok_loss, alm_binarization
+    )

@@ -129,6 +129,12 @@ class TeacherTarget(ABC):
         per-chunk math never checks ids (no host syncs per chunk).
         """
 
+    def row_groups(self, rows: TeacherRows) -> torch.Tensor | None:
+        """(N,) int64 group of each selected row (-1: none) whose rows the loss couples (e.g.
+        a cross-tokenizer likelihood chunk): a fused head chunk never splits a group. None (the
+        default): rows are independent."""
+        return None
+
     # -- math ---------------------------------------------------------------------------------
 
     @abstractmethod

@@ -17,6 +17,7 @@ from kdcache.cache.format.codecs import (
     topk_unique,  # noqa: F401 (registers the unique encoding)
 )
 from kdcache.cache.format.codecs.base import BlockColumns, ColumnCodec, ShardSettings
+from kdcache.cache.format.codecs.observed import ObservedCodec
 from kdcache.cache.format.codecs.tail_counts import TailCountsCodec
 from kdcache.cache.format.codecs.tail_samples import TailSamplesCodec
 from kdcache.cache.format.codecs.tokens import TokensCodec
@@ -35,7 +36,8 @@ __all__ = [
 ]
 
 CODECS: dict[str, type[ColumnCodec]] = {
-    codec.name: codec for codec in (TokensCodec, TopkCodec, TailSamplesCodec, TailCountsCodec)
+    codec.name: codec
+    for codec in (TokensCodec, TopkCodec, TailSamplesCodec, TailCountsCodec, ObservedCodec)
 }
 MODES: tuple[str, ...] = tuple(ENCODINGS)  # the top-k encodings, the shards' ``mode``
 

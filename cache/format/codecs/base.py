@@ -38,6 +38,7 @@ class ShardSettings:
     vocab_size: int
     tail_samples: int = 0  # sampled ids stored per position (0: no tail-sample group)
     metadata: Mapping[str, str] | None = None
+    observed_logprobs: bool = False  # the observed next token's teacher log-prob per position
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], metadata: bool = False) -> ShardSettings:
@@ -48,6 +49,7 @@ class ShardSettings:
             vocab_size=int(values["vocab_size"]),
             tail_samples=int(values.get("tail_samples") or 0),
             metadata=dict(values) if metadata else None,
+            observed_logprobs=str(values.get("observed_logprobs", "")).lower() in ("1", "true"),
         )
 
 
