@@ -146,7 +146,7 @@ def build(
     group_rows: str = typer.Option(
         _build("group_rows"),
         help="Rows per row group, the unit of work of ranks and slices (packing restarts at "
-        "each group): auto (~64 groups of 1-1024 rows) or N.",
+        "each group): auto (~64 groups of 256-1024 rows; under 256 rows one group) or N.",
     ),
     num_shards: int | None = typer.Option(
         None,

@@ -69,9 +69,9 @@ def test_rank_slices_are_disjoint_and_cover(tiny_tokenizer, text_jsonl):
     assert sorted(i for part in parts for i in part) == whole
 
 
-def test_auto_group_rows_give_about_64_groups_of_at_most_1024_rows():
-    assert [resolve_group_rows("auto", n) for n in (1, 16, 64, 65, 6400, 10**5, 10**7)] == [
-        1, 1, 1, 2, 100, 1024, 1024,
+def test_auto_group_rows_give_about_64_groups_of_256_to_1024_rows():
+    assert [resolve_group_rows("auto", n) for n in (1, 16, 256, 6400, 20000, 10**5, 10**7)] == [
+        1, 16, 256, 256, 313, 1024, 1024,
     ]  # fmt: skip
     assert resolve_group_rows(7, 10**7) == 7
 

@@ -172,8 +172,8 @@ def test_slice_refusals_are_one_line(tiny_llama_dir, docs_jsonl, tmp_path):
     other[other.index("--top-k") + 1] = "4"  # a slice of another build's settings
     _one_error_line(_cli(*other), "was built differently (settings.top_k: 8 -> 4)")
     groups = _build_args(tiny_llama_dir, docs_jsonl, out, "--num-shards", "3", "--shard-index", "1")
-    groups[groups.index("--group-rows") + 1] = "auto"  # 16 rows: 1 row per group, not 2
-    _one_error_line(_cli(*groups), "cuts the rows into groups of 2 (this run: 1)")
+    groups[groups.index("--group-rows") + 1] = "auto"  # 16 rows: one group of 16, not 2
+    _one_error_line(_cli(*groups), "cuts the rows into groups of 2 (this run: 16)")
     count = _build_args(tiny_llama_dir, docs_jsonl, out, "--num-shards", "4", "--shard-index", "1")
     _one_error_line(_cli(*count), "is being built in 3 independent slices")
     _one_error_line(

@@ -74,7 +74,7 @@ class BuildConfig:
     observed_logprobs: bool = True
     overwrite: bool = False  # replace an existing different cache in ``out``
     shard_tokens: int = 1 << 20  # tokens per shard file (--shard-tokens)
-    # rows per row group, the unit of work: "auto" (~64 groups of 1-1024 rows, data.py) or N
+    # rows per row group, the unit of work: "auto" (~64 groups of 256-1024 rows, data.py) or N
     group_rows: int | str = "auto"
     # an independent slice (--num-shards N --shard-index I): the row groups g % N == I, no
     # collective; the last slice to finish writes the manifest (cache/build/slices.py)
