@@ -12,7 +12,8 @@ Same body, seed, steps and data (the demo cache's train split) for every student
   (``alm``: ``--xtok-loss alm --ce-weight 0``), with the exact-match term (``alm+exact``) and with
   0.5 CE (``alm+ce``); the exact-match target alone (``exact``: ``--xtok-loss exact``, the
   objective before issue 26) pure and with 0.5 CE. Every flag is passed explicitly, so the runs do
-  not depend on the defaults.
+  not depend on the defaults, except ``flag-only``: ``--cross-tokenizer`` and nothing else, what
+  a user who only adds the flag gets from the kdcache that runs it (``--loss akl``, ULD on).
 
 Every student is trained with ``kdcache train`` (the real CLI) and scored on the cache's holdout
 split in bits per byte on its own tokenization (``bits_per_byte``). Resumable: finished runs are
@@ -48,6 +49,8 @@ XTOK_CONFIGS: dict[str, list[str]] = {
     "alm+exact+ce": [*_XTOK, "--xtok-loss", "alm+exact", "--loss", "fkl", "--ce-weight", "0.5"],
     "exact": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0"],
     "exact+ce": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0.5"],
+    # what a user who only adds the flag gets: kdcache train's defaults of the kdcache installed
+    "flag-only": ["--cross-tokenizer"],
 }
 STUDENTS = ("unigram", "bpe-other")
 # third-party sources for the bpe-other tokenizer, in this order, up to OTHER_TEXT_CHARS
