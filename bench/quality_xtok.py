@@ -49,6 +49,17 @@ XTOK_CONFIGS: dict[str, list[str]] = {
     "alm+exact+ce": [*_XTOK, "--xtok-loss", "alm+exact", "--loss", "fkl", "--ce-weight", "0.5"],
     "exact": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0"],
     "exact+ce": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0.5"],
+    "alm+exact+prefix": [
+        *_XTOK[:2],
+        "prefix",
+        *_XTOK[3:],
+        "--xtok-loss",
+        "alm+exact",
+        "--loss",
+        "fkl",
+        "--ce-weight",
+        "0",
+    ],
     # what a user who only adds the flag gets: kdcache train's defaults of the kdcache installed
     "flag-only": ["--cross-tokenizer"],
 }
