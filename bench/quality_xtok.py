@@ -188,7 +188,8 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_bpb:.4f} | "
                      + " | ".join(stats) + " |")  # fmt: skip
     lines += ["", "| KD gain (bpb, CE only - KD) | " + " | ".join(f"seed {s}" for s in seeds)
-              + " | mean | relative gain (mean) | share of same-tokenizer pure-KD gain |",
+              + " | mean | relative gain (mean) | share of same-tokenizer pure-KD gain "
+              "(per seed) |",
               "|---" * (len(seeds) + 4) + "|"]  # fmt: skip
     same_rel = _relative(results, "same/ce", "same/fkl", seeds)
     pairs = [("same/ce", "same/fkl")]
@@ -205,6 +206,14 @@ def table(results: dict) -> str:
         rel = _relative(results, base, name, seeds)
         # a share of a same-tokenizer "gain" <= 0 means nothing: n/a
         share = "n/a" if rel is None or not same_rel or same_rel <= 0 else f"{rel / same_rel:.0%}"
+        per_seed = []
+        for seed in seeds:
+            mine = _relative(results, base, name, [seed])
+            same = _relative(results, "same/ce", "same/fkl", [seed])
+            ok = mine is not None and same is not None and same > 0
+            per_seed.append(f"{mine / same:.0%}" if ok else "-")
+        if share != "n/a":
+            share += " (" + " / ".join(per_seed) + ")"
         lines.append(f"| {name} vs {base} | " + " | ".join(cells)
                      + f" | {sum(done) / len(done):+.4f} | "
                      + ("-" if rel is None else f"{rel:+.2%}") + f" | {share} |")  # fmt: skip
