@@ -50,15 +50,13 @@ XTOK_CONFIGS: dict[str, list[str]] = {
     "exact": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0"],
     "exact+ce": [*_XTOK, "--xtok-loss", "exact", "--loss", "fkl", "--ce-weight", "0.5"],
     "alm+exact+prefix": [
-        *_XTOK[:2],
-        "prefix",
-        *_XTOK[3:],
-        "--xtok-loss",
-        "alm+exact",
-        "--loss",
-        "fkl",
-        "--ce-weight",
-        "0",
+        *["--cross-tokenizer", "--vocab-map", "prefix", "--distill-inside", "--uld-weight", "0"],
+        *["--xtok-loss", "alm+exact", "--loss", "fkl", "--ce-weight", "0"],
+    ],
+    # the same with --loss akl and ULD on (the trainer's defaults for these two)
+    "alm+exact+prefix-akl-uld": [
+        *["--cross-tokenizer", "--vocab-map", "prefix", "--distill-inside", "--uld-weight", "1"],
+        *["--xtok-loss", "alm+exact", "--loss", "akl", "--ce-weight", "0"],
     ],
     # what a user who only adds the flag gets: kdcache train's defaults of the kdcache installed
     "flag-only": ["--cross-tokenizer"],
