@@ -14,8 +14,10 @@ the loop, the ceiling) and one student per cache config (``CONFIGS``: build flag
 The share of a student is (KL_ce - KL_student) / (KL_ce - KL_online) with the online student of
 the same loss and seed. Bytes/token are the manifest's (shard bytes / tokens).
 
-    nice -n 10 python bench/quality_small.py --out bench/out/small --teachers sharp --seeds 0 1 2 \
-        --configs online ce q8-k8-s8 default-v1 q8-s16 --losses fkl    # several workers may share --out
+    nice -n 5 python bench/quality_small.py --out bench/out/small --teachers sharp demo \
+        --configs ce online q8-k24-s16 q8-k8-s8 q8-k8-s16 q8-s32 top64 --losses fkl
+    nice -n 5 python bench/quality_small.py --out bench/out/small --teachers sharp demo \
+        --configs online q8-k24-s16 q8-k8-s8 --losses akl   # several workers may share --out
     python bench/quality_small.py --out bench/out/small --table
 
 Resumable: each finished (teacher, config, loss, seed) is one json file under ``<out>/results``;
@@ -248,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=["ce", "online", *CONFIGS])
     parser.add_argument("--losses", nargs="+", default=["fkl"])
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-sequences", type=int, default=12)
+    parser.add_argument("--eval-sequences", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=150_000)
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
     args = parser.parse_args(argv)
