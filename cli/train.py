@@ -35,7 +35,40 @@ def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
     return str(DEFAULT_CACHE_DIR), str(demo_student_config_path()), out or DEFAULT_RUN_DIR / loss
 
 
-XTOK_DEFAULT_CE_WEIGHT = 0.5  # --cross-tokenizer without --ce-weight (docs/QUALITY.md, issue 26)
+# A plain --cross-tokenizer (issue 26, docs/QUALITY.md "Cross-tokenizer pure KD"): chunk
+# likelihoods + the exact-match term as pure KD, the setting measured best; a cache without the
+# observed-token column (format 1, --no-observed-logprobs) falls back to the exact-match target,
+# which needs CE mixed in (it lost to CE only as pure KD).
+XTOK_DEFAULT_LOSS = "alm+exact"
+XTOK_FALLBACK_LOSS = "exact"
+XTOK_DEFAULT_CE_WEIGHT = {"alm+exact": 0.0, "alm": 0.5, "exact": 0.5}  # without --ce-weight
+
+
+def cross_tokenizer_defaults(
+    cache: str, xtok_loss: str | None, ce_weight: float | None, reader: dict
+) -> tuple[str, float | None]:
+    """(--xtok-loss, --ce-weight) of a --cross-tokenizer run where the user left them out.
+
+    ``xtok_loss`` None: XTOK_DEFAULT_LOSS when the cache stores observed-token log-probs, else
+    XTOK_FALLBACK_LOSS (said in one line); ``ce_weight`` None: XTOK_DEFAULT_CE_WEIGHT of it.
+    ``reader``: open_cache keywords (URL caches).
+    """
+    if xtok_loss is None:
+        from kdcache.cache import open_cache
+
+        if open_cache(cache, **reader).manifest.get("observed_logprobs"):
+            xtok_loss = XTOK_DEFAULT_LOSS
+        else:
+            xtok_loss = XTOK_FALLBACK_LOSS
+            typer.echo(
+                f"note: {cache} stores no observed-token log-probs (built before format 2 or with "
+                f"--no-observed-logprobs): --cross-tokenizer trains --xtok-loss {xtok_loss} with "
+                f"--ce-weight {XTOK_DEFAULT_CE_WEIGHT[xtok_loss]}; rebuild the cache for the "
+                f"default --xtok-loss {XTOK_DEFAULT_LOSS} (pure KD)"
+            )
+    if ce_weight is None:
+        ce_weight = XTOK_DEFAULT_CE_WEIGHT.get(xtok_loss)  # an unknown name: TrainConfig refuses
+    return xtok_loss, ce_weight
 
 
 def resolve_defaults(demo: bool, given: dict) -> dict:
@@ -217,8 +250,7 @@ def train(
     cross_tokenizer: bool = typer.Option(
         _train("cross_tokenizer"),
         help="Allow a student whose tokenizer differs from the cache's teacher's: positions "
-        "aligned by bytes, exact-match tokens get --loss, the rest ULD (docs/LOSSES.md); "
-        "--ce-weight defaults to 0.5 with it. With "
+        "aligned by bytes; the objective is --xtok-loss (docs/LOSSES.md). With "
         "--loss ce: train on the cache's text with the student's own tokenizer (no teacher).",
     ),
     uld_weight: float = typer.Option(
@@ -235,11 +267,14 @@ def train(
         help="--cross-tokenizer: also distill student positions inside a teacher token "
         "(the teacher's tokens consistent with the bytes emitted so far).",
     ),
-    xtok_loss: str = typer.Option(
-        _train("xtok_loss"),
+    xtok_loss: str | None = typer.Option(
+        None,
         help="--cross-tokenizer objective: exact (the teacher's top-k at aligned positions, by "
-        "exact string match), alm (likelihoods of chunks both tokenizations cut alike, from the "
-        "cache's observed log-probs) or alm+exact (both) (docs/LOSSES.md).",
+        "exact string match, + ULD), alm (likelihoods of chunks both tokenizations cut alike, "
+        "from the cache's observed log-probs) or alm+exact (both) (docs/LOSSES.md). Default: "
+        f"{XTOK_DEFAULT_LOSS} with --ce-weight {XTOK_DEFAULT_CE_WEIGHT[XTOK_DEFAULT_LOSS]} "
+        f"(pure KD); on a cache without observed log-probs {XTOK_FALLBACK_LOSS} with "
+        f"--ce-weight {XTOK_DEFAULT_CE_WEIGHT[XTOK_FALLBACK_LOSS]}.",
     ),
     alm_binarization: float = typer.Option(
         _train("alm_binarization"),
@@ -281,10 +316,11 @@ def train(
     given = {"batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
     if loss == "ce" and ce_weight is None:
         ce_weight = 0.0  # the demo's CE mix is for KD losses; a CE-only run is CE-only
-    elif cross_tokenizer and ce_weight is None:
-        # issue 26: no cross-tokenizer pure-KD setting beat CE only on every measured student
-        # (docs/QUALITY.md); the exact-match target + 0.5 CE never lost to it
-        ce_weight = XTOK_DEFAULT_CE_WEIGHT
+    elif cross_tokenizer:
+        reader = _storage.reader_settings(storage_option, cache_dir, cache_limit)
+        xtok_loss, ce_weight = cross_tokenizer_defaults(str(cache), xtok_loss, ce_weight, reader)
+    if xtok_loss is None:
+        xtok_loss = _train("xtok_loss")  # unused without --cross-tokenizer
     given.update(eval_every=eval_every, steps=steps, ce_weight=ce_weight)
     settings = resolve_defaults(demo, given)
     config = TrainConfig(

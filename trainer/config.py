@@ -249,7 +249,7 @@ class TrainConfig:
     distill_inside: bool = True  # distill student positions inside a teacher token too
     # the cross-tokenizer objective: exact (exact-match target [+ ULD]), alm (chunk likelihoods,
     # needs the cache's observed log-probs) or alm+exact (both); docs/LOSSES.md
-    xtok_loss: str = "exact"
+    xtok_loss: str = "alm+exact"
     alm_binarization: float = 100.0  # ALM's binarisation temperature tau (--xtok-loss alm*)
     progress: bool = True  # tqdm progress bar
     report_to: str = "none"  # trackers, comma-separated: tensorboard, wandb, mlflow, trackio, all
