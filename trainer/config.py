@@ -245,7 +245,7 @@ class TrainConfig:
     teacher: str | None = None  # online: run this teacher in the loop, full-vocabulary KD
     cross_tokenizer: bool = False  # allow a student tokenizer other than the teacher's
     uld_weight: float = 1.0  # weight of the ULD term on unmatched tokens (--cross-tokenizer)
-    vocab_map: str = "exact"  # exact | prefix: where unmatched teacher tokens' mass goes
+    vocab_map: str = "prefix"  # exact | prefix: where unmatched teacher tokens' mass goes
     distill_inside: bool = True  # distill student positions inside a teacher token too
     # the cross-tokenizer objective: exact (exact-match target [+ ULD]), alm (chunk likelihoods,
     # needs the cache's observed log-probs) or alm+exact (both); docs/LOSSES.md
