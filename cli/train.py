@@ -15,6 +15,8 @@ from kdcache.cli import _storage
 from kdcache.cli._config import config_option
 from kdcache.cli._defaults import field_default, resolved
 from kdcache.cli._errors import handle_errors
+from kdcache.cli._xtok_defaults import cross_tokenizer_defaults
+from kdcache.cli._xtok_defaults import help_text as xtok_defaults_help
 from kdcache.demo import DEFAULT_CACHE_DIR as DEMO_CACHE_DIR
 from kdcache.demo import DEFAULT_RUN_DIR as DEMO_RUN_DIR
 from kdcache.demo.run import DemoSettings
@@ -33,42 +35,6 @@ def _demo_defaults(out: Path | None, loss: str) -> tuple[str, str, Path]:
     from kdcache.demo import DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR, demo_student_config_path
 
     return str(DEFAULT_CACHE_DIR), str(demo_student_config_path()), out or DEFAULT_RUN_DIR / loss
-
-
-# A plain --cross-tokenizer (issue 26, docs/QUALITY.md "Cross-tokenizer pure KD"): chunk
-# likelihoods + the exact-match term as pure KD, the setting measured best; a cache without the
-# observed-token column (format 1, --no-observed-logprobs) falls back to the exact-match target,
-# which needs CE mixed in (it lost to CE only as pure KD).
-XTOK_DEFAULT_LOSS = "alm+exact"
-XTOK_FALLBACK_LOSS = "exact"
-XTOK_DEFAULT_CE_WEIGHT = {"alm+exact": 0.0, "alm": 0.5, "exact": 0.5}  # without --ce-weight
-
-
-def cross_tokenizer_defaults(
-    cache: str, xtok_loss: str | None, ce_weight: float | None, reader: dict
-) -> tuple[str, float | None]:
-    """(--xtok-loss, --ce-weight) of a --cross-tokenizer run where the user left them out.
-
-    ``xtok_loss`` None: XTOK_DEFAULT_LOSS when the cache stores observed-token log-probs, else
-    XTOK_FALLBACK_LOSS (said in one line); ``ce_weight`` None: XTOK_DEFAULT_CE_WEIGHT of it.
-    ``reader``: open_cache keywords (URL caches).
-    """
-    if xtok_loss is None:
-        from kdcache.cache import open_cache
-
-        if open_cache(cache, **reader).manifest.get("observed_logprobs"):
-            xtok_loss = XTOK_DEFAULT_LOSS
-        else:
-            xtok_loss = XTOK_FALLBACK_LOSS
-            typer.echo(
-                f"note: {cache} stores no observed-token log-probs (built before format 2 or with "
-                f"--no-observed-logprobs): --cross-tokenizer trains --xtok-loss {xtok_loss} with "
-                f"--ce-weight {XTOK_DEFAULT_CE_WEIGHT[xtok_loss]}; rebuild the cache for the "
-                f"default --xtok-loss {XTOK_DEFAULT_LOSS} (pure KD)"
-            )
-    if ce_weight is None:
-        ce_weight = XTOK_DEFAULT_CE_WEIGHT.get(xtok_loss)  # an unknown name: TrainConfig refuses
-    return xtok_loss, ce_weight
 
 
 def resolve_defaults(demo: bool, given: dict) -> dict:
@@ -99,8 +65,10 @@ def train(
             "Run directory (checkpoints, metrics.jsonl)", "required", demo=f"{DEMO_RUN_DIR}/LOSS"
         ),
     ),
-    loss: str = typer.Option(
-        _train("loss"), help="fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce."
+    loss: str | None = typer.Option(
+        None,
+        help=f"fkl, rkl, akl (js, tvd, skew-fkl, skew-rkl) or ce (default: {_train('loss')}; "
+        "with --cross-tokenizer: see --xtok-loss).",
     ),
     mu: float = typer.Option(_train("mu"), help="AKL head mass, in (0, 1)."),
     ce_weight: float | None = typer.Option(
@@ -253,13 +221,16 @@ def train(
         "aligned by bytes; the objective is --xtok-loss (docs/LOSSES.md). With "
         "--loss ce: train on the cache's text with the student's own tokenizer (no teacher).",
     ),
-    uld_weight: float = typer.Option(
-        _train("uld_weight"), help="Weight of the ULD term on unmatched tokens (--cross-tokenizer)."
+    uld_weight: float | None = typer.Option(
+        None,
+        help="Weight of the ULD term on unmatched tokens (--cross-tokenizer; default: see "
+        "--xtok-loss).",
     ),
-    vocab_map: str = typer.Option(
-        _train("vocab_map"),
+    vocab_map: str | None = typer.Option(
+        None,
         help="--cross-tokenizer: where a teacher token without an exact student match sends its "
-        "probability: exact (the bucket and ULD) or prefix (its first student token).",
+        "probability: exact (the bucket and ULD) or prefix (its first student token) (default: "
+        "see --xtok-loss).",
     ),
     distill_inside: bool = typer.Option(
         _train("distill_inside"),
@@ -271,10 +242,8 @@ def train(
         None,
         help="--cross-tokenizer objective: exact (the teacher's top-k at aligned positions, by "
         "exact string match, + ULD), alm (likelihoods of chunks both tokenizations cut alike, "
-        "from the cache's observed log-probs) or alm+exact (both) (docs/LOSSES.md). Default: "
-        f"{XTOK_DEFAULT_LOSS} with --ce-weight {XTOK_DEFAULT_CE_WEIGHT[XTOK_DEFAULT_LOSS]} "
-        f"(pure KD); on a cache without observed log-probs {XTOK_FALLBACK_LOSS} with "
-        f"--ce-weight {XTOK_DEFAULT_CE_WEIGHT[XTOK_FALLBACK_LOSS]}.",
+        "from the cache's observed log-probs) or alm+exact (both) (docs/LOSSES.md). "
+        + xtok_defaults_help(),
     ),
     alm_binarization: float = typer.Option(
         _train("alm_binarization"),
@@ -305,7 +274,7 @@ def train(
 
     demo = cache is None and student is None
     if demo:
-        cache, student, out = _demo_defaults(out, loss)
+        cache, student, out = _demo_defaults(out, loss or _train("loss"))
         typer.echo(f"Using the demo defaults: cache {cache}, student {student}, out {out}")
     elif cache is None or student is None:
         raise ConfigError("pass both --cache and --student (or neither, for the demo defaults)")
@@ -314,13 +283,21 @@ def train(
     if warmup_ratio > 0 and warmup_steps is None:
         warmup_steps = 0  # the ratio replaces the (demo's) default warmup steps
     given = {"batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps}
+    xtok = {"loss": loss, "xtok_loss": xtok_loss, "uld_weight": uld_weight,
+            "vocab_map": vocab_map, "ce_weight": ce_weight}  # fmt: skip
+    if cross_tokenizer and loss != "ce":
+        reader = _storage.reader_settings(storage_option, cache_dir, cache_limit)
+        xtok = cross_tokenizer_defaults(str(cache), xtok, reader)
+    # what is still left out: TrainConfig's defaults (the demo's for ce_weight)
+    for name in ("loss", "xtok_loss", "uld_weight", "vocab_map"):
+        if xtok[name] is None:
+            xtok[name] = _train(name)
+    loss, xtok_loss, uld_weight, vocab_map = (
+        xtok[n] for n in ("loss", "xtok_loss", "uld_weight", "vocab_map")
+    )
+    ce_weight = xtok["ce_weight"]
     if loss == "ce" and ce_weight is None:
         ce_weight = 0.0  # the demo's CE mix is for KD losses; a CE-only run is CE-only
-    elif cross_tokenizer:
-        reader = _storage.reader_settings(storage_option, cache_dir, cache_limit)
-        xtok_loss, ce_weight = cross_tokenizer_defaults(str(cache), xtok_loss, ce_weight, reader)
-    if xtok_loss is None:
-        xtok_loss = _train("xtok_loss")  # unused without --cross-tokenizer
     given.update(eval_every=eval_every, steps=steps, ce_weight=ce_weight)
     settings = resolve_defaults(demo, given)
     config = TrainConfig(

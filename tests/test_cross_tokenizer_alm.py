@@ -286,22 +286,31 @@ def test_cli_trains_with_alm(tmp_path, small_cache, other_student, old_cache):
 
 
 def test_cross_tokenizer_defaults(tmp_path, small_cache, other_student, old_cache):
-    """A plain --cross-tokenizer (docs/QUALITY.md, issue 26): chunk likelihoods + exact-match KD
-    as pure KD; on a cache without observed log-probs the exact-match target + 0.5 CE, said in
-    one line; an explicit --xtok-loss exact keeps its 0.5 CE, an explicit --ce-weight wins."""
+    """A plain --cross-tokenizer (docs/QUALITY.md, issue 26) trains the setting measured best as
+    pure KD: chunk likelihoods + exact-match FKL, prefix map, no ULD, no CE; on a cache without
+    observed log-probs the exact-match target's defaults (AKL + ULD, exact map, 0.5 CE), said in
+    one line; an explicit --xtok-loss exact gets those too; an option given always wins."""
     base = ["train", "--student", str(other_student), "--steps", "1", "--batch-size", "2",
             "--no-progress", "--cross-tokenizer"]  # fmt: skip
+    names = ("xtok_loss", "loss", "uld_weight", "vocab_map", "ce_weight")
 
     def stored(cache, out, *extra):
         result = CliRunner().invoke(app, [*base, "--cache", str(cache), "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
         run = json.loads((out / "run.json").read_text())
-        return run["xtok_loss"], run["ce_weight"], result.output
+        return tuple(run[name] for name in names), result.output
 
-    assert stored(small_cache, tmp_path / "new")[:2] == ("alm+exact", 0.0)
-    xtok_loss, ce_weight, output = stored(old_cache, tmp_path / "old")
-    assert (xtok_loss, ce_weight) == ("exact", 0.5)
+    best = ("alm+exact", "fkl", 0.0, "prefix", 0.0)
+    assert stored(small_cache, tmp_path / "new")[0] == best
+    exact = ("exact", "akl", 1.0, "exact", 0.5)
+    settings, output = stored(old_cache, tmp_path / "old")
+    assert settings == exact
     note = [line for line in output.splitlines() if "no observed-token log-probs" in line]
     assert len(note) == 1 and "rebuild" in note[0]
-    assert stored(small_cache, tmp_path / "exact", "--xtok-loss", "exact")[:2] == ("exact", 0.5)
-    assert stored(small_cache, tmp_path / "mix", "--ce-weight", "0.25")[:2] == ("alm+exact", 0.25)
+    assert stored(small_cache, tmp_path / "exact", "--xtok-loss", "exact")[0] == exact
+    mixed, _ = stored(small_cache, tmp_path / "mix", "--ce-weight", "0.25", "--loss", "akl")
+    assert mixed == ("alm+exact", "akl", 0.0, "prefix", 0.25)
+    # no --cross-tokenizer: TrainConfig's defaults, so a same-tokenizer run is unchanged
+    plain = CliRunner().invoke(app, ["train", "--cache", str(small_cache), "--student",
+                                     str(other_student), "--out", str(tmp_path / "plain")])  # fmt: skip
+    assert plain.exit_code != 0 and "pass --cross-tokenizer" in plain.output
