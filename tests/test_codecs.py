@@ -143,8 +143,8 @@ def test_compact_with_tail_samples_is_refused_by_the_build_config(tmp_path):
     settings = dict(teacher="t", data="d", out=tmp_path / "c", mode="compact")
     with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 8 \+ 4 samples\)"):
         BuildConfig(**settings, top_k=8, tail_samples=4)
-    with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 24 \+ 16 samples\)"):
-        BuildConfig(**settings)  # the defaults: top-24 + 16 samples
+    with pytest.raises(ConfigError, match=rf"{COMPACT_SAMPLES} \(top-k 8 \+ 8 samples\)"):
+        BuildConfig(**settings)  # the defaults: top-8 + 8 samples
     assert BuildConfig(**settings, tail_samples=0).tail_samples == 0  # compact top-k
     assert BuildConfig(**settings, top_k=0, tail_samples=8).top_k == 0  # sampled: nothing dropped
     assert not (tmp_path / "c").exists()
