@@ -35,7 +35,7 @@ DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 # the default cache (issue 25, docs/QUALITY.md "Small caches"): top-8 + 8 tail samples in the q8
 # encoding, 35-38 B/token at a 16k vocabulary with the observed column. Over 150-step students on
 # two teachers, FKL and AKL, 3 seeds each, it kept the same mean share of online FKL's gain as
-# top-24 + 16 (82% both) with a better worst seed (64% vs 36%), at half the bytes; neither kept
+# top-24 + 16 (82% vs 81%) with a better worst seed (64% vs 36%), at half the bytes; neither kept
 # >= 95% on every seed of the flat demo teacher.
 DEFAULT_TOP_K = 8
 DEFAULT_TAIL_SAMPLES = 8
