@@ -281,9 +281,9 @@ def test_build_samples_do_not_depend_on_batching(tiny_llama_dir, text_jsonl, tmp
 @pytest.mark.parametrize(
     ("given", "resolved"),
     [
-        ({}, (24, 16)),  # the default: topk+tail, q8 (docs/QUALITY.md "Small caches")
+        ({}, (8, 8)),  # the default: topk+tail, q8 (docs/QUALITY.md "Small caches")
         ({"top_k": 64}, (64, 0)),  # --top-k alone: a plain top-k cache, as before
-        ({"tail_samples": 8}, (24, 8)),
+        ({"tail_samples": 16}, (8, 16)),
         ({"top_k": 0, "tail_samples": 32}, (0, 32)),  # a sampled cache
         ({"top_k": 16, "tail_samples": 0}, (16, 0)),
     ],
@@ -308,7 +308,7 @@ def test_cli_build_default_is_topk_tail_and_demo_stays_top64(tiny_llama_dir, tex
     result = CliRunner().invoke(app, [*args, "--limit", "4", "--max-length", "32"])
     assert result.exit_code == 0, result.output
     manifest = open_cache(out).manifest
-    assert (manifest["top_k"], manifest["tail_samples"], manifest["mode"]) == (24, 16, "q8")
+    assert (manifest["top_k"], manifest["tail_samples"], manifest["mode"]) == (8, 8, "q8")
     assert DEMO_BUILD_SETTINGS["top_k"] == 64  # the demo passes its k: a plain top-64 cache
 
 
