@@ -28,10 +28,17 @@ XTOK_OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def cache_has_observed_logprobs(cache: str, reader: dict[str, Any]) -> bool:
     """Whether the cache at ``cache`` stores the observed-token column (``reader``: open_cache
-    keywords of a URL cache)."""
-    from kdcache.cache import open_cache
+    keywords of a URL cache). Reads the manifest only (the trainer opens the cache itself)."""
+    from kdcache.cache.format.manifest import read_manifest
+    from kdcache.cache.storage.location import resolve_location
+    from kdcache.cache.storage.remote_cache import read_remote_manifest
 
-    return bool(open_cache(cache, **reader).manifest.get("observed_logprobs"))
+    location = resolve_location(cache, reader.get("storage_options"))
+    if location.is_remote:
+        manifest, _ = read_remote_manifest(location)
+    else:
+        manifest = read_manifest(location.local_path)
+    return bool(manifest.get("observed_logprobs"))
 
 
 def cross_tokenizer_defaults(

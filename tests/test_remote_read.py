@@ -313,3 +313,14 @@ def test_dataloader_workers_read_from_s3_in_the_local_order(
         dataset = CacheDataset(cache, batch_size=4, num_workers=2, seed=3)
         batches[name] = [batch["sequence_ids"].tolist() for batch in dataset.epoch_batches()]
     assert batches["remote"] == batches["local"] and len(batches["local"]) > 4
+
+
+def test_cross_tokenizer_defaults_read_the_manifest_of_an_s3_cache(s3, remote_cache, local_cache):
+    """A plain --cross-tokenizer picks its objective from the cache's manifest, also at a URL."""
+    from kdcache.cache.format.manifest import read_manifest
+    from kdcache.cli._xtok_defaults import cache_has_observed_logprobs
+
+    expected = bool(read_manifest(local_cache).get("observed_logprobs"))
+    reader = {"storage_options": s3.options}
+    assert cache_has_observed_logprobs(remote_cache, reader) is expected
+    assert cache_has_observed_logprobs(str(local_cache), {}) is expected
